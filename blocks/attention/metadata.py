@@ -1,0 +1,158 @@
+"""Attention metadata: the per-step description of a mixed batch that every layer reuses.
+
+A step's batch is a list of sequences. Sequence ``i`` contributes ``query_len[i]`` new tokens
+(1 for a decode row, many for a prefill chunk) that attend causally to its ``seq_lens[i]``
+tokens of context (cached prefix plus the new tokens themselves). The new tokens of all
+sequences are flattened into one ``[num_tokens, num_heads, head_dim]`` query tensor.
+
+:func:`plan_attention` builds the tensors once per step from host-side lists; the plan is the
+only place where Python touches per-sequence data. Kernels read only the tensors plus the host
+integers (``max_query_len``, ``max_seq_len``, ``num_decode_tokens``) that pick a kernel.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+__all__ = ["AttentionMetadata", "plan_attention", "compute_slot_mapping"]
+
+
+@dataclass
+class AttentionMetadata:
+    """Tensors describing one step's batch (DESIGN.md section 3).
+
+    Attributes:
+        query_start_loc: ``[num_seqs + 1]`` int32. Tokens of sequence ``i`` are
+            ``q[query_start_loc[i]:query_start_loc[i + 1]]``.
+        seq_lens: ``[num_seqs]`` int32. Context length of sequence ``i`` after this step's
+            tokens. A padding row has ``seq_lens == 0`` and no query tokens; kernels skip it.
+        block_table: ``[num_seqs, max_blocks_per_seq]`` int32 physical block ids.
+        slot_mapping: ``[num_tokens]`` int64, ``block_id * block_size + offset`` of each new
+            token; ``-1`` marks a padding token whose K/V is not written.
+        max_query_len: host int, longest query of the batch (kernel selection only).
+        max_seq_len: host int, longest context of the batch (kernel selection only).
+        num_decode_tokens: host int, number of rows with exactly one query token.
+        block_size: tokens per KV block.
+        plan: backend-specific state built once per step by ``backend.plan(metadata)``
+            (kernel choice, split count, workspace); ``None`` until planned.
+    """
+
+    query_start_loc: torch.Tensor
+    seq_lens: torch.Tensor
+    block_table: torch.Tensor
+    slot_mapping: torch.Tensor
+    max_query_len: int
+    max_seq_len: int
+    num_decode_tokens: int
+    block_size: int
+    plan: Any = field(default=None, repr=False)
+
+    @property
+    def num_seqs(self) -> int:
+        return self.seq_lens.shape[0]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.slot_mapping.shape[0]
+
+    def to(self, device: torch.device | str, *, non_blocking: bool = False) -> AttentionMetadata:
+        """Return a copy with all tensors on ``device`` (the plan is dropped)."""
+        return AttentionMetadata(
+            query_start_loc=self.query_start_loc.to(device, non_blocking=non_blocking),
+            seq_lens=self.seq_lens.to(device, non_blocking=non_blocking),
+            block_table=self.block_table.to(device, non_blocking=non_blocking),
+            slot_mapping=self.slot_mapping.to(device, non_blocking=non_blocking),
+            max_query_len=self.max_query_len,
+            max_seq_len=self.max_seq_len,
+            num_decode_tokens=self.num_decode_tokens,
+            block_size=self.block_size,
+        )
+
+
+def compute_slot_mapping(
+    block_ids: Sequence[int], block_size: int, start: int, count: int
+) -> list[int]:
+    """Slots of token positions ``start .. start + count - 1`` of one sequence.
+
+    ``block_ids`` is the sequence's block table; position ``p`` lives in block
+    ``block_ids[p // block_size]`` at offset ``p % block_size``.
+    """
+    if start + count > len(block_ids) * block_size:
+        raise ValueError(
+            f"block_ids hold {len(block_ids) * block_size} slots (block_size={block_size}) "
+            f"but positions up to {start + count} are needed"
+        )
+    out = []
+    for p in range(start, start + count):
+        out.append(block_ids[p // block_size] * block_size + p % block_size)
+    return out
+
+
+def plan_attention(
+    query_lens: Sequence[int],
+    seq_lens: Sequence[int],
+    block_tables: Sequence[Sequence[int]],
+    block_size: int,
+    *,
+    device: torch.device | str = "cpu",
+    max_blocks_per_seq: int | None = None,
+) -> AttentionMetadata:
+    """Build :class:`AttentionMetadata` for a batch from host-side per-sequence data.
+
+    Args:
+        query_lens: new tokens per sequence this step (``>= 0``; 0 makes a padding row).
+        seq_lens: context length per sequence after this step (``>= query_lens[i]``).
+        block_tables: physical block ids per sequence; must cover ``seq_lens[i]`` tokens.
+        block_size: tokens per KV block.
+        device: where the tensors go.
+        max_blocks_per_seq: width of ``block_table`` (default: the widest table); rows are
+            padded with block 0.
+
+    Returns:
+        The metadata; ``slot_mapping`` holds the slots of each sequence's last
+        ``query_lens[i]`` positions, in batch order.
+    """
+    if not (len(query_lens) == len(seq_lens) == len(block_tables)):
+        raise ValueError(
+            f"query_lens ({len(query_lens)}), seq_lens ({len(seq_lens)}) and block_tables "
+            f"({len(block_tables)}) must have one entry per sequence"
+        )
+    if block_size <= 0:
+        raise ValueError(f"block_size must be positive, got {block_size}")
+    width = max((len(t) for t in block_tables), default=0)
+    if max_blocks_per_seq is not None:
+        if max_blocks_per_seq < width:
+            raise ValueError(f"max_blocks_per_seq={max_blocks_per_seq} < widest block table {width}")
+        width = max_blocks_per_seq
+    width = max(width, 1)
+    starts = [0]
+    slots: list[int] = []
+    table = torch.zeros((len(seq_lens), width), dtype=torch.int32)
+    num_decode = 0
+    for i, (ql, sl, blocks) in enumerate(zip(query_lens, seq_lens, block_tables)):
+        if ql < 0 or sl < ql:
+            raise ValueError(f"sequence {i}: need 0 <= query_len ({ql}) <= seq_len ({sl})")
+        if sl > len(blocks) * block_size:
+            raise ValueError(
+                f"sequence {i}: block table of {len(blocks)} blocks cannot hold seq_len {sl} "
+                f"(block_size={block_size})"
+            )
+        if blocks:
+            table[i, : len(blocks)] = torch.tensor(list(blocks), dtype=torch.int32)
+        slots.extend(compute_slot_mapping(blocks, block_size, sl - ql, ql))
+        starts.append(starts[-1] + ql)
+        num_decode += ql == 1
+    return AttentionMetadata(
+        query_start_loc=torch.tensor(starts, dtype=torch.int32, device=device),
+        seq_lens=torch.tensor(list(seq_lens), dtype=torch.int32, device=device),
+        block_table=table.to(device),
+        slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
+        max_query_len=max(query_lens, default=0),
+        max_seq_len=max(seq_lens, default=0),
+        num_decode_tokens=num_decode,
+        block_size=block_size,
+    )

@@ -1,0 +1,47 @@
+"""The ``blocks`` command line.
+
+Each subcommand lives next to the block it drives and is registered here by
+``"name": "module:function"``; the function takes an ``argparse`` subparser, adds its flags and
+sets ``func`` (called with the parsed args, returning an exit code). Modules are imported only
+when their subcommand runs, so ``blocks --help`` stays fast and server packages stay optional.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from blocks import __version__
+
+# name -> (module:function that configures the subparser, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="blocks", description="A kernel-first LLM inference toolkit.")
+    parser.add_argument("--version", action="version", version=f"blocks {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    wanted = sys.argv[1] if len(sys.argv) > 1 else None
+    for name, (target, help_text) in COMMANDS.items():
+        sp = sub.add_parser(name, help=help_text, description=help_text)
+        if name == wanted:  # import only the module of the command being run
+            module, func = target.split(":")
+            getattr(importlib.import_module(module), func)(sp)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    if argv is not None:
+        sys.argv = [sys.argv[0], *argv]
+    parser = build_parser()
+    args = parser.parse_args(sys.argv[1:])
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0 if args.command is None else 2
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
