@@ -45,7 +45,7 @@ def test_reference_matches_dense_attention_on_mixed_batch(num_heads, num_kv_head
     full_k = [torch.randn(sl, num_kv_heads, head_dim) for _, sl in pairs]
     full_v = [torch.randn(sl, num_kv_heads, head_dim) for _, sl in pairs]
     # cached prefixes written through the reference itself, by their slots
-    for (ql, sl), t, k, v in zip(pairs, tables, full_k, full_v):
+    for (_ql, sl), t, k, v in zip(pairs, tables, full_k, full_v):
         prefix = plan_attention([sl], [sl], [t], block_size)
         reference.reshape_and_cache(k, v, key_cache, value_cache, prefix.slot_mapping)
     num_tokens = sum(p[0] for p in pairs)
