@@ -1,0 +1,210 @@
+"""Launching the Triton paged-attention kernels: the per-step plan and :func:`paged_attention`.
+
+The plan (:class:`TritonPlan`) is built once per step from the metadata's host integers (never a
+device read). It chooses, per layer shape, the tile sizes, whether to split the KV range
+(flash-decoding) and into how many chunks, and owns the split workspace; every layer of the step
+reuses the same :class:`LaunchConfig`. Nothing here syncs with the device, so a planned step can be
+captured in a CUDA graph.
+
+Kernel choice (host integers only):
+
+* ``max_query_len <= 1`` (decode-only batch): one query token per program (``BLOCK_Q = 1``), the
+  ``GROUP`` query heads of a KV head padded to a 16-row tile. If ``num_seqs * num_kv_heads`` programs
+  would leave the GPU's multiprocessors idle and the context is long, the KV range is split into
+  ``num_splits`` chunks and merged by log-sum-exp.
+* otherwise (prefill chunks, mixed batches): 128-row tiles (64 for head_dim > 128) of
+  ``BLOCK_M // GROUP`` tokens times ``GROUP`` heads, no split.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field, replace
+
+import torch
+import triton
+
+from blocks.attention.metadata import AttentionMetadata
+from blocks.attention.triton_attention import merge_splits_kernel, paged_attn_kernel
+from blocks.attention.validation import check_attention
+
+__all__ = ["LaunchConfig", "TritonPlan", "choose_config", "paged_attention"]
+
+MAX_SPLITS = 64
+MIN_SPLIT_TOKENS = 256
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    """Tile sizes and split count for one layer shape (``BLOCK_*`` are Triton constexprs)."""
+
+    block_q: int
+    block_m: int
+    block_n: int
+    num_splits: int = 1
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+@functools.lru_cache(maxsize=16)
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 132  # the interpreter: pretend an H100 so the heuristic takes the same branches
+
+
+def choose_config(
+    *, num_seqs: int, max_query_len: int, max_seq_len: int, num_heads: int, num_kv_heads: int,
+    head_dim: int, num_sms: int, dtype: torch.dtype,
+) -> LaunchConfig:
+    """Pick tiles and the split count from host integers (see module docstring)."""
+    group = num_heads // num_kv_heads
+    group_pad = triton.next_power_of_2(group)
+    d_pad = triton.next_power_of_2(head_dim)
+    wide = dtype == torch.float32 or d_pad > 128
+    if max_query_len <= 1:
+        block_m = max(16, group_pad)
+        block_n = 32 if wide else 64
+        programs = max(1, num_seqs * num_kv_heads)
+        num_splits = 1
+        if programs < 2 * num_sms and max_seq_len >= 2 * MIN_SPLIT_TOKENS:
+            num_splits = min(triton.cdiv(2 * num_sms, programs), max_seq_len // MIN_SPLIT_TOKENS, MAX_SPLITS)
+        return LaunchConfig(block_q=1, block_m=block_m, block_n=block_n, num_splits=max(1, num_splits),
+                            num_warps=4, num_stages=3)
+    block_m = max(64 if wide else 128, group_pad)
+    block_q = max(1, block_m // group)
+    return LaunchConfig(block_q=block_q, block_m=block_m, block_n=32 if wide else 64, num_splits=1,
+                        num_warps=4 if wide else 8, num_stages=2)
+
+
+@dataclass
+class TritonPlan:
+    """Per-step plan: host integers of the batch plus one launch config per layer shape.
+
+    Attributes:
+        num_seqs, num_tokens, max_query_len, max_seq_len: copied from the metadata.
+        overrides: fields forced on every chosen :class:`LaunchConfig` (tuning, tests).
+        configs: ``(num_heads, num_kv_heads, head_dim, dtype) -> (LaunchConfig, workspace)``; the
+            workspace is ``(partial_out [num_splits, num_tokens, num_heads, head_dim] float32,
+            partial_lse [num_splits, num_tokens, num_heads] float32)`` or ``None``.
+    """
+
+    num_seqs: int
+    num_tokens: int
+    max_query_len: int
+    max_seq_len: int
+    overrides: dict = field(default_factory=dict)
+    configs: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_metadata(cls, metadata: AttentionMetadata, **overrides) -> TritonPlan:
+        return cls(metadata.num_seqs, metadata.num_tokens, metadata.max_query_len, metadata.max_seq_len,
+                   overrides=dict(overrides))
+
+    def config_for(self, query: torch.Tensor, num_kv_heads: int):
+        """The (cached) launch config and split workspace for this layer shape."""
+        num_tokens, num_heads, head_dim = query.shape
+        key = (num_heads, num_kv_heads, head_dim, query.dtype, query.device)
+        hit = self.configs.get(key)
+        if hit is not None:
+            return hit
+        cfg = choose_config(
+            num_seqs=self.num_seqs, max_query_len=self.max_query_len, max_seq_len=self.max_seq_len,
+            num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
+            num_sms=_num_sms(query.device), dtype=query.dtype,
+        )
+        if self.overrides:
+            cfg = replace(cfg, **self.overrides)
+        workspace = None
+        if cfg.num_splits > 1:
+            workspace = (
+                torch.empty((cfg.num_splits, num_tokens, num_heads, head_dim), dtype=torch.float32,
+                            device=query.device),
+                torch.empty((cfg.num_splits, num_tokens, num_heads), dtype=torch.float32, device=query.device),
+            )
+        self.configs[key] = (cfg, workspace)
+        return cfg, workspace
+
+
+def paged_attention(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    metadata: AttentionMetadata,
+    *,
+    scale: float,
+    sliding_window: int | None = None,
+    soft_cap: float | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Causal paged attention of a mixed batch (Triton); same contract as the torch reference.
+
+    Args:
+        query: ``[num_tokens, num_heads, head_dim]`` fp16/bf16/fp32 (last dim contiguous).
+        key_cache, value_cache: ``[num_blocks, block_size, num_kv_heads, head_dim]`` in the query
+            dtype or ``torch.float8_e4m3fn`` (then ``k_scale``/``v_scale`` float32 one-element tensors).
+        metadata: the step's metadata; its ``plan`` is used if it is a :class:`TritonPlan`, else a
+            plan is built here (and stored) from its host integers.
+        scale: softmax scale. sliding_window: keys with ``pos - p < W`` only. soft_cap: ``c*tanh(s/c)``.
+        out: optional ``[num_tokens, num_heads, head_dim]`` output buffer (query dtype).
+
+    Returns:
+        ``[num_tokens, num_heads, head_dim]`` in ``query.dtype``; rows of padding tokens (beyond
+        ``query_start_loc[-1]`` or of sequences with ``seq_len == 0``) are zero.
+
+    Raises:
+        ValueError: before any launch, on mismatched dtypes/shapes/devices, a cache whose rows are
+            not ``[num_kv_heads, head_dim]``-contiguous, or a block table narrower than ``max_seq_len``.
+    """
+    fp8 = check_attention(query, key_cache, value_cache, metadata, sliding_window=sliding_window,
+                          soft_cap=soft_cap, k_scale=k_scale, v_scale=v_scale, out=out)
+    plan = metadata.plan
+    if not isinstance(plan, TritonPlan):
+        plan = metadata.plan = TritonPlan.from_metadata(metadata)
+    num_tokens, num_heads, head_dim = query.shape
+    num_kv_heads = key_cache.shape[2]
+    if out is None:
+        out = torch.empty_like(query, memory_format=torch.contiguous_format)
+    if num_tokens == 0:
+        return out
+    cfg, workspace = plan.config_for(query, num_kv_heads)
+    group = num_heads // num_kv_heads
+    if cfg.block_q == 1:
+        grid_q = num_tokens
+    else:
+        grid_q = num_tokens // cfg.block_q + metadata.num_seqs + 1
+    split = cfg.num_splits > 1
+    part_out, part_lse = workspace if split else (out, out)
+    dummy = metadata.seq_lens
+    use_window = sliding_window is not None and sliding_window > 0
+    use_softcap = soft_cap is not None and soft_cap > 0
+    paged_attn_kernel[(grid_q, num_kv_heads, cfg.num_splits)](
+        query, key_cache, value_cache, out, part_out, part_lse,
+        metadata.query_start_loc, metadata.seq_lens, metadata.block_table,
+        k_scale if fp8 else dummy, v_scale if fp8 else dummy,
+        float(scale), float(soft_cap) if use_softcap else 1.0, int(sliding_window) if use_window else 0,
+        metadata.num_seqs, num_tokens, grid_q,
+        query.stride(0), query.stride(1), out.stride(0), out.stride(1),
+        key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
+        value_cache.stride(0), value_cache.stride(1), value_cache.stride(2),
+        metadata.block_table.stride(0),
+        part_out.stride(0) if split else 0, part_out.stride(1) if split else 0, part_out.stride(2) if split else 0,
+        part_lse.stride(0) if split else 0, part_lse.stride(1) if split else 0,
+        GROUP=group, BLOCK_Q=cfg.block_q, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        HEAD_DIM=head_dim, HEAD_DIM_PAD=triton.next_power_of_2(head_dim), BLOCK_SIZE=key_cache.shape[1],
+        USE_SPLIT=split, USE_WINDOW=use_window, USE_SOFTCAP=use_softcap, KV_FP8=fp8,
+        DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    if split:
+        merge_splits_kernel[(num_tokens, num_heads)](
+            part_out, part_lse, out, cfg.num_splits,
+            part_out.stride(0), part_out.stride(1), part_out.stride(2), part_lse.stride(0), part_lse.stride(1),
+            out.stride(0), out.stride(1),
+            SPLITS_PAD=triton.next_power_of_2(cfg.num_splits), HEAD_DIM=head_dim,
+            HEAD_DIM_PAD=triton.next_power_of_2(head_dim), num_warps=4,
+        )
+    return out
+
