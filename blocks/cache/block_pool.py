@@ -207,7 +207,16 @@ class BlockPool:
             self._salted_first[plain_first_hash] = self._salted_first.get(plain_first_hash, 0) + 1
         return serial
 
-    def _evict(self, block_id: int) -> None:
+    def uncache(self, block_id: int) -> None:
+        """Drop the cached content of ``block_id`` now (its KV is not valid); not counted as an eviction."""
+        if self.block_hashes[block_id] is None:
+            raise ValueError(f"block {block_id} holds no cached content")
+        self._evict(block_id, count=False)
+        if self.ref_counts[block_id] == 0:  # a free block without content is reused first
+            self.free_queue.remove(block_id)
+            self.free_queue.appendleft(block_id)
+
+    def _evict(self, block_id: int, *, count: bool = True) -> None:
         h = self.block_hashes[block_id]
         del self._cached[h]
         self.block_hashes[block_id] = None
@@ -222,10 +231,12 @@ class BlockPool:
                 self._salted_first[plain] = left
             else:
                 del self._salted_first[plain]
-        self._evicted[h] = None
-        if len(self._evicted) > self._evicted_cap:
-            self._evicted.popitem(last=False)
-        self.stats.evictions += 1
+        self._parent_serials[block_id] = 0
+        if count:
+            self._evicted[h] = None
+            if len(self._evicted) > self._evicted_cap:
+                self._evicted.popitem(last=False)
+            self.stats.evictions += 1
 
     def was_evicted(self, block_hash: bytes) -> bool:
         """True if ``block_hash`` was cached and evicted recently (and not cached again since)."""

@@ -96,8 +96,9 @@ class KVCacheManager:
         """Blocks that can be handed out (``num_blocks`` minus the null block)."""
         return self.pool.num_usable_blocks
 
+    @property
     def num_free_blocks(self) -> int:
-        """Blocks with ref count 0 (free or holding evictable cached content)."""
+        """Blocks with ref count 0 (free or holding evictable cached content). A property."""
         return self.pool.num_free
 
     @property
@@ -336,12 +337,25 @@ class KVCacheManager:
             req.last_serial = parent
 
     # ------------------------------------------------------------------ release, sharing, copies
-    def free(self, request_id: str) -> None:
+    def free(self, request_id: str, *, num_computed_tokens: int | None = None) -> None:
         """Release all blocks of the request, tail first (cached blocks stay findable until evicted).
+
+        Blocks get registered in the prefix cache when ``allocate_slots`` is called for the step that
+        computes them. A request freed before that step's forward pass ran (a scheduler preempting a request
+        it already scheduled in the same step) must pass ``num_computed_tokens`` (the tokens whose KV really
+        exists): blocks beyond it are dropped from the prefix cache instead of serving uncomputed KV.
 
         Raises ValueError for an unknown or already freed request; the pool is unchanged then.
         """
         req = self._get(request_id, "request_id")
+        if num_computed_tokens is not None:
+            if not isinstance(num_computed_tokens, int) or not 0 <= num_computed_tokens <= req.num_tokens:
+                raise ValueError(f"num_computed_tokens must be an int in [0, {req.num_tokens}] for request "
+                                 f"{request_id!r}, got {num_computed_tokens!r}")
+            pool = self.pool
+            for b in req.block_ids[num_computed_tokens // self.block_size:]:
+                if pool.block_hashes[b] is not None:
+                    pool.uncache(b)
         self.pool.free(reversed(req.block_ids))
         del self._requests[request_id]
         self._replacements.pop(request_id, None)
