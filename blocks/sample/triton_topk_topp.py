@@ -1,0 +1,240 @@
+"""Triton kernel: per-row top-k / top-p / min-p threshold and exponential-race sampling, no sort.
+
+One program walks whole rows (a persistent loop over rows). Per row:
+
+1. one pass for the max, the first argmax (the greedy answer) and ``Z = sum(exp((x - max) / T))``;
+2. top-k: a multi-pivot search over the *order-preserving integer keys* of the fp32 logits. Each
+   pass counts, for ``NUM_PIVOTS`` pivots spread over the live key interval ``[lo, hi)``, how many
+   logits are ``>=`` each pivot (and their probability mass), then narrows the interval to the two
+   neighbouring pivots that bracket ``k``. It stops when the interval holds at most one logit (or
+   one key), so the result is exact: the k-th largest value;
+3. top-p: the same search on the mass, between the top-k threshold and the max, for
+   ``top_p * Z_k`` (``Z_k`` = mass of the top-k survivors);
+4. min-p: ``max + T * log(min_p)`` in closed form;
+5. sampling (when ``DO_SAMPLE``): ``argmax((x - max) / T - log(E))`` over the kept logits with
+   ``E = -log(U)``, ``U`` from Philox keyed by a per-row 64-bit key (drawn on the host from the
+   request's own generator, so a seeded request is reproducible whatever the batch).
+
+Keys: fp32 bits ``b`` as int32 map to ``b`` if ``b >= 0`` else ``b ^ 0x7FFFFFFF``, which orders like the
+floats. Runs under ``TRITON_INTERPRET=1`` on CPU tensors (fp32) and compiled on CUDA.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["triton_filter_and_sample"]
+
+_NEG_INF_KEY = tl.constexpr(-2139095041)  # key of -inf (bits 0xFF800000)
+
+
+@triton.jit
+def _to_key(x):
+    b = x.to(tl.int32, bitcast=True)
+    return tl.where(b >= 0, b, b ^ 0x7FFFFFFF)
+
+
+@triton.jit
+def _from_key(k):
+    b = tl.where(k >= 0, k, k ^ 0x7FFFFFFF)
+    return b.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _search_pass(row_ptr, vocab, m, inv_t, lo, hi, piv_idx, offs, BLOCK: tl.constexpr, NUM_PIVOTS: tl.constexpr):
+    """Counts and masses of logits whose key is >= each of NUM_PIVOTS pivots in (lo, hi)."""
+    span = hi - lo
+    pivots = lo + ((piv_idx + 1).to(tl.int64) * span) // (NUM_PIVOTS + 1)
+    pivots = tl.maximum(pivots, lo + 1).to(tl.int32)
+    cnt = tl.zeros([NUM_PIVOTS], dtype=tl.int32)
+    mass = tl.zeros([NUM_PIVOTS], dtype=tl.float32)
+    for start in range(0, vocab, BLOCK):
+        cols = start + offs
+        valid = cols < vocab
+        x = tl.load(row_ptr + cols, mask=valid, other=float("-inf"))
+        kx = _to_key(x)
+        e = tl.where(valid, tl.exp((x - m) * inv_t), 0.0)
+        ge = (kx[:, None] >= pivots[None, :]) & valid[:, None]
+        cnt += tl.sum(ge.to(tl.int32), axis=0)
+        mass += tl.sum(tl.where(ge, e[:, None], 0.0), axis=0)
+    return pivots, cnt, mass
+
+
+@triton.jit
+def _filter_sample_kernel(
+    logits_ptr,
+    stride_row,
+    vocab,
+    num_rows,
+    temp_ptr,
+    topk_ptr,
+    topp_ptr,
+    minp_ptr,
+    key_ptr,
+    thr_ptr,
+    out_ptr,
+    BLOCK: tl.constexpr,
+    NUM_PIVOTS: tl.constexpr,
+    MAX_PASSES: tl.constexpr,
+    DO_SAMPLE: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    offs = tl.arange(0, BLOCK)
+    piv_idx = tl.arange(0, NUM_PIVOTS)
+    for row in range(pid, num_rows, nprog):
+        row_ptr = logits_ptr + (tl.zeros([], dtype=tl.int64) + row) * stride_row
+        temp = tl.load(temp_ptr + row)
+        greedy = temp <= 0.0
+        inv_t = tl.where(greedy, 1.0, 1.0 / tl.maximum(temp, 1e-30))
+        top_k = tl.load(topk_ptr + row).to(tl.int32)
+        top_p = tl.load(topp_ptr + row)
+        min_p = tl.load(minp_ptr + row)
+
+        # Pass 1: max, first argmax, and the softmax normaliser by per-lane online rescaling.
+        m_vec = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
+        i_vec = tl.zeros([BLOCK], dtype=tl.int32)
+        z_vec = tl.zeros([BLOCK], dtype=tl.float32)
+        for start in range(0, vocab, BLOCK):
+            cols = start + offs
+            x = tl.load(row_ptr + cols, mask=cols < vocab, other=float("-inf"))
+            upd = x > m_vec
+            new_m = tl.where(upd, x, m_vec)
+            finite = new_m > float("-inf")
+            safe_m = tl.where(finite, new_m, 0.0)
+            scale = tl.where(finite, tl.exp((m_vec - safe_m) * inv_t), 0.0)
+            add = tl.where(finite, tl.exp((x - safe_m) * inv_t), 0.0)
+            z_vec = z_vec * scale + add
+            i_vec = tl.where(upd, cols, i_vec)
+            m_vec = new_m
+        m = tl.max(m_vec, axis=0)
+        amax = tl.min(tl.where(m_vec == m, i_vec, vocab), axis=0)
+        z = tl.sum(tl.where(m_vec > float("-inf"), z_vec * tl.exp((m_vec - m) * inv_t), 0.0), axis=0)
+
+        hi_top = _to_key(m).to(tl.int64) + 1
+        # Top-k search: invariant count(>= lo) >= k > count(>= hi).
+        lo = tl.full([], _NEG_INF_KEY, dtype=tl.int64)
+        hi = hi_top
+        cnt_lo = vocab + 0 * top_k
+        cnt_hi = 0 * top_k
+        mass_lo = z
+        done_k = greedy | (top_k <= 0) | (top_k >= vocab)
+        passes = 0
+        while (done_k == 0) & (passes < MAX_PASSES):
+            pivots, cnt, mass = _search_pass(row_ptr, vocab, m, inv_t, lo, hi, piv_idx, offs, BLOCK, NUM_PIVOTS)
+            ok = cnt >= top_k
+            lo = tl.max(tl.where(ok, pivots.to(tl.int64), lo), axis=0)
+            hi = tl.min(tl.where(ok, hi, pivots.to(tl.int64)), axis=0)
+            cnt_lo = tl.min(tl.where(ok, cnt, cnt_lo), axis=0)
+            mass_lo = tl.min(tl.where(ok, mass, mass_lo), axis=0)
+            cnt_hi = tl.max(tl.where(ok, cnt_hi, cnt), axis=0)
+            done_k = (cnt_lo == top_k) | (cnt_lo - cnt_hi <= 1) | (hi - lo <= 1)
+            passes += 1
+
+        # Top-p search on the survivors: invariant mass(>= lo) >= target > mass(>= hi).
+        target = top_p * mass_lo
+        hi = hi_top
+        cnt_hi = 0 * top_k
+        done_p = greedy | (top_p >= 1.0)
+        passes = 0
+        while (done_p == 0) & (passes < MAX_PASSES):
+            pivots, cnt, mass = _search_pass(row_ptr, vocab, m, inv_t, lo, hi, piv_idx, offs, BLOCK, NUM_PIVOTS)
+            ok = mass >= target
+            lo = tl.max(tl.where(ok, pivots.to(tl.int64), lo), axis=0)
+            hi = tl.min(tl.where(ok, hi, pivots.to(tl.int64)), axis=0)
+            cnt_lo = tl.min(tl.where(ok, cnt, cnt_lo), axis=0)
+            cnt_hi = tl.max(tl.where(ok, cnt_hi, cnt), axis=0)
+            done_p = (cnt_lo - cnt_hi <= 1) | (hi - lo <= 1)
+            passes += 1
+
+        lo32 = lo.to(tl.int32)
+        thr_min = tl.where(min_p > 0.0, m + tl.log(tl.maximum(min_p, 1e-30)) * temp, float("-inf"))
+        thr = tl.maximum(_from_key(lo32), thr_min)
+        thr = tl.where(greedy, float("-inf"), thr)
+        tl.store(thr_ptr + row, thr)
+
+        if DO_SAMPLE:
+            token = amax.to(tl.int64)
+            if temp > 0.0:
+                seed = tl.load(key_ptr + row)
+                best = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
+                best_i = tl.zeros([BLOCK], dtype=tl.int32)
+                for start in range(0, vocab, BLOCK):
+                    cols = start + offs
+                    valid = cols < vocab
+                    x = tl.load(row_ptr + cols, mask=valid, other=float("-inf"))
+                    keep = valid & (_to_key(x) >= lo32) & (x >= thr_min)
+                    u = tl.rand(seed, cols)
+                    noise = -tl.log(tl.maximum(u, 1e-38))
+                    score = tl.where(keep, (x - m) * inv_t - tl.log(tl.maximum(noise, 1e-38)), float("-inf"))
+                    upd = score > best
+                    best = tl.where(upd, score, best)
+                    best_i = tl.where(upd, cols, best_i)
+                top = tl.max(best, axis=0)
+                token = tl.min(tl.where(best == top, best_i, vocab), axis=0).to(tl.int64)
+            tl.store(out_ptr + row, token)
+
+
+def triton_filter_and_sample(
+    logits: torch.Tensor,
+    temperature: torch.Tensor,
+    top_k: torch.Tensor,
+    top_p: torch.Tensor,
+    min_p: torch.Tensor,
+    *,
+    keys: torch.Tensor | None = None,
+    block: int = 1024,
+    num_pivots: int = 16,
+    num_programs: int | None = None,
+    num_warps: int = 8,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Thresholds of the top-k / top-p / min-p filter and, when ``keys`` is given, sampled tokens.
+
+    Args:
+        logits: ``[num_rows, vocab]`` float32, unit stride along the vocabulary (not modified).
+        temperature: ``[num_rows]`` float32 (0 = greedy). top_k: ``[num_rows]`` int32/int64 (0 = off).
+        top_p, min_p: ``[num_rows]`` float32 (1 and 0 = off).
+        keys: ``[num_rows]`` int64 Philox keys, one per row and step; None = thresholds only.
+        block, num_pivots: tile width and pivots per search pass (powers of two).
+        num_programs: persistent programs (default: one per row, at most 4 per SM on CUDA).
+
+    Returns:
+        ``(threshold [num_rows] float32, tokens [num_rows] int64 or None)``; keep ``logits >= threshold``.
+        Greedy rows get ``-inf`` and their first argmax.
+    """
+    if logits.dim() != 2 or logits.dtype != torch.float32:
+        raise ValueError(f"logits must be a 2-D float32 tensor, got {tuple(logits.shape)} {logits.dtype}.")
+    if logits.stride(1) != 1:
+        raise ValueError("logits must have unit stride along the vocabulary dimension.")
+    num_rows, vocab = logits.shape
+    thr = torch.empty(num_rows, dtype=torch.float32, device=logits.device)
+    do_sample = keys is not None
+    out = torch.empty(num_rows, dtype=torch.int64, device=logits.device) if do_sample else thr
+    key_arg = keys if do_sample else thr
+    if num_rows == 0:
+        return thr, (out if do_sample else None)
+    if num_programs is None:
+        num_programs = num_rows
+        if logits.is_cuda:
+            num_programs = min(num_rows, 4 * torch.cuda.get_device_properties(logits.device).multi_processor_count)
+    _filter_sample_kernel[(num_programs,)](
+        logits,
+        logits.stride(0),
+        vocab,
+        num_rows,
+        temperature,
+        top_k,
+        top_p,
+        min_p,
+        key_arg,
+        thr,
+        out,
+        BLOCK=block,
+        NUM_PIVOTS=num_pivots,
+        MAX_PASSES=12,
+        DO_SAMPLE=do_sample,
+        num_warps=num_warps,
+    )
+    return thr, (out if do_sample else None)
