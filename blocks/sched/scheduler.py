@@ -1,0 +1,385 @@
+"""The scheduler: continuous batching with chunked prefill, prefix caching and preemption.
+
+Usage (the engine loop)::
+
+    sched = Scheduler(KVCacheManager(num_blocks, block_size, enable_prefix_caching=True),
+                      SchedulerConfig(max_num_seqs=256, max_num_batched_tokens=8192), policy="fcfs")
+    sched.add_request(Request("a", prompt_ids, max_tokens=64, eos_token_id=2))
+    while sched.has_unfinished_requests():
+        out = sched.schedule()                   # SchedulerOutput: who computes how many tokens
+        sampled = runner.execute(out)            # {request_id: [token_id]} (runner's job)
+        finished = sched.update_from_output(sampled)
+
+Each step spends ``max_num_batched_tokens`` on the running requests first (in order: decodes and
+unfinished prefill chunks), then admits waiting requests in the policy's order, up to
+``max_num_seqs``. A request's chunk is ``min(remaining tokens, long_prefill_token_threshold,
+remaining budget)``. Prefix-cache hits at admission count as computed. When a running request
+needs a block and none is free, the policy's victim is preempted by recompute (its blocks freed,
+its progress dropped, queued again with its original key); a step that preempts admits nobody.
+
+Anti-thrashing (vLLM issue 25538: a request resumed with blocks for one chunk, then preempted
+again the next step): a waiting or preempted request is admitted only when free blocks cover its
+whole remaining prefill plus the watermark, not just the first chunk.
+
+The scheduler calls the KV cache manager only when a request crosses a block boundary, so a decode
+step costs O(running requests) with no call per request; full blocks are offered to the prefix
+cache at the next boundary crossing (the last, partly filled block of a request is never cached).
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Callable, Iterable, Mapping, Sequence
+
+from blocks.sched.config import SchedulerConfig, SchedulerStats
+from blocks.sched.errors import QueueFullError
+from blocks.sched.output import CachedRequestData, NewRequestData, SchedulerOutput
+from blocks.sched.policy import SchedulingPolicy, make_policy
+from blocks.sched.request import PreemptionReason, Request, RequestStatus
+
+__all__ = ["Scheduler"]
+
+_WAITING = RequestStatus.WAITING
+_RUNNING = RequestStatus.RUNNING
+_PREEMPTED = RequestStatus.PREEMPTED
+_EMPTY: tuple[()] = ()
+
+
+class Scheduler:
+    """Decides each step which requests compute how many tokens (no tensors).
+
+    Args:
+        kv_cache_manager: a :class:`blocks.cache.manager.KVCacheManager` (or anything with its API:
+            ``block_size``, ``num_free_blocks``, ``get_computed_blocks``, ``allocate_slots``, ``free``,
+            ``get_block_table``, ``take_copies``).
+        config: limits; defaults to :class:`SchedulerConfig()`.
+        policy: ``"fcfs"``, ``"priority"``, ``"cache_aware"`` or a :class:`SchedulingPolicy`.
+        stop_checker: optional ``f(request) -> RequestStatus | None`` called after each appended
+            token (e.g. stop strings from a detokenizer); a finished status ends the request.
+
+    Raises:
+        ValueError: ``max_model_len`` needs more blocks than the KV cache has.
+    """
+
+    def __init__(
+        self,
+        kv_cache_manager,
+        config: SchedulerConfig | None = None,
+        *,
+        policy: str | SchedulingPolicy = "fcfs",
+        stop_checker: Callable[[Request], RequestStatus | None] | None = None,
+    ):
+        self.kv = kv_cache_manager
+        self.config = config or SchedulerConfig()
+        self.policy = make_policy(policy)
+        self.stop_checker = stop_checker
+        self.block_size = int(kv_cache_manager.block_size)
+        free = kv_cache_manager.num_free_blocks  # a property; a method is accepted too
+        self._num_free_blocks = free if callable(free) else (lambda: kv_cache_manager.num_free_blocks)
+        self.num_usable_blocks = int(getattr(kv_cache_manager, "num_usable_blocks", self._num_free_blocks()))
+        need = -(-self.config.max_model_len // self.block_size)
+        if need > self.num_usable_blocks:
+            raise ValueError(
+                f"max_model_len={self.config.max_model_len} needs {need} blocks of {self.block_size} tokens, "
+                f"but the KV cache has {self.num_usable_blocks} free blocks"
+            )
+        self.watermark_blocks = int(self.config.watermark * self.num_usable_blocks)
+        self.requests: dict[str, Request] = {}
+        self.running: list[Request] = []
+        self._waiting: list[tuple[tuple, Request]] = []  # heap; aborted entries are skipped lazily
+        self.num_waiting = 0
+        self.num_queued_tokens = 0
+        self._finished_ids: list[str] = []
+        self._seq = 0
+        self.step = 0
+        self.stats = SchedulerStats()
+
+    # ------------------------------------------------------------------ requests in and out
+    def add_request(self, request: Request) -> None:
+        """Queue a request (state ``WAITING``).
+
+        Raises:
+            ValueError: duplicate id, or the prompt is longer than ``max_model_len``.
+            QueueFullError: admission control (``max_num_queued_requests`` / ``max_num_queued_tokens``).
+        """
+        cfg = self.config
+        if request.request_id in self.requests:
+            raise ValueError(f"request_id {request.request_id!r} is already queued or running")
+        if request.num_prompt_tokens > cfg.max_model_len:
+            raise ValueError(
+                f"prompt length {request.num_prompt_tokens} exceeds max_model_len={cfg.max_model_len}"
+            )
+        if request.status is not _WAITING or request.num_computed_tokens or request.output_token_ids:
+            raise ValueError(f"request {request.request_id!r} must be fresh (WAITING, no tokens computed)")
+        if cfg.max_num_queued_requests is not None and self.num_waiting + 1 > cfg.max_num_queued_requests:
+            self.stats.num_rejected += 1
+            raise QueueFullError("max_num_queued_requests", cfg.max_num_queued_requests, self.num_waiting + 1)
+        tokens = self.num_queued_tokens + request.num_tokens
+        if cfg.max_num_queued_tokens is not None and tokens > cfg.max_num_queued_tokens:
+            self.stats.num_rejected += 1
+            raise QueueFullError("max_num_queued_tokens", cfg.max_num_queued_tokens, tokens)
+        self._seq += 1
+        request.seq = self._seq
+        self.requests[request.request_id] = request
+        self._push_waiting(request)
+
+    def abort_request(self, request_id: str) -> bool:
+        """Abort a request in any state, freeing its blocks; False if unknown or already finished."""
+        req = self.requests.get(request_id)
+        if req is None:
+            return False
+        if req.status is _RUNNING:
+            self.running.remove(req)
+        else:  # waiting or preempted: leave the heap entry, it is skipped when popped
+            self.num_waiting -= 1
+            self.num_queued_tokens -= req.num_tokens
+        self._finish(req, RequestStatus.FINISHED_ABORTED)
+        return True
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    def get_request(self, request_id: str) -> Request | None:
+        return self.requests.get(request_id)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    # ------------------------------------------------------------------ one step
+    def schedule(self) -> SchedulerOutput:
+        """Plan one step; advances ``num_computed_tokens`` of every scheduled request."""
+        cfg = self.config
+        kv = self.kv
+        bs = self.block_size
+        thr = cfg.long_prefill_token_threshold
+        budget = cfg.max_num_batched_tokens
+        num_sched: dict[str, int] = {}
+        c_ids: list[str] = []
+        c_blocks: list = []
+        c_computed: list[int] = []
+        preempted: list[str] = []
+        running = self.running
+        i = 0
+        while i < len(running) and budget > 0:
+            req = running[i]
+            c = req.num_computed_tokens
+            n = len(req.all_token_ids) - c
+            if thr and n > thr:
+                n = thr
+            if n > budget:
+                n = budget
+            if n <= 0:  # nothing to compute (its sampled token was not reported)
+                i += 1
+                continue
+            new_blocks = _EMPTY
+            if c + n > req.num_blocks * bs:
+                # the manager last heard of num_slot_tokens tokens (calls are skipped inside a block)
+                s = req.num_slot_tokens
+                new_blocks = kv.allocate_slots(
+                    req.request_id, c + n - s, num_computed_tokens=s, token_ids=req.all_token_ids,
+                    extra_keys=req.extra_keys,
+                )
+                while new_blocks is None:  # out of blocks: preempt the policy's victim and retry
+                    victim = self.policy.select_victim(running)
+                    idx = running.index(victim)
+                    del running[idx]
+                    computed = victim.num_computed_tokens
+                    if idx < i:  # already scheduled this step: give its tokens back
+                        i -= 1
+                        budget += num_sched.pop(victim.request_id)
+                        j = c_ids.index(victim.request_id)
+                        computed = c_computed[j]
+                        del c_ids[j], c_blocks[j], c_computed[j]
+                    self._preempt(victim, PreemptionReason.OUT_OF_BLOCKS, preempted, computed)
+                    if victim is req:
+                        break
+                    new_blocks = kv.allocate_slots(
+                        req.request_id, c + n - s, num_computed_tokens=s, token_ids=req.all_token_ids,
+                        extra_keys=req.extra_keys,
+                    )
+                if new_blocks is None:
+                    continue  # req itself was preempted; running[i] is now the next request
+                req.num_blocks += len(new_blocks)
+                req.num_slot_tokens = c + n
+            num_sched[req.request_id] = n
+            budget -= n
+            req.num_computed_tokens = c + n
+            c_ids.append(req.request_id)
+            c_blocks.append(new_blocks)
+            c_computed.append(c)
+            i += 1
+
+        new_reqs: list[NewRequestData] = []
+        if not preempted and budget > 0 and self.num_waiting and len(running) < cfg.max_num_seqs:
+            budget = self._admit(budget, num_sched, new_reqs)
+
+        self._finished_ids, finished = [], self._finished_ids
+        out = SchedulerOutput(
+            step=self.step,
+            scheduled_new_reqs=new_reqs,
+            scheduled_cached_reqs=CachedRequestData(c_ids, c_blocks, c_computed),
+            num_scheduled_tokens=num_sched,
+            total_num_scheduled_tokens=cfg.max_num_batched_tokens - budget,
+            blocks_to_copy=kv.take_copies(),
+            preempted_req_ids=preempted,
+            finished_req_ids=finished,
+        )
+        self.step += 1
+        self.stats.num_steps += 1
+        return out
+
+    def _admit(self, budget: int, num_sched: dict[str, int], new_reqs: list[NewRequestData]) -> int:
+        """Admit waiting requests in policy order while budget, seats and blocks last."""
+        cfg, kv, bs, policy = self.config, self.kv, self.block_size, self.policy
+        thr = cfg.long_prefill_token_threshold
+        running = self.running
+        stats = self.stats
+        window = policy.window
+        cands: list[Request] = []
+        pos = 0
+        while budget > 0 and len(running) < cfg.max_num_seqs:
+            if pos == len(cands):
+                cands = self._pop_waiting(window)
+                pos = 0
+                if not cands:
+                    break
+                if window > 1:
+                    memo: dict[str, int] = {}
+
+                    def cached_tokens(r: Request, memo=memo) -> int:
+                        if r.request_id not in memo:
+                            memo[r.request_id] = kv.get_computed_blocks(
+                                r.request_id, r.all_token_ids, extra_keys=r.extra_keys
+                            )[1]
+                        return memo[r.request_id]
+
+                    cands = policy.rank(cands, cached_tokens)
+            req = cands[pos]
+            num_tokens = len(req.all_token_ids)
+            hit_blocks, num_cached = kv.get_computed_blocks(
+                req.request_id, req.all_token_ids, extra_keys=req.extra_keys
+            )
+            n = num_tokens - num_cached
+            if thr and n > thr:
+                n = thr
+            if n > budget:
+                if not cfg.enable_chunked_prefill:
+                    break
+                n = budget
+            need = -(-num_tokens // bs) - len(hit_blocks)  # blocks for the whole remaining prefill
+            if running and self._num_free_blocks() - need < self.watermark_blocks:
+                stats.num_thrash_guard_deferrals += 1
+                break
+            new_blocks = kv.allocate_slots(
+                req.request_id, n, num_computed_tokens=num_cached, token_ids=req.all_token_ids,
+                computed_blocks=hit_blocks, extra_keys=req.extra_keys,
+            )
+            if new_blocks is None:
+                break
+            pos += 1
+            self.num_waiting -= 1
+            self.num_queued_tokens -= num_tokens
+            stats.prefix_query_tokens += num_tokens
+            stats.prefix_hit_tokens += num_cached
+            if req.num_cached_tokens < 0:
+                req.num_cached_tokens = num_cached
+                req.first_scheduled_step = self.step
+            req.status = _RUNNING
+            req.num_blocks = len(hit_blocks) + len(new_blocks)
+            req.num_computed_tokens = req.num_slot_tokens = num_cached + n
+            running.append(req)
+            num_sched[req.request_id] = n
+            budget -= n
+            new_reqs.append(NewRequestData(
+                req.request_id, list(req.all_token_ids), req.num_prompt_tokens,
+                list(kv.get_block_table(req.request_id)), num_cached, req.num_preemptions > 0,
+            ))
+            if window > 1:
+                policy.on_admitted(req, cands[pos:])
+        for req in cands[pos:]:  # popped but not admitted: back to the queue
+            heapq.heappush(self._waiting, (policy.key(req), req))
+        return budget
+
+    # ------------------------------------------------------------------ after the forward
+    def update_from_output(
+        self, sampled_token_ids: Mapping[str, Sequence[int] | int], *, now: float | None = None
+    ) -> list[Request]:
+        """Append the step's sampled tokens and finish requests that stop; returns the finished ones.
+
+        Args:
+            sampled_token_ids: request id -> sampled token id(s) (an int or a list of ints).
+                Entries of requests still in a partial prefill chunk, or already aborted, are ignored.
+            now: timestamp for ``first_token_time`` / ``finish_time`` (optional).
+        """
+        requests = self.requests
+        stop_checker = self.stop_checker
+        max_len = self.config.max_model_len
+        finished: list[Request] = []
+        for rid, toks in sampled_token_ids.items():
+            req = requests.get(rid)
+            if req is None or req.status is not _RUNNING or req.num_computed_tokens < len(req.all_token_ids):
+                continue
+            if not req.output_token_ids:
+                req.first_token_time = now
+            for tok in (toks,) if isinstance(toks, int) else toks:
+                status = req.append_token(tok)
+                if status is None and stop_checker is not None:
+                    status = stop_checker(req)
+                if status is None and len(req.all_token_ids) >= max_len:
+                    status = RequestStatus.FINISHED_LENGTH
+                if status is not None:
+                    req.finish_time = now
+                    finished.append(req)
+                    self._finish(req, status)
+                    break
+        if finished:
+            if len(finished) * 8 < len(self.running):
+                for req in finished:
+                    self.running.remove(req)
+            else:
+                self.running = [r for r in self.running if r.status is _RUNNING]
+        return finished
+
+    # ------------------------------------------------------------------ helpers
+    def _push_waiting(self, req: Request) -> None:
+        heapq.heappush(self._waiting, (self.policy.key(req), req))
+        self.num_waiting += 1
+        self.num_queued_tokens += req.num_tokens
+
+    def _pop_waiting(self, k: int) -> list[Request]:
+        out = []
+        heap = self._waiting
+        while heap and len(out) < k:
+            req = heapq.heappop(heap)[1]
+            if req.status is _WAITING or req.status is _PREEMPTED:
+                out.append(req)
+        return out
+
+    def _preempt(self, req: Request, reason: PreemptionReason, preempted: list[str], computed: int) -> None:
+        # blocks registered for tokens this step would have computed are dropped from the prefix cache
+        self.kv.free(req.request_id, num_computed_tokens=min(computed, req.num_slot_tokens))
+        req.status = _PREEMPTED
+        req.num_computed_tokens = req.num_slot_tokens = 0
+        req.num_blocks = 0
+        req.num_preemptions += 1
+        req.preemptions.append((self.step, reason.value))
+        self.stats.num_preemptions += 1
+        by = self.stats.preemptions_by_reason
+        by[reason.value] = by.get(reason.value, 0) + 1
+        preempted.append(req.request_id)
+        self._push_waiting(req)
+
+    def _finish(self, req: Request, status: RequestStatus) -> None:
+        if req.status is _RUNNING:
+            self.kv.free(req.request_id)
+        req.status = status
+        req.num_blocks = 0
+        del self.requests[req.request_id]
+        self._finished_ids.append(req.request_id)
+        reason = status.finish_reason
+        self.stats.num_finished[reason] = self.stats.num_finished.get(reason, 0) + 1
+
+    def iter_waiting(self) -> Iterable[Request]:
+        """Waiting and preempted requests in policy order (a sorted copy; for inspection and tests)."""
+        return [r for _, r in sorted(self._waiting, key=lambda e: e[0]) if r.status in (_WAITING, _PREEMPTED)]
