@@ -16,6 +16,7 @@ from blocks import __version__
 
 # name -> (module:function that configures the subparser, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
+    "check-models": ("blocks.models.check:add_parser", "Check every model family against transformers"),
 }
 
 
