@@ -123,7 +123,8 @@ class SamplingParams:
             setattr(self, name, _check_number(name, getattr(self, name)))
         if self.logit_bias is not None:
             if not isinstance(self.logit_bias, dict):
-                raise ValueError(f"logit_bias must be a dict of token id -> bias, got {type(self.logit_bias).__name__}.")
+                kind = type(self.logit_bias).__name__
+                raise ValueError(f"logit_bias must be a dict of token id -> bias, got {kind}.")
             bias = {}
             for tok, val in self.logit_bias.items():
                 try:

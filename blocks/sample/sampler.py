@@ -1,0 +1,219 @@
+"""The sampler: one pass from logits to the next token of every row of a ``SamplingBatch``.
+
+Per step, in this order: min-tokens masking of stop/EOS ids, logit bias, allowed / banned tokens,
+penalties (repetition, frequency, presence), temperature, top-k, top-p, min-p, then the
+exponential race ``argmax(probs / E)``, ``E ~ Exp(1)``. Greedy rows (temperature 0) take the exact
+argmax of the penalised logits.
+
+Randomness: every random row draws one 62-bit key per step, from its own CPU ``torch.Generator``
+when seeded (so a seeded request gives the same tokens whatever else is in the batch) or from the
+sampler's generator. The ``"torch"`` backend seeds a device generator with the key and draws the
+row's noise with ``exponential_``; the ``"triton"`` backend feeds the keys to Philox inside the
+fused filter-and-sample kernel (no noise tensor). Both are reproducible per request; they do not
+produce the same streams as each other. Drawing keys is host work only: the step has no host sync.
+
+The backend is chosen once: ``"auto"`` = Triton on CUDA, torch elsewhere.
+
+Example::
+
+    sampler = Sampler(backend="auto")
+    out = sampler(logits, batch)            # logits [batch.num_rows, vocab] float32
+    out.sampled_token_ids                   # [num_rows] int64
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from blocks.sample.batch import BatchTensors, SamplingBatch
+from blocks.sample.logprobs import LogprobsTensors, compute_logprobs
+from blocks.sample.ops import NEG_INF, apply_penalties, exponential_race, filter_threshold
+
+__all__ = ["Sampler", "SamplerOutput", "SAMPLER_BACKENDS", "LOGPROBS_MODES"]
+
+SAMPLER_BACKENDS = ("auto", "torch", "triton")
+LOGPROBS_MODES = ("raw_logprobs", "processed_logprobs")
+_KEY_RANGE = 2**62
+
+
+@dataclass
+class SamplerOutput:
+    """One step's result: ``sampled_token_ids`` ``[num_rows]`` int64 and, when any row asked for
+    logprobs, ``logprobs`` with ``num_top`` = the largest ``logprobs`` requested in the batch
+    (rows asking for fewer take a prefix)."""
+
+    sampled_token_ids: torch.Tensor
+    logprobs: LogprobsTensors | None = None
+
+
+class Sampler:
+    """Batched sampler over a ``SamplingBatch``.
+
+    Args:
+        backend: ``"torch"`` (sort-based reference, any device), ``"triton"`` (fused kernel) or
+            ``"auto"`` (Triton on CUDA, else torch).
+        logprobs_mode: ``"raw_logprobs"`` (vLLM's default: logprobs of the model's logits before any
+            processing) or ``"processed_logprobs"`` (after penalties, temperature and filters).
+        seed: seed of the generator used by unseeded rows (None = nondeterministic).
+        triton_options: keyword arguments for ``triton_filter_and_sample`` (``block``,
+            ``num_pivots``, ``num_programs``, ``num_warps``).
+    """
+
+    def __init__(
+        self,
+        *,
+        backend: str = "auto",
+        logprobs_mode: str = "raw_logprobs",
+        seed: int | None = None,
+        triton_options: dict | None = None,
+    ) -> None:
+        if backend not in SAMPLER_BACKENDS:
+            raise ValueError(f"backend must be one of {SAMPLER_BACKENDS}, got {backend!r}.")
+        if logprobs_mode not in LOGPROBS_MODES:
+            raise ValueError(f"logprobs_mode must be one of {LOGPROBS_MODES}, got {logprobs_mode!r}.")
+        if backend == "auto":
+            backend = "triton" if torch.cuda.is_available() else "torch"
+        self.backend = backend
+        self.logprobs_mode = logprobs_mode
+        self.triton_options = dict(triton_options or {})
+        self._generator = torch.Generator()
+        if seed is None:
+            self._generator.seed()
+        else:
+            self._generator.manual_seed(seed)
+        self._device_generators: dict[torch.device, torch.Generator] = {}
+        if backend == "triton":
+            from blocks.sample.triton_topk_topp import triton_filter_and_sample
+
+            self._triton = triton_filter_and_sample
+
+    # ------------------------------------------------------------------ public
+    def __call__(self, logits: torch.Tensor, batch: SamplingBatch, *, inplace: bool = False) -> SamplerOutput:
+        """Sample one token per row.
+
+        Args:
+            logits: ``[batch.num_rows, vocab]`` float32 in ``batch.req_ids`` order, on ``batch.device``.
+            batch: the sampling state (call ``batch.append_tokens`` with the result afterwards).
+            inplace: allow the sampler to overwrite ``logits`` (saves a copy).
+        """
+        bt = self._check(logits, batch)
+        want_lp = bt.max_num_logprobs >= 0
+        raw = logits
+        if not inplace or (want_lp and self.logprobs_mode == "raw_logprobs"):
+            logits = logits.clone()
+        x = self.process_logits(logits, bt)
+        keys = self._row_keys(batch) if bt.any_random else None
+        if self.backend == "triton":
+            thr, ids = self._triton(
+                x,
+                bt.temperature,
+                bt.top_k,
+                bt.top_p,
+                bt.min_p,
+                keys=self._to_device(keys, x.device, bt.num_rows),
+                **self.triton_options,
+            )
+        else:
+            thr, ids = self._torch_sample(x, bt, keys)
+        lp = None
+        if want_lp:
+            source = raw if self.logprobs_mode == "raw_logprobs" else self._scaled(x, bt, thr)
+            lp = compute_logprobs(source, ids, bt.max_num_logprobs)
+        return SamplerOutput(sampled_token_ids=ids, logprobs=lp)
+
+    def process_logits(self, logits: torch.Tensor, bt: BatchTensors) -> torch.Tensor:
+        """Min-tokens masking, logit bias, allowed/banned tokens and penalties, in place on ``logits``
+        ``[num_rows, vocab]`` float32 (returned)."""
+        x = logits
+        if bt.min_tokens_rows is not None:
+            x[bt.min_tokens_rows[:, None], bt.min_tokens_ids] = NEG_INF
+        if bt.bias_ids is not None:
+            x.scatter_add_(1, bt.bias_ids, bt.bias_values)
+        if bt.banned is not None:
+            x.masked_fill_(bt.banned, NEG_INF)
+        if bt.dynamic_ban_rows is not None:
+            x[bt.dynamic_ban_rows[:, None], bt.dynamic_ban_ids] = NEG_INF
+        if bt.any_penalty and bt.token_ids is not None and bt.output_counts is not None:
+            apply_penalties(
+                x,
+                bt.token_ids,
+                bt.output_counts,
+                repetition_penalty=bt.repetition_penalty,
+                frequency_penalty=bt.frequency_penalty,
+                presence_penalty=bt.presence_penalty,
+            )
+        return x
+
+    def processed_logits(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+        """The distribution the sampler draws from, as logits ``[num_rows, vocab]`` float32 (new tensor):
+        processed, divided by the temperature, filtered entries ``-inf``; greedy rows are processed only."""
+        bt = self._check(logits, batch)
+        x = self.process_logits(logits.clone(), bt)
+        thr = self._threshold(x, bt)
+        return self._scaled(x, bt, thr)
+
+    # ------------------------------------------------------------------ internals
+    def _check(self, logits: torch.Tensor, batch: SamplingBatch) -> BatchTensors:
+        if logits.dim() != 2 or logits.shape != (batch.num_rows, batch.vocab_size):
+            raise ValueError(
+                f"logits must have shape [num_rows={batch.num_rows}, vocab={batch.vocab_size}], got "
+                f"{tuple(logits.shape)}."
+            )
+        if logits.dtype != torch.float32:
+            raise ValueError(f"logits must be float32, got {logits.dtype}.")
+        return batch.prepare()
+
+    def _threshold(self, x: torch.Tensor, bt: BatchTensors) -> torch.Tensor:
+        if self.backend == "triton":
+            return self._triton(x, bt.temperature, bt.top_k, bt.top_p, bt.min_p, **self.triton_options)[0]
+        return filter_threshold(x, bt.temperature, bt.top_k, bt.top_p, bt.min_p, rows_need_sort=bt.any_top_k_or_p)
+
+    @staticmethod
+    def _scaled(x: torch.Tensor, bt: BatchTensors, thr: torch.Tensor) -> torch.Tensor:
+        greedy = (bt.temperature <= 0)[:, None]
+        temp = torch.where(greedy, torch.ones_like(bt.temperature[:, None]), bt.temperature[:, None])
+        scaled = torch.where(x >= thr[:, None], x / temp, NEG_INF)
+        return torch.where(greedy, x, scaled)
+
+    def _row_keys(self, batch: SamplingBatch) -> torch.Tensor:
+        """One key per row for this step, ``[num_rows]`` int64 on the host: seeded rows draw from their
+        own generator, the others from the sampler's (host work only, no device sync)."""
+        n = batch.num_rows
+        keys = torch.randint(0, _KEY_RANGE, (n,), generator=self._generator, dtype=torch.int64)
+        for row, gen in enumerate(batch.generators):
+            if gen is not None:
+                keys[row] = int(torch.randint(0, _KEY_RANGE, (1,), generator=gen, dtype=torch.int64))
+        return keys
+
+    @staticmethod
+    def _to_device(keys: torch.Tensor | None, device: torch.device, num_rows: int) -> torch.Tensor:
+        if keys is None:
+            return torch.zeros(num_rows, dtype=torch.int64, device=device)
+        if device.type == "cuda":
+            keys = keys.pin_memory()
+        return keys.to(device, non_blocking=True)
+
+    def _device_generator(self, device: torch.device) -> torch.Generator:
+        gen = self._device_generators.get(device)
+        if gen is None:
+            gen = torch.Generator(device=device)
+            self._device_generators[device] = gen
+        return gen
+
+    def _torch_sample(
+        self, x: torch.Tensor, bt: BatchTensors, keys: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        greedy_ids = x.argmax(dim=1)
+        if keys is None:
+            return torch.full_like(bt.temperature, NEG_INF), greedy_ids
+        thr = filter_threshold(x, bt.temperature, bt.top_k, bt.top_p, bt.min_p, rows_need_sort=bt.any_top_k_or_p)
+        scaled = self._scaled(x, bt, thr)
+        noise = torch.empty_like(scaled)
+        gen = self._device_generator(x.device)
+        for row, key in enumerate(keys.tolist()):  # host tensor: no device sync
+            gen.manual_seed(key)
+            noise[row].exponential_(generator=gen)
+        sampled = exponential_race(scaled, noise)
+        return thr, torch.where(bt.temperature > 0, sampled, greedy_ids)
