@@ -17,6 +17,22 @@ __all__ = ["reshape_and_cache"]
 
 
 @triton.jit
+def _round_to_e4m3_grid(x):
+    """Round float32 ``x`` (already clamped to +-448) to the nearest e4m3 value, ties to even.
+
+    Done in float32 arithmetic so the conversion that follows is exact; the Triton interpreter's own
+    float32 -> e4m3 conversion neither carries a rounded-up mantissa into the exponent nor rounds
+    ties to even.
+    """
+    bits = x.to(tl.int32, bitcast=True)
+    exp = ((bits >> 23) & 0xFF) - 127
+    step = ((tl.maximum(exp, -6) - 3 + 127) << 23).to(tl.float32, bitcast=True)  # spacing of e4m3 at x
+    y = x / step
+    y = (y + 12582912.0) - 12582912.0  # 1.5 * 2**23: round-to-nearest-even to an integer
+    return y * step
+
+
+@triton.jit
 def _reshape_and_cache_kernel(
     key_ptr, value_ptr, key_cache_ptr, value_cache_ptr, slot_ptr, k_scale_ptr, v_scale_ptr,
     stride_kt, stride_kh, stride_vt, stride_vh,
@@ -36,8 +52,8 @@ def _reshape_and_cache_kernel(
     k = tl.load(key_ptr + token * stride_kt + h[:, None] * stride_kh + d[None, :], mask=mask, other=0.0)
     v = tl.load(value_ptr + token * stride_vt + h[:, None] * stride_vh + d[None, :], mask=mask, other=0.0)
     if FP8:
-        k = tl.clamp(k.to(tl.float32) / tl.load(k_scale_ptr), -448.0, 448.0)
-        v = tl.clamp(v.to(tl.float32) / tl.load(v_scale_ptr), -448.0, 448.0)
+        k = _round_to_e4m3_grid(tl.clamp(k.to(tl.float32) / tl.load(k_scale_ptr), -448.0, 448.0))
+        v = _round_to_e4m3_grid(tl.clamp(v.to(tl.float32) / tl.load(v_scale_ptr), -448.0, 448.0))
     kc = block * stride_kcb + offset * stride_kcs + h[:, None] * stride_kch + d[None, :]
     vc = block * stride_vcb + offset * stride_vcs + h[:, None] * stride_vch + d[None, :]
     tl.store(key_cache_ptr + kc, k.to(key_cache_ptr.dtype.element_ty), mask=mask)

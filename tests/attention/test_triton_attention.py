@@ -1,0 +1,196 @@
+"""Triton KV write and paged attention against the torch reference.
+
+On a CPU machine the kernels run under ``TRITON_INTERPRET=1`` (see conftest.py) in fp32/fp16; on a
+CUDA machine the same tests run compiled, and the ``gpu`` tests add bf16, FP8 KV and graph capture.
+Caches are poisoned with NaN outside the written slots, so any read past a sequence shows up.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from blocks.attention import reference
+from blocks.attention.backend import get_attention_backend
+from blocks.attention.triton_backend import TritonAttentionBackend
+from blocks.attention.triton_paged import TritonPlan
+from tests.attention.helpers import DECODE_PAIRS, FP8, MIXED_PAIRS, assert_close_no_nan, make_batch
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def run_and_check(batch, dtype, *, backend=None, loose=1.0, whole_cache=True, **attn_kwargs):
+    """Write K/V with the backend and the reference, compare caches, then attention outputs.
+
+    ``whole_cache`` compares every cache element (catching stray writes); otherwise only the new
+    tokens' slots are compared (huge caches).
+    """
+    backend = backend or TritonAttentionBackend()
+    md = batch.metadata
+    keep = md.slot_mapping >= 0
+    slots = md.slot_mapping[keep]
+    if whole_cache:
+        ref_k, ref_v = batch.key_cache.clone(), batch.value_cache.clone()
+        reference.reshape_and_cache(batch.key, batch.value, ref_k, ref_v, md.slot_mapping,
+                                    k_scale=batch.k_scale, v_scale=batch.v_scale)
+    backend.plan(md)
+    backend.write_kv(batch.key, batch.value, batch.key_cache, batch.value_cache, md,
+                     k_scale=batch.k_scale, v_scale=batch.v_scale)
+    if whole_cache:
+        pairs = ((batch.key_cache, ref_k), (batch.value_cache, ref_v))
+    else:
+        pairs = []
+        for cache, new, sc in ((batch.key_cache, batch.key, batch.k_scale), (batch.value_cache, batch.value,
+                                                                            batch.v_scale)):
+            rows = torch.zeros_like(cache[:1, :1]).expand(len(slots), 1, *cache.shape[2:]).clone()
+            reference.reshape_and_cache(new[keep], new[keep], rows.view(len(slots), 1, *cache.shape[2:]),
+                                        rows.clone(), torch.arange(len(slots), device=cache.device),
+                                        k_scale=sc, v_scale=sc)
+            pairs.append((cache.view(-1, *cache.shape[2:])[slots], rows.view(len(slots), *cache.shape[2:])))
+        ref_k, ref_v = batch.key_cache, batch.value_cache
+    for got, want in pairs:
+        torch.testing.assert_close(got, want, atol=0, rtol=0, equal_nan=True)
+    scale = batch.query.shape[-1] ** -0.5
+    out = backend.attend(batch.query, batch.key_cache, batch.value_cache, md, scale=scale,
+                         k_scale=batch.k_scale, v_scale=batch.v_scale, **attn_kwargs)
+    want = reference.paged_attention(batch.query.float(), ref_k, ref_v, md, scale=scale,
+                                     k_scale=batch.k_scale, v_scale=batch.v_scale, **attn_kwargs)
+    assert out.dtype == batch.query.dtype and out.shape == batch.query.shape
+    assert_close_no_nan(out, want, dtype, loose=loose)
+    return out
+
+
+# Pairwise-style matrix: every head_dim in both CPU dtypes, block sizes and GQA ratios 1/4/7 rotated,
+# window and soft-cap sprinkled in. (dtype, head_dim, block_size, (num_heads, num_kv_heads), window, soft_cap)
+MATRIX = [
+    (torch.float32, 64, 16, (4, 4), None, None),
+    (torch.float16, 64, 32, (8, 2), 7, None),
+    (torch.float32, 80, 64, (7, 1), None, 5.0),
+    (torch.float16, 80, 16, (4, 4), None, 5.0),
+    (torch.float32, 96, 32, (8, 2), None, None),
+    (torch.float16, 96, 64, (7, 1), 20, None),
+    (torch.float32, 128, 16, (7, 1), 7, None),
+    (torch.float16, 128, 64, (8, 2), None, None),
+    (torch.float32, 256, 64, (4, 4), None, None),
+    (torch.float16, 256, 16, (8, 2), 20, 5.0),
+]
+
+
+@pytest.mark.parametrize("dtype,head_dim,block_size,heads,window,soft_cap", MATRIX)
+def test_mixed_batch_matches_reference(dtype, head_dim, block_size, heads, window, soft_cap):
+    batch = make_batch(MIXED_PAIRS, num_heads=heads[0], num_kv_heads=heads[1], head_dim=head_dim,
+                       block_size=block_size, dtype=dtype, device=DEVICE)
+    run_and_check(batch, dtype, sliding_window=window, soft_cap=soft_cap)
+
+
+@pytest.mark.parametrize("num_splits", [1, 3, 7])
+@pytest.mark.parametrize("dtype,heads,window", [(torch.float32, (8, 2), None), (torch.float16, (7, 1), 40)])
+def test_decode_batch_with_forced_split_kv(num_splits, dtype, heads, window):
+    batch = make_batch(DECODE_PAIRS, num_heads=heads[0], num_kv_heads=heads[1], head_dim=64, block_size=16,
+                       dtype=dtype, device=DEVICE)
+    run_and_check(batch, dtype, backend=TritonAttentionBackend(num_splits=num_splits), sliding_window=window)
+    cfg, workspace = next(iter(batch.metadata.plan.configs.values()))
+    assert cfg.num_splits == num_splits and (workspace is not None) == (num_splits > 1)
+
+
+def test_split_heuristic_picks_split_for_few_long_sequences():
+    batch = make_batch([(1, 700), (1, 33)], num_heads=4, num_kv_heads=1, head_dim=64, block_size=32,
+                       dtype=torch.float32, device=DEVICE)
+    run_and_check(batch, torch.float32, soft_cap=4.0)
+    cfg, _ = next(iter(batch.metadata.plan.configs.values()))
+    assert cfg.num_splits > 1 and cfg.block_q == 1
+
+
+def test_mixed_batch_with_forced_split_and_strided_query():
+    batch = make_batch(MIXED_PAIRS[:6], num_heads=8, num_kv_heads=2, head_dim=64, block_size=32,
+                       dtype=torch.float32, device=DEVICE)
+    # query as a view into a fused qkv projection: token stride > num_heads * head_dim
+    fused = torch.randn(batch.query.shape[0], 12, 64, device=DEVICE)
+    batch.query = fused[:, :8]
+    run_and_check(batch, torch.float32, backend=TritonAttentionBackend(num_splits=4), sliding_window=9)
+
+
+def test_padding_rows_and_tokens_are_zero_and_unwritten():
+    batch = make_batch([(3, 20), (1, 9)], num_heads=4, num_kv_heads=2, head_dim=64, block_size=16,
+                       dtype=torch.float16, device=DEVICE, pad_rows=2, pad_tokens=3)
+    batch.metadata.max_query_len = 3
+    out = run_and_check(batch, torch.float16)
+    assert (out[4:] == 0).all()  # 3 trailing padding tokens + nothing for the seq_len-0 rows
+    decode = make_batch([(1, 20), (1, 40)], num_heads=4, num_kv_heads=2, head_dim=64, block_size=16,
+                        dtype=torch.float32, device=DEVICE, pad_rows=1, pad_tokens=2)
+    out = run_and_check(decode, torch.float32, backend=TritonAttentionBackend(num_splits=2))
+    assert (out[2:] == 0).all() and (out[:2] != 0).any()
+
+
+def test_huge_num_blocks_needs_int64_offsets():
+    """Block ids whose element offsets pass 2**31, in a real (lazily paged, mostly untouched) cache."""
+    if DEVICE == "cpu":
+        block_size, num_kv_heads, head_dim = 16, 1, 64
+    else:
+        block_size, num_kv_heads, head_dim = 16, 8, 128
+    num_blocks = 2**31 // (block_size * num_kv_heads * head_dim) + 64
+    batch = make_batch([(1, 40), (3, 20)], num_heads=2 * num_kv_heads, num_kv_heads=num_kv_heads,
+                       head_dim=head_dim, block_size=block_size, dtype=torch.float16, device=DEVICE,
+                       num_blocks=num_blocks, poison=False)
+    table = batch.metadata.block_table
+    table[0, :3] = torch.tensor([num_blocks - 1, 5, num_blocks - 7], dtype=torch.int32)
+    table[1, :2] = torch.tensor([num_blocks - 3, num_blocks // 2], dtype=torch.int32)
+    # slots of the new tokens follow the rewritten tables
+    bs = block_size
+    slots = [int(table[0, 39 // bs]) * bs + 39 % bs] + [int(table[1, p // bs]) * bs + p % bs for p in (17, 18, 19)]
+    batch.metadata.slot_mapping = torch.tensor(slots, dtype=torch.int64, device=DEVICE)
+    for row, length in ((0, 39), (1, 17)):  # cached prefixes at their (huge) slots
+        pos = torch.arange(length)
+        prefix_slots = (table[row].long().cpu()[pos // bs] * bs + pos % bs).to(DEVICE)
+        k = torch.randn(length, num_kv_heads, head_dim, dtype=torch.float16, device=DEVICE)
+        reference.reshape_and_cache(k, -k, batch.key_cache, batch.value_cache, prefix_slots)
+    assert int(table.max()) * bs * num_kv_heads * head_dim > 2**31
+    out = run_and_check(batch, torch.float16, whole_cache=False)
+    assert out.abs().sum() > 0
+
+
+def test_fp8_kv_cache_with_fp16_queries():
+    batch = make_batch(MIXED_PAIRS[:5], num_heads=8, num_kv_heads=2, head_dim=64, block_size=16,
+                       dtype=torch.float16, device=DEVICE, cache_dtype=FP8)
+    run_and_check(batch, torch.float16, loose=2.0)
+
+
+def test_wrong_inputs_raise_before_launch():
+    batch = make_batch([(2, 20)], num_heads=4, num_kv_heads=2, head_dim=64, block_size=16,
+                       dtype=torch.float32, device=DEVICE)
+    be = TritonAttentionBackend()
+    md = be.plan(batch.metadata)
+    kc, vc, q = batch.key_cache, batch.value_cache, batch.query
+    with pytest.raises(ValueError, match="key_cache dtype"):
+        be.attend(q.half(), kc, vc, md, scale=1.0)
+    with pytest.raises(ValueError, match="value_cache dtype"):
+        be.attend(q, kc, vc.half(), md, scale=1.0)
+    with pytest.raises(ValueError, match="contiguous"):  # [num_blocks, num_kv_heads, block_size, D] transposed
+        be.attend(q, kc.transpose(1, 2), vc.transpose(1, 2), md, scale=1.0)
+    with pytest.raises(ValueError, match="num_heads"):
+        be.attend(q[:, :3], kc, vc, md, scale=1.0)
+    with pytest.raises(ValueError, match="FP8 KV cache needs k_scale"):
+        be.attend(q, kc.to(FP8), vc.to(FP8), md, scale=1.0)
+    with pytest.raises(ValueError, match="key_cache must be"):
+        be.attend(q, kc[0], vc[0], md, scale=1.0)
+    md.block_table = md.block_table[:, :1]
+    with pytest.raises(ValueError, match="block_table is too narrow"):
+        be.attend(q, kc, vc, md, scale=1.0)
+    with pytest.raises(ValueError, match="slot_mapping must be int64"):
+        bad = md.__class__(**{**md.__dict__, "slot_mapping": md.slot_mapping.int()})
+        be.write_kv(batch.key, batch.value, kc, vc, bad)
+    with pytest.raises(ValueError, match="key_cache dtype"):
+        be.write_kv(batch.key.half(), batch.value.half(), kc, vc, md)
+
+
+def test_backend_registry_and_plan_reuse_across_layers():
+    be = get_attention_backend("triton")
+    assert isinstance(be, TritonAttentionBackend)
+    batch = make_batch(MIXED_PAIRS[:4], num_heads=4, num_kv_heads=4, head_dim=64, block_size=16,
+                       dtype=torch.float32, device=DEVICE)
+    out = run_and_check(batch, torch.float32, backend=be)
+    plan = batch.metadata.plan
+    assert isinstance(plan, TritonPlan) and len(plan.configs) == 1
+    again = be.attend(batch.query, batch.key_cache, batch.value_cache, batch.metadata, scale=0.3)
+    assert batch.metadata.plan is plan and len(plan.configs) == 1  # second "layer" reuses the plan
+    assert not torch.equal(again, out)  # different scale, same plan
