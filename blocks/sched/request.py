@@ -86,7 +86,7 @@ class Request:
         "output_token_ids", "all_token_ids", "num_prompt_tokens", "num_computed_tokens", "num_blocks",
         "num_slot_tokens",
         "status", "num_preemptions", "preemptions", "num_cached_tokens", "first_scheduled_step",
-        "first_token_time", "finish_time", "seq", "skips", "__weakref__",
+        "first_token_time", "finish_time", "seq", "skips", "stop_ids", "__weakref__",
     )
 
     def __init__(
@@ -117,6 +117,10 @@ class Request:
         self.priority = priority
         self.eos_token_id = eos_token_id
         self.stop_token_ids = frozenset(stop_token_ids)
+        # every token that may stop the request (a superset check; min_tokens is applied in append_token)
+        self.stop_ids = self.stop_token_ids | (
+            {eos_token_id} if eos_token_id is not None and not ignore_eos else frozenset()
+        )
         self.min_tokens = min_tokens
         self.ignore_eos = ignore_eos
         self.cache_salt = cache_salt

@@ -318,21 +318,33 @@ class Scheduler:
         finished: list[Request] = []
         for rid, toks in sampled_token_ids.items():
             req = requests.get(rid)
-            if req is None or req.status is not _RUNNING or req.num_computed_tokens < len(req.all_token_ids):
+            if req is None or req.status is not _RUNNING:
                 continue
-            if not req.output_token_ids:
+            all_ids = req.all_token_ids
+            if req.num_computed_tokens < len(all_ids):
+                continue  # partial prefill chunk: its sample is not a token
+            out_ids = req.output_token_ids
+            if not out_ids:
                 req.first_token_time = now
+            if type(toks) is int and stop_checker is None:  # fast path: one token, no custom check
+                out_ids.append(toks)
+                all_ids.append(toks)
+                if len(out_ids) < req.max_tokens and toks not in req.stop_ids and len(all_ids) < max_len:
+                    continue
+                del out_ids[-1], all_ids[-1]  # undo; the general path below decides the status
+            status = None
             for tok in (toks,) if isinstance(toks, int) else toks:
                 status = req.append_token(tok)
                 if status is None and stop_checker is not None:
                     status = stop_checker(req)
-                if status is None and len(req.all_token_ids) >= max_len:
+                if status is None and len(all_ids) >= max_len:
                     status = RequestStatus.FINISHED_LENGTH
                 if status is not None:
-                    req.finish_time = now
-                    finished.append(req)
-                    self._finish(req, status)
                     break
+            if status is not None:
+                req.finish_time = now
+                finished.append(req)
+                self._finish(req, status)
         if finished:
             if len(finished) * 8 < len(self.running):
                 for req in finished:

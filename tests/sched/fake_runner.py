@@ -27,11 +27,15 @@ class FakeRunner:
         self.computed: dict[str, int] = {}
         self.writes: dict[str, list[int]] = {}  # per position: times written since (re)admission
         self.hits: dict[str, int] = {}  # prefix-cache tokens at (re)admission
+        self.retired: dict[str, tuple] = {}  # finished requests' (tokens, writes, hits)
         self.total_written = 0
         self.steps = 0
 
     def execute(self, out: SchedulerOutput) -> dict[str, list[int]]:
         bs = self.block_size
+        for rid in out.finished_req_ids:
+            if rid in self.tokens:
+                self.retired[rid] = (self.tokens[rid], self.writes[rid], self.hits[rid])
         for rid in (*out.finished_req_ids, *out.preempted_req_ids):
             for d in (self.tables, self.tokens, self.computed, self.writes, self.hits):
                 d.pop(rid, None)
@@ -86,8 +90,11 @@ class FakeRunner:
 
     def assert_computed_once(self, rid: str, final_tokens: list[int]) -> None:
         """Since its last admission, each position before the last token was computed exactly once."""
-        w, hits = self.writes[rid], self.hits[rid]
-        assert self.tokens[rid] == final_tokens
+        if rid in self.tokens:
+            toks, w, hits = self.tokens[rid], self.writes[rid], self.hits[rid]
+        else:
+            toks, w, hits = self.retired[rid]
+        assert toks == final_tokens
         for p in range(len(final_tokens) - 1):
             expected = 0 if p < hits else 1
             assert w[p] == expected, f"{rid}: position {p} written {w[p]} times (hits {hits})"

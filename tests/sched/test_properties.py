@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hypothesis.strategies as st
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from blocks.sched.config import SchedulerConfig
@@ -105,6 +105,8 @@ def test_every_trace_finishes_with_each_token_computed_once(setup, specs, seed):
         step += 1
         assert step < 5000, "livelock"
     assert len(done) == len(reqs)
+    event(f"preempted: {sched.stats.num_preemptions > 0}")
+    event(f"prefix hits: {sched.stats.prefix_hit_tokens > 0}")
     assert kv.num_free_blocks == free0, "blocks leaked"
     assert not sched.running and sched.num_waiting == 0 and sched.num_queued_tokens == 0
     if setup["policy"] == "fcfs":  # no request is admitted after a later arrival
