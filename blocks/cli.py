@@ -17,6 +17,7 @@ from blocks import __version__
 # name -> (module:function that configures the subparser, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "check-models": ("blocks.models.check:add_parser", "Check every model family against transformers"),
+    "simulate": ("blocks.sched.simulate:add_parser", "Simulate the scheduler on a synthetic trace; print a table"),
 }
 
 
