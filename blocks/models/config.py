@@ -153,6 +153,7 @@ class ModelConfig:
         if num_heads % num_kv:
             raise ValueError(f"num_attention_heads ({num_heads}) must be a multiple of num_key_value_heads ({num_kv})")
         theta, scaling = _rope_params(cfg)
+        default_act = "relu" if is_opt else "silu"
         dtype_value = cfg.get("dtype", cfg.get("torch_dtype")) or "float32"
         try:
             dtype = parse_dtype(dtype_value, field_name="config.json dtype")
@@ -172,7 +173,7 @@ class ModelConfig:
             head_dim=head_dim,
             max_position_embeddings=int(cfg.get("max_position_embeddings") or 2048),
             norm_eps=float(cfg.get("rms_norm_eps", cfg.get("layer_norm_eps", 1e-5 if is_opt else 1e-6))),
-            hidden_act=str(cfg.get("activation_function" if is_opt else "hidden_act") or "silu"),
+            hidden_act=str(cfg.get("activation_function" if is_opt else "hidden_act") or default_act),
             rope_theta=theta,
             rope_scaling=scaling,
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", is_opt)),
