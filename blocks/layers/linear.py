@@ -6,17 +6,15 @@ FULL checkpoint tensor (unsharded, as stored by Hugging Face) and copies this ra
 the parameter. A loader checks the full tensor's shape first and raises ``ValueError`` with both
 shapes on a mismatch, so model loaders can prefix the checkpoint name.
 
-Shapes (``T`` = number of tokens, any leading dims are allowed):
+Shapes per rank (``tp`` = ``tp.size``; any leading dims are allowed in ``forward``):
 
-=============================  ==================================  ================================
-layer                           weight (per rank)                   forward
-=============================  ==================================  ================================
-:class:`ReplicatedLinear`       ``[out, in]``                       ``[T, in] -> [T, out]``
-:class:`ColumnParallelLinear`   ``[out / tp, in]``                  ``[T, in] -> [T, out / tp]``
-:class:`MergedColumnParallel...`  ``[sum(out_i) / tp, in]``           ``[T, in] -> [T, sum(out_i) / tp]``
-:class:`QKVParallelLinear`      ``[(q + 2 kv) per rank, in]``        ``[T, in] -> [T, q + 2 kv]``
-:class:`RowParallelLinear`      ``[out, in / tp]``                  ``[T, in / tp] -> [T, out]``
-=============================  ==================================  ================================
+* :class:`ReplicatedLinear`: weight ``[out, in]``; ``[..., in] -> [..., out]``.
+* :class:`ColumnParallelLinear`: weight ``[out / tp, in]``; ``[..., in] -> [..., out / tp]``.
+* :class:`MergedColumnParallelLinear`: weight ``[sum(out_i) / tp, in]`` (each projection's slice
+  stacked); ``[..., in] -> [..., sum(out_i) / tp]``.
+* :class:`QKVParallelLinear`: weight ``[(heads_r + 2 kv_heads_r) * head_dim, in]`` for this rank's
+  heads; ``[..., in] -> [..., q | k | v]``.
+* :class:`RowParallelLinear`: weight ``[out, in / tp]``; ``[..., in / tp] -> [..., out]``.
 
 A column layer's output stays split over ranks unless ``gather_output=True``; a row layer sums
 its partial products over ranks (``reduce_results=True``) and adds the bias once.

@@ -44,7 +44,7 @@ def parse_dtype(value: Any, *, field_name: str = "dtype") -> torch.dtype:
 def _rope_params(cfg: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
     """(rope_theta, scaling dict or None) from either the 4.x or the 5.x layout."""
     params = cfg.get("rope_parameters")
-    if isinstance(params, dict) and "rope_theta" in params or isinstance(params, dict) and "rope_type" in params:
+    if isinstance(params, dict) and ("rope_theta" in params or "rope_type" in params):
         theta = float(params.get("rope_theta", cfg.get("rope_theta", 10000.0)))
         scaling = {k: v for k, v in params.items() if k != "rope_theta"}
     else:
