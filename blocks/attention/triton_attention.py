@@ -31,13 +31,19 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def kv_offsets(block_table_row_ptr, pos, stride_b, stride_s, head_off, BLOCK_SIZE: tl.constexpr, mask):
-    """Element offsets (int64) of the cache rows at token positions ``pos`` of one sequence."""
+def kv_offsets(block_table_row_ptr, pos, stride_b, stride_s, head_off, BLOCK_SIZE: tl.constexpr, mask,
+               ALIGN: tl.constexpr = 1):
+    """Element offsets (int64) of the cache rows at token positions ``pos`` of one sequence.
+
+    ``ALIGN`` (a power of two dividing every stride and ``head_off``) tells the compiler the rows
+    start on aligned elements, so the row loads become 16-byte vector loads.
+    """
     if mask is None:
         block_ids = tl.load(block_table_row_ptr + pos // BLOCK_SIZE)
     else:
         block_ids = tl.load(block_table_row_ptr + pos // BLOCK_SIZE, mask=mask, other=0)
-    return block_ids.to(tl.int64) * stride_b + (pos % BLOCK_SIZE).to(tl.int64) * stride_s + head_off
+    off = block_ids.to(tl.int64) * stride_b + (pos % BLOCK_SIZE).to(tl.int64) * stride_s + head_off
+    return tl.multiple_of(off, ALIGN)
 
 
 @triton.jit
@@ -47,19 +53,19 @@ def _attn_tile(
     stride_kb, stride_ks, stride_vb, stride_vs,
     BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     MASKED: tl.constexpr, USE_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr, KV_FP8: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, ALIGN: tl.constexpr,
 ):
     n = start + tl.arange(0, BLOCK_N)
     d_ok = d_offs[None, :] < HEAD_DIM
     if MASKED:
         n_ok = n < seq_len
-        k_off = kv_offsets(bt_row_ptr, n, stride_kb, stride_ks, k_head_off, BLOCK_SIZE, n_ok)
-        v_off = kv_offsets(bt_row_ptr, n, stride_vb, stride_vs, v_head_off, BLOCK_SIZE, n_ok)
+        k_off = kv_offsets(bt_row_ptr, n, stride_kb, stride_ks, k_head_off, BLOCK_SIZE, n_ok, ALIGN)
+        v_off = kv_offsets(bt_row_ptr, n, stride_vb, stride_vs, v_head_off, BLOCK_SIZE, n_ok, ALIGN)
         k = tl.load(k_ptr + k_off[:, None] + d_offs[None, :], mask=n_ok[:, None] & d_ok, other=0.0)
         v = tl.load(v_ptr + v_off[:, None] + d_offs[None, :], mask=n_ok[:, None] & d_ok, other=0.0)
     else:
-        k_off = kv_offsets(bt_row_ptr, n, stride_kb, stride_ks, k_head_off, BLOCK_SIZE, None)
-        v_off = kv_offsets(bt_row_ptr, n, stride_vb, stride_vs, v_head_off, BLOCK_SIZE, None)
+        k_off = kv_offsets(bt_row_ptr, n, stride_kb, stride_ks, k_head_off, BLOCK_SIZE, None, ALIGN)
+        v_off = kv_offsets(bt_row_ptr, n, stride_vb, stride_vs, v_head_off, BLOCK_SIZE, None, ALIGN)
         if HEAD_DIM == HEAD_DIM_PAD:
             k = tl.load(k_ptr + k_off[:, None] + d_offs[None, :])
             v = tl.load(v_ptr + v_off[:, None] + d_offs[None, :])
@@ -101,7 +107,7 @@ def paged_attn_kernel(
     GROUP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     USE_SPLIT: tl.constexpr, USE_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr, KV_FP8: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, ALIGN: tl.constexpr,
 ):
     # heaviest (latest) query blocks first
     pid = num_programs_q - 1 - tl.program_id(0)
@@ -149,8 +155,9 @@ def paged_attn_kernel(
     ctx_start = seq_len - q_len
     q_pos = ctx_start + tok_local
 
+    q_row = tl.multiple_of(token * stride_qt + head * stride_qh, ALIGN)
     q = tl.load(
-        q_ptr + token[:, None] * stride_qt + head[:, None] * stride_qh + d_offs[None, :],
+        q_ptr + q_row[:, None] + d_offs[None, :],
         mask=row_ok[:, None] & d_ok[None, :], other=0.0,
     )
     if KV_FP8:
@@ -187,13 +194,13 @@ def paged_attn_kernel(
         acc, m_i, l_i = _attn_tile(
             acc, m_i, l_i, q, k_ptr, v_ptr, bt_row, start, q_pos, seq_len, k_head_off, v_head_off, d_offs,
             qk_scale, soft_cap, sliding_window, stride_kb, stride_ks, stride_vb, stride_vs,
-            BLOCK_N, BLOCK_SIZE, HEAD_DIM, HEAD_DIM_PAD, False, USE_WINDOW, USE_SOFTCAP, KV_FP8, DOT_PRECISION,
+            BLOCK_N, BLOCK_SIZE, HEAD_DIM, HEAD_DIM_PAD, False, USE_WINDOW, USE_SOFTCAP, KV_FP8, DOT_PRECISION, ALIGN,
         )
     for start in range(mid_s, hi_s, BLOCK_N):
         acc, m_i, l_i = _attn_tile(
             acc, m_i, l_i, q, k_ptr, v_ptr, bt_row, start, q_pos, seq_len, k_head_off, v_head_off, d_offs,
             qk_scale, soft_cap, sliding_window, stride_kb, stride_ks, stride_vb, stride_vs,
-            BLOCK_N, BLOCK_SIZE, HEAD_DIM, HEAD_DIM_PAD, True, USE_WINDOW, USE_SOFTCAP, KV_FP8, DOT_PRECISION,
+            BLOCK_N, BLOCK_SIZE, HEAD_DIM, HEAD_DIM_PAD, True, USE_WINDOW, USE_SOFTCAP, KV_FP8, DOT_PRECISION, ALIGN,
         )
 
     if KV_FP8:
@@ -202,12 +209,14 @@ def paged_attn_kernel(
     o = acc / l_safe[:, None]
     io_mask = row_ok[:, None] & d_ok[None, :]
     if USE_SPLIT:
-        p_off = split.to(tl.int64) * stride_ps + token[:, None] * stride_pt + head[:, None] * stride_ph + d_offs[None, :]
+        p_row = tl.multiple_of(split.to(tl.int64) * stride_ps + token * stride_pt + head * stride_ph, ALIGN)
+        p_off = p_row[:, None] + d_offs[None, :]
         tl.store(part_out_ptr + p_off, o, mask=io_mask)
         lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log2(l_safe))
         tl.store(part_lse_ptr + split.to(tl.int64) * stride_ls + token * stride_lt + head, lse, mask=row_ok)
     else:
-        o_off = token[:, None] * stride_ot + head[:, None] * stride_oh + d_offs[None, :]
+        o_row = tl.multiple_of(token * stride_ot + head * stride_oh, ALIGN)
+        o_off = o_row[:, None] + d_offs[None, :]
         tl.store(out_ptr + o_off, o.to(out_ptr.dtype.element_ty), mask=io_mask)
 
 

@@ -52,8 +52,8 @@ def _reshape_and_cache_kernel(
     k = tl.load(key_ptr + token * stride_kt + h[:, None] * stride_kh + d[None, :], mask=mask, other=0.0)
     v = tl.load(value_ptr + token * stride_vt + h[:, None] * stride_vh + d[None, :], mask=mask, other=0.0)
     if FP8:
-        k = _round_to_e4m3_grid(tl.clamp(k.to(tl.float32) / tl.load(k_scale_ptr), -448.0, 448.0))
-        v = _round_to_e4m3_grid(tl.clamp(v.to(tl.float32) / tl.load(v_scale_ptr), -448.0, 448.0))
+        k = _round_to_e4m3_grid(tl.clamp(tl.math.div_rn(k.to(tl.float32), tl.load(k_scale_ptr)), -448.0, 448.0))
+        v = _round_to_e4m3_grid(tl.clamp(tl.math.div_rn(v.to(tl.float32), tl.load(v_scale_ptr)), -448.0, 448.0))
     kc = block * stride_kcb + offset * stride_kcs + h[:, None] * stride_kch + d[None, :]
     vc = block * stride_vcb + offset * stride_vcs + h[:, None] * stride_vch + d[None, :]
     tl.store(key_cache_ptr + kc, k.to(key_cache_ptr.dtype.element_ty), mask=mask)

@@ -19,6 +19,7 @@ Kernel choice (host integers only):
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -126,6 +127,17 @@ class TritonPlan:
         return cfg, workspace
 
 
+def _alignment(*strides: int) -> int:
+    """Largest power of two (<= 16) dividing every stride: row starts are that many elements aligned."""
+    g = 0
+    for s in strides:
+        g = math.gcd(g, int(s))
+    align = 1
+    while align < 16 and g % (align * 2) == 0:
+        align *= 2
+    return align
+
+
 def paged_attention(
     query: torch.Tensor,
     key_cache: torch.Tensor,
@@ -196,6 +208,8 @@ def paged_attention(
         HEAD_DIM=head_dim, HEAD_DIM_PAD=triton.next_power_of_2(head_dim), BLOCK_SIZE=key_cache.shape[1],
         USE_SPLIT=split, USE_WINDOW=use_window, USE_SOFTCAP=use_softcap, KV_FP8=fp8,
         DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
+        ALIGN=_alignment(head_dim, *query.stride()[:2], *out.stride()[:2], *key_cache.stride()[:3],
+                         *value_cache.stride()[:3]),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if split:

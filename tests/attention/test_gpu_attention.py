@@ -1,0 +1,121 @@
+"""GPU-only attention tests: bf16, FP8 KV with bf16 queries, CUDA-graph capture, the CuPy kernel.
+
+Skipped without CUDA (``gpu`` marker); run on the device machine with
+``python3 -m pytest -q tests/attention``. The fp32/fp16 tests of test_triton_attention.py run
+there too, compiled instead of interpreted.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from blocks.attention import reference
+from blocks.attention.triton_backend import TritonAttentionBackend
+from tests.attention.helpers import DECODE_PAIRS, FP8, MIXED_PAIRS, assert_close_no_nan, make_batch
+from tests.attention.test_triton_attention import run_and_check
+
+pytestmark = pytest.mark.gpu
+
+BF16 = torch.bfloat16
+GPU_MATRIX = [  # (head_dim, block_size, (num_heads, num_kv_heads), window, soft_cap)
+    (64, 16, (4, 4), None, None),
+    (80, 32, (8, 2), 7, None),
+    (96, 64, (7, 1), None, 5.0),
+    (128, 16, (32, 8), None, None),
+    (128, 64, (7, 1), 20, 5.0),
+    (256, 32, (8, 2), None, None),
+    (256, 16, (4, 4), 7, None),
+]
+
+
+@pytest.mark.parametrize("head_dim,block_size,heads,window,soft_cap", GPU_MATRIX)
+@pytest.mark.parametrize("pairs", [MIXED_PAIRS, DECODE_PAIRS], ids=["mixed", "decode"])
+def test_bf16_matches_reference(pairs, head_dim, block_size, heads, window, soft_cap):
+    batch = make_batch(pairs, num_heads=heads[0], num_kv_heads=heads[1], head_dim=head_dim,
+                       block_size=block_size, dtype=BF16, device="cuda")
+    run_and_check(batch, BF16, sliding_window=window, soft_cap=soft_cap)
+
+
+@pytest.mark.parametrize("num_splits", [None, 5])
+@pytest.mark.parametrize("head_dim,block_size,heads", [(128, 16, (32, 8)), (80, 32, (7, 1)), (256, 64, (4, 4))])
+@pytest.mark.parametrize("pairs", [MIXED_PAIRS, DECODE_PAIRS + [(1, 2000)]], ids=["mixed", "decode"])
+def test_fp8_kv_matches_reference(pairs, head_dim, block_size, heads, num_splits):
+    over = {} if num_splits is None else {"num_splits": num_splits}
+    batch = make_batch(pairs, num_heads=heads[0], num_kv_heads=heads[1], head_dim=head_dim,
+                       block_size=block_size, dtype=BF16, device="cuda", cache_dtype=FP8)
+    run_and_check(batch, BF16, backend=TritonAttentionBackend(**over), sliding_window=None)
+
+
+@pytest.mark.parametrize("backend_name", ["triton", "cupy"])
+def test_cuda_graph_capture_and_replay(backend_name):
+    """Plan once, capture write_kv + attend, then replay on new data with the same shapes."""
+    if backend_name == "cupy":
+        pytest.importorskip("cupy")
+        from blocks.attention.cupy_backend import CupyAttentionBackend
+        backend = CupyAttentionBackend()
+    else:
+        backend = TritonAttentionBackend()
+    pairs = [(1, 300), (1, 17), (1, 1), (1, 2048)]
+    batch = make_batch(pairs, num_heads=32, num_kv_heads=8, head_dim=128, block_size=16, dtype=BF16,
+                       device="cuda", pad_rows=2, pad_tokens=2)
+    md = backend.plan(batch.metadata)
+    scale = 128**-0.5
+    kc0, vc0 = batch.key_cache.clone(), batch.value_cache.clone()
+    # warm up (compiles; allocates the split workspace) outside the capture
+    backend.write_kv(batch.key, batch.value, batch.key_cache, batch.value_cache, md)
+    backend.attend(batch.query, batch.key_cache, batch.value_cache, md, scale=scale)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
+        backend.write_kv(batch.key, batch.value, batch.key_cache, batch.value_cache, md)
+        out = backend.attend(batch.query, batch.key_cache, batch.value_cache, md, scale=scale)
+    torch.cuda.current_stream().wait_stream(stream)
+    for _ in range(2):
+        batch.key_cache.copy_(kc0)
+        batch.value_cache.copy_(vc0)
+        for t in (batch.query, batch.key, batch.value):
+            t.normal_()
+        graph.replay()
+        torch.cuda.synchronize()
+        ref_k, ref_v = kc0.clone(), vc0.clone()
+        reference.reshape_and_cache(batch.key, batch.value, ref_k, ref_v, md.slot_mapping)
+        want = reference.paged_attention(batch.query.float(), ref_k, ref_v, md, scale=scale)
+        assert_close_no_nan(out, want, BF16)
+
+
+CUPY_CASES = [  # (dtype, cache_dtype, head_dim, (num_heads, num_kv_heads), window, soft_cap)
+    (torch.float16, None, 64, (4, 4), None, None),
+    (BF16, None, 128, (32, 8), None, None),
+    (BF16, None, 80, (7, 1), 9, None),
+    (torch.float32, None, 96, (8, 2), None, 5.0),
+    (BF16, FP8, 128, (32, 8), None, None),
+    (torch.float16, FP8, 256, (8, 2), 40, None),
+]
+
+
+@pytest.mark.parametrize("dtype,cache_dtype,head_dim,heads,window,soft_cap", CUPY_CASES)
+@pytest.mark.parametrize("pairs", [DECODE_PAIRS, MIXED_PAIRS], ids=["decode", "mixed"])
+def test_cupy_kernel_matches_reference(pairs, dtype, cache_dtype, head_dim, heads, window, soft_cap):
+    pytest.importorskip("cupy")
+    from blocks.attention.cupy_backend import CupyAttentionBackend
+
+    backend = CupyAttentionBackend(prefill_backend="cupy")  # the CUDA kernel for every row
+    batch = make_batch(pairs, num_heads=heads[0], num_kv_heads=heads[1], head_dim=head_dim, block_size=16,
+                       dtype=dtype, device="cuda", cache_dtype=cache_dtype, pad_rows=1, pad_tokens=1)
+    loose = 2.0 if cache_dtype == FP8 else 1.0
+    out = run_and_check(batch, dtype, backend=backend, loose=loose, sliding_window=window, soft_cap=soft_cap)
+    assert (out[-1] == 0).all()
+
+
+def test_cupy_backend_routes_prefill_to_triton_and_rejects_cpu_tensors():
+    pytest.importorskip("cupy")
+    from blocks.attention.cupy_backend import CupyAttentionBackend, cupy_paged_decode_attention
+
+    batch = make_batch(MIXED_PAIRS, num_heads=8, num_kv_heads=2, head_dim=128, block_size=32, dtype=BF16,
+                       device="cuda")
+    run_and_check(batch, BF16, backend=CupyAttentionBackend())
+    cpu = make_batch([(1, 5)], num_heads=2, num_kv_heads=1, head_dim=64, block_size=16, dtype=torch.float32)
+    with pytest.raises(ValueError, match="CUDA"):
+        cupy_paged_decode_attention(cpu.query, cpu.key_cache, cpu.value_cache, cpu.metadata, scale=1.0)
