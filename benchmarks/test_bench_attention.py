@@ -16,8 +16,6 @@ import os
 import pytest
 import torch
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-
 from benchmarks.attention_common import (
     DECODE_SHAPES,
     HEAD_DIM,
@@ -28,6 +26,8 @@ from benchmarks.attention_common import (
     time_cuda,
 )
 from blocks.attention.triton_backend import TritonAttentionBackend
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 _CEILING: dict[str, float] = {}
 SCALE = 128**-0.5
