@@ -131,13 +131,12 @@ def mixed_inputs() -> PagedInputs:
     kd, vd = torch.stack(ks[n_p:]), torch.stack(vs[n_p:])
     qp = q[: n_p * chunk].view(n_p, chunk, NUM_HEADS, HEAD_DIM).transpose(1, 2).contiguous()
     qd = q[n_p * chunk:].view(n_d, NUM_HEADS, 1, HEAD_DIM)
-    from torch.nn.attention.bias import causal_lower_right
-
-    bias = causal_lower_right(chunk, prefix + chunk)
+    pos_q = torch.arange(prefix, prefix + chunk, device="cuda")[:, None]
+    mask = torch.arange(prefix + chunk, device="cuda")[None, :] <= pos_q  # causal, aligned bottom-right
 
     def sdpa():
-        # lower-right causal is not a flash-backend mask: let SDPA pick (efficient attention)
-        torch.nn.functional.scaled_dot_product_attention(qp, kp, vp, attn_mask=bias, enable_gqa=True)
+        # a bottom-right causal mask is not a flash-backend mask: SDPA picks another backend here
+        torch.nn.functional.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, enable_gqa=True)
         _sdpa(qd, kd, vd)
 
     return PagedInputs(q, kc, vc, md, kv_bytes, flops, sdpa)

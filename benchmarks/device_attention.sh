@@ -10,7 +10,7 @@ if [ "${1:-}" = "sweep" ]; then export BENCH_ATTN_SWEEP=1; fi
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 if [ "${SKIP_TESTS:-0}" != "1" ]; then
-  timeout 330 python3 -m pytest -q -p no:cacheprovider tests/attention ${TEST_ARGS:-} 2>&1 | tee "$OUT/tests.log" \
+  timeout "${TEST_TIMEOUT:-330}" python3 -m pytest -q -p no:cacheprovider tests/attention ${TEST_ARGS:-} 2>&1 | tee "$OUT/tests.log" \
     | grep -E "passed|failed|FAILED|Error" | tail -25
 fi
 rm -f "$OUT/bench.jsonl"

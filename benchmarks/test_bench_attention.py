@@ -110,8 +110,9 @@ def test_decode(benchmark, batch, ctx):
     extra = {"num_splits": cfg.num_splits, "block_n": cfg.block_n, "num_warps": cfg.num_warps,
              "num_stages": cfg.num_stages}
     if os.environ.get("BENCH_ATTN_SWEEP"):
-        grid = [{"block_n": bn, "num_warps": w, "num_stages": s} for bn in (32, 64, 128) for w in (4, 8)
-                for s in (2, 3, 4)]
+        grid = [{"block_n": bn, "num_warps": w, "num_stages": s}
+                for bn, w, s in ((32, 4, 3), (64, 4, 2), (64, 4, 4), (128, 4, 2), (128, 4, 3), (128, 8, 3),
+                                 (256, 8, 2))]
         if batch * 8 < 264:
             grid += [{"num_splits": n} for n in (2, 4, 8, 16, 32, 48, 64) if ctx // n >= 128]
         best = _sweep(inputs, grid)
