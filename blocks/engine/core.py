@@ -1,0 +1,340 @@
+"""The engine core: the loop that assembles every block.
+
+One step, in five lines (see :meth:`EngineCore.step`)::
+
+    sched_out = self.scheduler.schedule()            # who computes how many tokens
+    result = self.runner.execute(sched_out)          # prepare inputs (plan), forward, sample
+    finished = self.scheduler.update_from_output(result.sampled)   # append, stop checks, free
+    self._update_requests(result, finished)          # detokenize, logprobs, outputs
+
+Requests enter with :meth:`add_request` (token ids + ``SamplingParams``) and leave when they
+finish or by :meth:`abort_request`. ``n > 1`` requests run as ``n`` child sequences with derived
+seeds (see :mod:`blocks.sample.parallel`) and come back as one ``RequestOutput``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from blocks.cache.manager import KVCacheManager
+from blocks.engine.config import EngineConfig
+from blocks.engine.detokenizer import IncrementalDetokenizer
+from blocks.engine.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+from blocks.engine.runner import ModelRunner, SamplingInfo
+from blocks.sample.params import SamplingParams
+from blocks.sample.parallel import ParallelGroup, fork_parallel
+from blocks.sched.config import SchedulerConfig
+from blocks.sched.request import Request, RequestStatus
+from blocks.sched.scheduler import Scheduler
+
+__all__ = ["EngineCore", "StepStats"]
+
+
+@dataclass
+class StepStats:
+    """Counters of the last step (for logs, progress bars and metrics)."""
+
+    num_tokens: int = 0
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_usage: float = 0.0
+    num_preemptions: int = 0
+    prefix_queries: int = 0
+    prefix_hits: int = 0
+
+
+@dataclass
+class _Sequence:
+    """Engine-side state of one sequence (a request, or one child of an ``n > 1`` request)."""
+
+    request_id: str
+    index: int
+    params: SamplingParams
+    info: SamplingInfo
+    sched: Request
+    detok: IncrementalDetokenizer | None
+    logprobs: list[dict[int, Logprob]] | None
+    cumulative_logprob: float | None
+    stop_reason: int | str | None = None
+    finish_reason: str | None = None
+
+
+@dataclass
+class _Parent:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    seqs: list[_Sequence]
+    metrics: RequestMetrics
+    group: ParallelGroup | None = None
+    prompt_logprobs: list | None = None
+    finished: bool = False
+    stream: bool = False
+    extra: dict = field(default_factory=dict)
+
+
+class EngineCore:
+    """The engine loop over a loaded model (see the module docstring).
+
+    Args:
+        config: validated :class:`EngineConfig`.
+        model_path: local folder or hub id of the model.
+        tokenizer: a transformers tokenizer, or ``None`` (token ids in and out, no text).
+    """
+
+    def __init__(self, config: EngineConfig, model_path: str, tokenizer=None) -> None:
+        self.config = config
+        self.tokenizer = tokenizer
+        self._seqs: dict[str, _Sequence] = {}
+        self._parents: dict[str, _Parent] = {}
+        self.runner = ModelRunner(config, model_path, self._sampling_info)
+        mc = self.runner.model.config
+        self.max_model_len = self.runner.max_model_len
+        self.vocab_size = mc.vocab_size
+        self.eos_token_id = mc.eos_token_ids[0] if mc.eos_token_ids else getattr(tokenizer, "eos_token_id", None)
+        self.extra_eos_ids = list(mc.eos_token_ids[1:])
+        self.kv_manager = KVCacheManager(
+            self.runner.num_blocks, config.block_size, enable_prefix_caching=config.enable_prefix_caching
+        )
+        max_batched = config.max_num_batched_tokens or (
+            8192 if config.enable_chunked_prefill else max(8192, self.max_model_len)
+        )
+        self.scheduler = Scheduler(
+            self.kv_manager,
+            SchedulerConfig(
+                max_num_seqs=config.max_num_seqs, max_num_batched_tokens=max_batched,
+                max_model_len=self.max_model_len, enable_chunked_prefill=config.enable_chunked_prefill,
+                long_prefill_token_threshold=config.long_prefill_token_threshold,
+                max_num_queued_requests=config.max_num_queued_requests,
+            ),
+            policy=config.scheduling_policy,
+            stop_checker=self._check_stop_strings,
+        )
+        self.last_stats = StepStats()
+        self._token_text: dict[int, str] = {}
+
+    # ------------------------------------------------------------------ requests
+    def _sampling_info(self, request_id: str) -> SamplingInfo:
+        return self._seqs[request_id].info
+
+    def validate_prompt(self, prompt_token_ids: Sequence[int]) -> list[int]:
+        """Check a prompt's token ids; raises ``ValueError`` naming the problem."""
+        ids = [int(t) for t in prompt_token_ids]
+        if not ids:
+            raise ValueError("prompt must not be empty (0 tokens)")
+        bad = [t for t in ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(f"prompt_token_ids must be in [0, {self.vocab_size}) (the vocabulary), got {bad[0]}")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(
+                f"prompt is {len(ids)} tokens but max_model_len is {self.max_model_len}: the prompt must be "
+                f"shorter than max_model_len to leave room for at least one output token"
+            )
+        return ids
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt_token_ids: Sequence[int],
+        params: SamplingParams,
+        *,
+        prompt: str | None = None,
+        arrival_time: float | None = None,
+        priority: int = 0,
+        stream: bool = False,
+    ) -> None:
+        """Queue a request. Raises ``ValueError`` (nothing queued) for invalid input."""
+        if request_id in self._parents:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        ids = self.validate_prompt(prompt_token_ids)
+        if params.logprobs is not None and params.logprobs > self.config.max_logprobs:
+            raise ValueError(f"logprobs must be <= max_logprobs={self.config.max_logprobs}, got {params.logprobs}")
+        if params.prompt_logprobs is not None and params.prompt_logprobs > self.config.max_logprobs:
+            raise ValueError(
+                f"prompt_logprobs must be <= max_logprobs={self.config.max_logprobs}, got {params.prompt_logprobs}"
+            )
+        if params.bad_words and self.tokenizer is not None and params.bad_words_token_ids is None:
+            params.bad_words_token_ids = [self.tokenizer.encode(w, add_special_tokens=False) for w in params.bad_words]
+        now = time.time() if arrival_time is None else arrival_time
+        max_tokens = params.max_tokens if params.max_tokens is not None else self.max_model_len - len(ids)
+        group = fork_parallel(request_id, params) if params.n > 1 else None
+        children = [(c.request_id, c.index, c.params) for c in group.children] if group else [(request_id, 0, params)]
+        parent = _Parent(request_id, prompt, ids, params, [], RequestMetrics(arrival_time=now), group=group,
+                         stream=stream)
+        if params.prompt_logprobs is not None:
+            parent.prompt_logprobs = [None]
+        stop_ids = list(params.stop_token_ids) + ([] if params.ignore_eos else self.extra_eos_ids)
+        for seq_id, index, seq_params in children:
+            sched_req = Request(
+                seq_id, ids, max_tokens=max_tokens, arrival_time=now, priority=priority,
+                eos_token_id=self.eos_token_id, stop_token_ids=stop_ids, min_tokens=params.min_tokens,
+                ignore_eos=params.ignore_eos,
+            )
+            detok = None
+            if self.tokenizer is not None and params.detokenize:
+                detok = IncrementalDetokenizer(
+                    self.tokenizer, stop=params.stop, include_stop_str_in_output=params.include_stop_str_in_output,
+                    skip_special_tokens=params.skip_special_tokens,
+                    spaces_between_special_tokens=params.spaces_between_special_tokens,
+                )
+            seq = _Sequence(
+                seq_id, index, seq_params,
+                SamplingInfo(seq_params, len(ids), eos_token_id=self.eos_token_id), sched_req, detok,
+                [] if params.logprobs is not None else None, 0.0 if params.logprobs is not None else None,
+            )
+            parent.seqs.append(seq)
+        for seq in parent.seqs:  # register all before queueing so a queue-full error leaves nothing behind
+            self._seqs[seq.request_id] = seq
+        self._parents[request_id] = parent
+        try:
+            for seq in parent.seqs:
+                self.scheduler.add_request(seq.sched)
+        except Exception:
+            self._drop_parent(parent, abort=True)
+            raise
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        """Abort a request (any state); its blocks are freed at once. Returns its final output."""
+        parent = self._parents.get(request_id)
+        if parent is None:
+            return None
+        for seq in parent.seqs:
+            if seq.finish_reason is None:
+                self.scheduler.abort_request(seq.request_id)
+                seq.finish_reason = "abort"
+        out = self._make_output(parent, finished=True)
+        self._drop_parent(parent, abort=False)
+        return out
+
+    def _drop_parent(self, parent: _Parent, *, abort: bool) -> None:
+        for seq in parent.seqs:
+            if abort:
+                self.scheduler.abort_request(seq.request_id)
+            self._seqs.pop(seq.request_id, None)
+        self._parents.pop(parent.request_id, None)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._parents)
+
+    @property
+    def num_unfinished_requests(self) -> int:
+        return len(self._parents)
+
+    # ------------------------------------------------------------------ the loop
+    def step(self) -> list[RequestOutput]:
+        """Run one engine step; returns outputs of finished requests (and of streaming ones that advanced)."""
+        sched_out = self.scheduler.schedule()
+        result = self.runner.execute(sched_out)
+        now = time.time()
+        finished = self.scheduler.update_from_output(result.sampled, now=now)
+        outputs = self._update_requests(result, finished, now)
+        self._record_stats(result.num_tokens)
+        return outputs
+
+    def _check_stop_strings(self, req: Request) -> RequestStatus | None:
+        seq = self._seqs.get(req.request_id)
+        if seq is None or seq.detok is None or not seq.params.stop:
+            return None
+        update = seq.detok.add_tokens(req.output_token_ids[len(seq.detok.output_token_ids):])
+        if update.stop_string is not None:
+            seq.stop_reason = update.stop_string
+            return RequestStatus.FINISHED_STOPPED
+        return None
+
+    def _update_requests(self, result, finished: list[Request], now: float) -> list[RequestOutput]:
+        touched: dict[str, _Parent] = {}
+        for rid, entries in result.prompt_logprobs.items():
+            seq = self._seqs[rid]
+            parent = self._parent_of(seq)
+            if seq.index == 0:
+                parent.prompt_logprobs.extend(self._logprob_dicts(e) for e in entries)
+        for rid, token in result.sampled.items():
+            seq = self._seqs.get(rid)
+            if seq is None:
+                continue
+            if seq.logprobs is not None and rid in result.logprobs:
+                value, rank, top = result.logprobs[rid]
+                entry = self._logprob_dicts(top)
+                entry[token] = Logprob(value, rank, self._token_str(token))
+                seq.logprobs.append(entry)
+                seq.cumulative_logprob += value
+            parent = self._parent_of(seq)
+            if parent.metrics.first_token_time is None:
+                parent.metrics.first_token_time = now
+            parent.metrics.last_token_time = now
+            touched[parent.request_id] = parent
+        for req in finished:
+            seq = self._seqs.get(req.request_id)
+            if seq is None:
+                continue
+            seq.finish_reason = req.finish_reason
+            if seq.stop_reason is None and req.finish_reason == "stop":
+                last = req.output_token_ids[-1]
+                seq.stop_reason = last if last in seq.params.stop_token_ids else None
+            parent = self._parent_of(seq)
+            touched[parent.request_id] = parent
+        outputs = []
+        for parent in touched.values():
+            done = all(s.finish_reason is not None for s in parent.seqs)
+            if done:
+                parent.metrics.finished_time = now
+                outputs.append(self._make_output(parent, finished=True))
+                self._drop_parent(parent, abort=False)
+            elif parent.stream:
+                outputs.append(self._make_output(parent, finished=False))
+        return outputs
+
+    def _parent_of(self, seq: _Sequence) -> _Parent:
+        rid = seq.request_id
+        parent = self._parents.get(rid)
+        if parent is None:  # a child "i_parent"
+            parent = self._parents[rid.split("_", 1)[1]]
+        return parent
+
+    def _token_str(self, token: int) -> str | None:
+        if self.tokenizer is None:
+            return None
+        text = self._token_text.get(token)
+        if text is None:
+            text = self._token_text[token] = self.tokenizer.decode([token])
+        return text
+
+    def _logprob_dicts(self, top: dict[int, tuple[float, int]]) -> dict[int, Logprob]:
+        return {t: Logprob(v, r, self._token_str(t)) for t, (v, r) in top.items()}
+
+    def _make_output(self, parent: _Parent, *, finished: bool) -> RequestOutput:
+        completions = []
+        for seq in parent.seqs:
+            tokens = list(seq.sched.output_token_ids)
+            text = ""
+            if seq.detok is not None:
+                missing = tokens[len(seq.detok.output_token_ids):]
+                if missing and seq.detok.stop_string is None:
+                    seq.detok.add_tokens(missing)
+                if finished:
+                    seq.detok.flush()
+                text = seq.detok.text
+            completions.append(CompletionOutput(
+                index=seq.index, text=text, token_ids=tokens, cumulative_logprob=seq.cumulative_logprob,
+                logprobs=seq.logprobs, finish_reason=seq.finish_reason, stop_reason=seq.stop_reason,
+            ))
+        first = parent.seqs[0].sched
+        parent.metrics.num_preemptions = sum(s.sched.num_preemptions for s in parent.seqs)
+        return RequestOutput(
+            request_id=parent.request_id, prompt=parent.prompt, prompt_token_ids=parent.prompt_token_ids,
+            prompt_logprobs=parent.prompt_logprobs, outputs=completions, finished=finished,
+            metrics=parent.metrics, num_cached_tokens=max(first.num_cached_tokens, 0),
+        )
+
+    def _record_stats(self, num_tokens: int) -> None:
+        kv = self.kv_manager
+        stats = kv.stats
+        self.last_stats = StepStats(
+            num_tokens=num_tokens, num_running=self.scheduler.num_running,
+            num_waiting=self.scheduler.num_waiting,
+            kv_usage=kv.usage, num_preemptions=self.scheduler.stats.num_preemptions,
+            prefix_queries=getattr(stats, "prefix_queries", 0), prefix_hits=getattr(stats, "prefix_hits", 0),
+        )

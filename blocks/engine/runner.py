@@ -1,0 +1,326 @@
+"""The model runner: turns a ``SchedulerOutput`` into tensors, runs the model, samples.
+
+Per step (``execute``):
+
+1. forget finished / preempted requests, create state for new ones, append new block ids;
+2. build the flat inputs (decode rows first, then prefill chunks) and the attention plan;
+3. apply copy-on-write block copies, run the forward, take logits only for rows that sample
+   (the last token of a request whose known tokens are all computed) and for prompt logprobs;
+4. sample all sampling rows in one pass and read the sampled ids back once.
+
+The runner owns the KV cache tensor, the ``SamplingBatch`` and per-request token/block lists.
+Rows of the sampling batch are exactly this step's sampling requests: a request joins when its
+prefill completes and leaves when it finishes, is preempted or is not scheduled (its random
+stream is kept and handed back when it rejoins).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from blocks.attention.metadata import plan_attention
+from blocks.cache.kv_tensors import allocate_kv_cache, layer_views
+from blocks.engine.config import DEFAULT_CPU_KV_CACHE_BYTES, EngineConfig
+from blocks.models.base import CausalLM
+from blocks.models.loader import load_model
+from blocks.sample.batch import SamplingBatch
+from blocks.sample.logprobs import compute_logprobs
+from blocks.sample.params import SamplingParams
+from blocks.sample.sampler import Sampler
+from blocks.sched.output import SchedulerOutput
+
+__all__ = ["ModelRunner", "StepResult", "SamplingInfo", "resolve_device"]
+
+
+def resolve_device(name: str) -> torch.device:
+    """``"auto"`` -> CUDA when available, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={name!r} but CUDA is not available on this machine")
+    return device
+
+
+@dataclass
+class SamplingInfo:
+    """What the runner needs to know of a request to sample it."""
+
+    params: SamplingParams
+    num_prompt_tokens: int
+    eos_token_id: int | None = None
+    generator: torch.Generator | None = None
+
+
+@dataclass
+class _ReqState:
+    token_ids: list[int]
+    block_ids: list[int]
+    num_computed: int
+    num_prompt: int
+    generator: torch.Generator | None = None
+    prompt_logprobs: list = field(default_factory=list)
+
+
+@dataclass
+class StepResult:
+    """Host-side results of one step.
+
+    Attributes:
+        sampled: request id -> sampled token id (only requests that sampled).
+        logprobs: request id -> ``(token logprob, rank, {token id: (logprob, rank)} top-n)``.
+        prompt_logprobs: request id -> list of ``{token id: (logprob, rank)}`` for prompt positions
+            computed this step (position 0 excluded), for requests that asked for them.
+        num_tokens: tokens computed this step.
+    """
+
+    sampled: dict[str, int]
+    logprobs: dict[str, tuple[float, int, dict[int, tuple[float, int]]]]
+    prompt_logprobs: dict[str, list[dict[int, tuple[float, int]]]]
+    num_tokens: int
+
+
+class ModelRunner:
+    """Owns the model, the KV cache and the sampler (see module docstring).
+
+    Args:
+        config: the engine configuration.
+        model_path: a local model folder (or hub id) for the loader.
+        sampling_info: callback ``request_id -> SamplingInfo`` (the engine's request registry).
+    """
+
+    def __init__(self, config: EngineConfig, model_path: str,
+                 sampling_info: Callable[[str], SamplingInfo]) -> None:
+        self.config = config
+        self.device = resolve_device(config.device)
+        self.model: CausalLM = load_model(
+            model_path, dtype=config.dtype, device=self.device, load_format=config.load_format,
+            attn_backend=config.attention_backend, seed=config.seed or 0,
+        )
+        mc = self.model.config
+        self.max_model_len = config.max_model_len or mc.max_position_embeddings
+        if self.max_model_len > mc.max_position_embeddings:
+            raise ValueError(
+                f"max_model_len={self.max_model_len} exceeds the model's max_position_embeddings="
+                f"{mc.max_position_embeddings}"
+            )
+        self.block_size = config.block_size
+        self.kv_dtype = torch.float8_e4m3fn if config.kv_cache_dtype.startswith("fp8") else self.model.dtype
+        self.num_blocks = self._num_kv_blocks()
+        self.kv_cache = allocate_kv_cache(
+            self.model.num_layers, self.num_blocks, self.block_size, self.model.num_kv_heads, self.model.head_dim,
+            dtype=self.kv_dtype, device=self.device,
+        )
+        self.kv_caches = layer_views(self.kv_cache)
+        self.sampler = Sampler(backend=config.sampler_backend, seed=config.seed)
+        self.batch = SamplingBatch(
+            max_num_rows=config.max_num_seqs, vocab_size=mc.vocab_size, max_len=self.max_model_len,
+            device=self.device, max_num_logprobs=config.max_logprobs,
+        )
+        self.sampling_info = sampling_info
+        self.states: dict[str, _ReqState] = {}
+
+    # ------------------------------------------------------------------ sizing
+    @property
+    def bytes_per_block(self) -> int:
+        m = self.model
+        elem = torch.empty((), dtype=self.kv_dtype).element_size()
+        return m.num_layers * 2 * self.block_size * m.num_kv_heads * m.head_dim * elem
+
+    def _num_kv_blocks(self) -> int:
+        per_block = self.bytes_per_block
+        blocks_per_seq = -(-self.max_model_len // self.block_size)
+        needed_max = self.config.max_num_seqs * blocks_per_seq + 1  # never more than every seq at full length
+        budget = self.config.kv_cache_memory_bytes
+        if budget is None:
+            budget = self._cuda_kv_budget() if self.device.type == "cuda" else DEFAULT_CPU_KV_CACHE_BYTES
+        num_blocks = min(budget // per_block, needed_max)
+        if num_blocks < blocks_per_seq + 1:
+            need = (blocks_per_seq + 1) * per_block
+            raise ValueError(
+                f"the KV cache budget ({budget / 2**30:.2f} GiB) holds {num_blocks} blocks of {self.block_size} "
+                f"tokens but one sequence of max_model_len={self.max_model_len} needs {blocks_per_seq + 1} "
+                f"({need / 2**30:.2f} GiB): raise gpu_memory_utilization or kv_cache_memory_bytes, or lower "
+                f"max_model_len"
+            )
+        return int(num_blocks)
+
+    def _cuda_kv_budget(self) -> int:
+        """Bytes left for the KV cache after a profiled max-size forward (CUDA only)."""
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        self._profile_forward()
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device)
+        free, total = torch.cuda.mem_get_info(self.device)
+        non_torch = (total - free) - torch.cuda.memory_reserved(self.device)
+        budget = int(total * self.config.gpu_memory_utilization) - peak - max(non_torch, 0)
+        torch.cuda.empty_cache()
+        if budget <= 0:
+            raise ValueError(
+                f"no memory is left for the KV cache: the model and a max-size step peak at {peak / 2**30:.2f} GiB "
+                f"of {total / 2**30:.2f} GiB with gpu_memory_utilization={self.config.gpu_memory_utilization}: "
+                f"raise gpu_memory_utilization or lower max_num_batched_tokens / max_num_seqs"
+            )
+        return budget
+
+    @torch.inference_mode()
+    def _profile_forward(self) -> None:
+        num_tokens = min(self.config.max_num_batched_tokens or 8192, self.max_model_len * self.config.max_num_seqs)
+        seq = min(num_tokens, self.max_model_len)
+        num_seqs = max(1, num_tokens // seq)
+        blocks = -(-seq // self.block_size)
+        m = self.model
+        kv = allocate_kv_cache(m.num_layers, num_seqs * blocks + 1, self.block_size, m.num_kv_heads, m.head_dim,
+                               dtype=self.kv_dtype, device=self.device)
+        tables = [list(range(1 + i * blocks, 1 + (i + 1) * blocks)) for i in range(num_seqs)]
+        md = m.attn_backend.plan(plan_attention([seq] * num_seqs, [seq] * num_seqs, tables, self.block_size,
+                                                device=self.device))
+        ids = torch.zeros(seq * num_seqs, dtype=torch.int64, device=self.device)
+        pos = torch.arange(seq, device=self.device).repeat(num_seqs)
+        hidden = m(ids, pos, layer_views(kv), md)
+        rows = torch.arange(min(self.config.max_num_seqs, hidden.shape[0]), device=self.device)
+        m.compute_logits(hidden, rows)
+        del kv, hidden
+
+    # ------------------------------------------------------------------ per step
+    def _update_states(self, out: SchedulerOutput) -> None:
+        for rid in (*out.finished_req_ids, *out.preempted_req_ids):
+            self._forget(rid)
+        for new in out.scheduled_new_reqs:
+            self._forget(new.request_id)
+            info = self.sampling_info(new.request_id)
+            self.states[new.request_id] = _ReqState(
+                token_ids=list(new.token_ids), block_ids=list(new.block_ids),
+                num_computed=new.num_computed_tokens, num_prompt=new.num_prompt_tokens,
+                generator=info.generator,
+            )
+        cached = out.scheduled_cached_reqs
+        for rid, blocks, computed in zip(cached.req_ids, cached.new_block_ids, cached.num_computed_tokens):
+            st = self.states[rid]
+            if blocks:
+                st.block_ids.extend(blocks)
+            st.num_computed = computed
+
+    def _in_batch(self, rid: str) -> bool:
+        try:
+            self.batch.row_of(rid)
+        except KeyError:
+            return False
+        return True
+
+    def _forget(self, rid: str) -> None:
+        st = self.states.pop(rid, None)
+        gen = self.batch.remove_request(rid) if self._in_batch(rid) else (st.generator if st else None)
+        if gen is not None:
+            try:
+                self.sampling_info(rid).generator = gen  # a preempted request resumes its random stream
+            except KeyError:
+                pass
+
+    def _sync_sampling_rows(self, sampling: list[str]) -> None:
+        wanted = set(sampling)
+        for rid in list(self.batch.req_ids):
+            if rid not in wanted:  # running but not sampling this step: keep its stream
+                gen = self.batch.remove_request(rid)
+                if rid in self.states:
+                    self.states[rid].generator = gen
+        for rid in sampling:
+            if self._in_batch(rid):
+                continue
+            st = self.states[rid]
+            info = self.sampling_info(rid)
+            self.batch.add_request(
+                rid, info.params, st.token_ids[: st.num_prompt], output_token_ids=st.token_ids[st.num_prompt:],
+                eos_token_id=info.eos_token_id, generator=st.generator,
+            )
+
+    def _copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
+        if not pairs:
+            return
+        src = torch.tensor([p[0] for p in pairs], dtype=torch.int64, device=self.device)
+        dst = torch.tensor([p[1] for p in pairs], dtype=torch.int64, device=self.device)
+        self.kv_cache[:, :, dst] = self.kv_cache[:, :, src]
+
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput) -> StepResult:
+        """Run one scheduled step; see the module docstring."""
+        self._update_states(out)
+        if out.total_num_scheduled_tokens == 0:
+            return StepResult({}, {}, {}, 0)
+        num_sched = out.num_scheduled_tokens
+        order = sorted(num_sched, key=lambda r: num_sched[r] != 1)  # decode rows first (stable)
+        ids: list[int] = []
+        positions: list[int] = []
+        qlens, slens, tables = [], [], []
+        sampling: list[str] = []
+        last_row: dict[str, int] = {}
+        prompt_lp: list[tuple[str, int, int, int]] = []  # (rid, first row, first position, count)
+        for rid in order:
+            st = self.states[rid]
+            n, start = num_sched[rid], st.num_computed
+            end = start + n
+            if end > len(st.token_ids):
+                raise RuntimeError(f"request {rid}: scheduled past its known tokens ({end} > {len(st.token_ids)})")
+            row0 = len(ids)
+            ids.extend(st.token_ids[start:end])
+            positions.extend(range(start, end))
+            qlens.append(n)
+            slens.append(end)
+            tables.append(st.block_ids)
+            if end == len(st.token_ids):
+                sampling.append(rid)
+                last_row[rid] = row0 + n - 1
+            info = self.sampling_info(rid)
+            if info.params.prompt_logprobs is not None and start < st.num_prompt - 1:
+                count = min(end, st.num_prompt - 1) - start
+                prompt_lp.append((rid, row0, start, count))
+        device = self.device
+        md = plan_attention(qlens, slens, tables, self.block_size, device=device)
+        md = self.model.attn_backend.plan(md)
+        input_ids = torch.tensor(ids, dtype=torch.int64).to(device, non_blocking=True)
+        pos = torch.tensor(positions, dtype=torch.int64).to(device, non_blocking=True)
+        self._copy_blocks(out.blocks_to_copy)
+        hidden = self.model(input_ids, pos, self.kv_caches, md)
+
+        prompt_result = self._prompt_logprobs(hidden, prompt_lp)
+        self._sync_sampling_rows(sampling)
+        if not self.batch.req_ids:
+            return StepResult({}, {}, prompt_result, len(ids))
+        rows = torch.tensor([last_row[r] for r in self.batch.req_ids], dtype=torch.int64).to(device)
+        logits = self.model.compute_logits(hidden, rows)
+        sampler_out = self.sampler(logits, self.batch, inplace=True)
+        sampled_ids = sampler_out.sampled_token_ids
+        host = sampled_ids.tolist()  # the one host read per step
+        self.batch.append_tokens(sampled_ids, host_token_ids=host)
+        sampled = {}
+        logprobs = {}
+        lp = sampler_out.logprobs
+        for i, rid in enumerate(self.batch.req_ids):
+            sampled[rid] = host[i]
+            self.states[rid].token_ids.append(host[i])
+            if lp is not None:
+                want = self.batch.params[i].logprobs
+                if want is not None:
+                    logprobs[rid] = (float(lp.token_logprobs[i]), int(lp.token_ranks[i]), lp.row(i, want))
+        return StepResult(sampled, logprobs, prompt_result, len(ids))
+
+    def _prompt_logprobs(self, hidden: torch.Tensor, spans: list[tuple[str, int, int, int]]):
+        result = {}
+        for rid, row0, start, count in spans:
+            st = self.states[rid]
+            num = self.sampling_info(rid).params.prompt_logprobs
+            rows = torch.arange(row0, row0 + count, device=self.device)
+            logits = self.model.compute_logits(hidden, rows)
+            targets = torch.tensor(st.token_ids[start + 1 : start + 1 + count], dtype=torch.int64, device=self.device)
+            lp = compute_logprobs(logits, targets, num)
+            entries = []
+            for j in range(count):
+                entry = lp.row(j, num)
+                entry.setdefault(targets[j].item(), (float(lp.token_logprobs[j]), int(lp.token_ranks[j])))
+                entries.append(entry)
+            result[rid] = entries
+        return result
