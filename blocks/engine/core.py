@@ -23,8 +23,8 @@ from blocks.engine.config import EngineConfig
 from blocks.engine.detokenizer import IncrementalDetokenizer
 from blocks.engine.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from blocks.engine.runner import ModelRunner, SamplingInfo
-from blocks.sample.params import SamplingParams
 from blocks.sample.parallel import ParallelGroup, fork_parallel
+from blocks.sample.params import SamplingParams
 from blocks.sched.config import SchedulerConfig
 from blocks.sched.request import Request, RequestStatus
 from blocks.sched.scheduler import Scheduler

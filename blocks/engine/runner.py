@@ -16,6 +16,7 @@ stream is kept and handed back when it rejoins).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -216,10 +217,8 @@ class ModelRunner:
         st = self.states.pop(rid, None)
         gen = self.batch.remove_request(rid) if self._in_batch(rid) else (st.generator if st else None)
         if gen is not None:
-            try:
-                self.sampling_info(rid).generator = gen  # a preempted request resumes its random stream
-            except KeyError:
-                pass
+            with contextlib.suppress(KeyError):  # a preempted request resumes its random stream
+                self.sampling_info(rid).generator = gen
 
     def _sync_sampling_rows(self, sampling: list[str]) -> None:
         wanted = set(sampling)
