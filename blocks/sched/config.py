@@ -23,6 +23,9 @@ class SchedulerConfig:
         max_num_queued_tokens: admission control: prompt tokens of waiting requests at most.
         watermark: fraction of KV blocks that must stay free after admitting a request while others
             run (headroom for their decode, part of the anti-thrashing guard).
+        thrash_guard: admit a waiting or preempted request only when free blocks cover its whole
+            remaining prefill plus the watermark (not just this step's chunk; vLLM issue 25538).
+            False admits whenever this step's chunk fits (for comparison).
     """
 
     max_num_seqs: int = 256
@@ -33,6 +36,7 @@ class SchedulerConfig:
     max_num_queued_requests: int | None = None
     max_num_queued_tokens: int | None = None
     watermark: float = 0.01
+    thrash_guard: bool = True
 
     def __post_init__(self):
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len"):

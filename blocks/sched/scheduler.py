@@ -43,6 +43,7 @@ _WAITING = RequestStatus.WAITING
 _RUNNING = RequestStatus.RUNNING
 _PREEMPTED = RequestStatus.PREEMPTED
 _EMPTY: tuple[()] = ()
+_HINT_STEPS = 8  # a waiting request's cached-prefix length is re-looked-up after this many steps
 
 
 class Scheduler:
@@ -233,6 +234,7 @@ class Scheduler:
         """Admit waiting requests in policy order while budget, seats and blocks last."""
         cfg, kv, bs, policy = self.config, self.kv, self.block_size, self.policy
         thr = cfg.long_prefill_token_threshold
+        guard = cfg.thrash_guard
         running = self.running
         stats = self.stats
         window = policy.window
@@ -245,16 +247,7 @@ class Scheduler:
                 if not cands:
                     break
                 if window > 1:
-                    memo: dict[str, int] = {}
-
-                    def cached_tokens(r: Request, memo=memo) -> int:
-                        if r.request_id not in memo:
-                            memo[r.request_id] = kv.get_computed_blocks(
-                                r.request_id, r.all_token_ids, extra_keys=r.extra_keys
-                            )[1]
-                        return memo[r.request_id]
-
-                    cands = policy.rank(cands, cached_tokens)
+                    cands = policy.rank(cands, self._cached_tokens)
             req = cands[pos]
             num_tokens = len(req.all_token_ids)
             hit_blocks, num_cached = kv.get_computed_blocks(
@@ -268,7 +261,7 @@ class Scheduler:
                     break
                 n = budget
             need = -(-num_tokens // bs) - len(hit_blocks)  # blocks for the whole remaining prefill
-            if running and self._num_free_blocks() - need < self.watermark_blocks:
+            if guard and running and self._num_free_blocks() - need < self.watermark_blocks:
                 stats.num_thrash_guard_deferrals += 1
                 break
             new_blocks = kv.allocate_slots(
@@ -354,6 +347,14 @@ class Scheduler:
         return finished
 
     # ------------------------------------------------------------------ helpers
+    def _cached_tokens(self, req: Request) -> int:
+        """Prefix-cache hit tokens of a waiting request, looked up at most every ``_HINT_STEPS`` steps."""
+        step, hits = req.prefix_hint
+        if self.step - step >= _HINT_STEPS:
+            hits = self.kv.get_computed_blocks(req.request_id, req.all_token_ids, extra_keys=req.extra_keys)[1]
+            req.prefix_hint = (self.step, hits)
+        return hits
+
     def _push_waiting(self, req: Request) -> None:
         heapq.heappush(self._waiting, (self.policy.key(req), req))
         self.num_waiting += 1

@@ -14,13 +14,14 @@ the step takes the larger of the two (a roofline) plus a fixed overhead.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 __all__ = ["TraceConfig", "Trace", "make_trace", "CostModel", "MODEL_PRESETS"]
 
 _DISTRIBUTIONS = ("fixed", "uniform", "exponential")
+_POOL = 1 << 20  # random tokens that request bodies are sliced from
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -58,9 +59,13 @@ class TraceConfig:
 
     def __post_init__(self):
         for name in ("num_requests", "prompt_len", "output_len", "max_prompt_len", "max_output_len",
-                     "num_priorities", "vocab_size"):
+                     "num_priorities"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.vocab_size < 2:
+            raise ValueError(f"vocab_size must be >= 2, got {self.vocab_size}")
+        if self.max_prompt_len >= _POOL:
+            raise ValueError(f"max_prompt_len must be < {_POOL}, got {self.max_prompt_len}")
         if not self.request_rate > 0:
             raise ValueError(f"request_rate must be > 0 (inf = all at once), got {self.request_rate}")
         if self.distribution not in _DISTRIBUTIONS:
@@ -94,14 +99,30 @@ class Trace:
     prefixes: list[list[int]]
     seed: int = 0
     vocab_size: int = 32000
+    _pool: list[int] | None = field(default=None, repr=False)
+    _offsets: list[int] | None = field(default=None, repr=False)
 
     def __len__(self) -> int:
         return len(self.arrival_time)
 
     def prompt(self, i: int) -> list[int]:
-        """Token ids of request ``i``'s prompt: its group's prefix (if any) then random tokens."""
-        rng = np.random.default_rng((self.seed, i))
-        body = rng.integers(1, self.vocab_size, int(self.prompt_len[i])).tolist()
+        """Token ids of request ``i``'s prompt: its group's prefix (if any), then its own tokens.
+
+        The own tokens start with two ids that encode ``i`` (so no two requests share a block by
+        chance) followed by a slice of a shared random pool at a random offset (cheap to build).
+        """
+        n = int(self.prompt_len[i])
+        if self._pool is None:
+            rng = np.random.default_rng((self.seed, 0x5EED))
+            self._pool = rng.integers(1, self.vocab_size, _POOL).tolist()
+            self._offsets = rng.integers(0, _POOL - 2, len(self)).tolist()
+        hi, lo = divmod(i, self.vocab_size - 1)
+        body = [1 + hi % (self.vocab_size - 1), 1 + lo]
+        if n > 2:
+            off = self._offsets[i] % (_POOL - n)
+            body += self._pool[off:off + n - 2]
+        else:
+            body = body[:n]
         g = int(self.group[i])
         return self.prefixes[g] + body if g >= 0 else body
 
