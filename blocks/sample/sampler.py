@@ -104,7 +104,7 @@ class Sampler:
         if not inplace or (want_lp and self.logprobs_mode == "raw_logprobs"):
             logits = logits.clone()
         x = self.process_logits(logits, bt)
-        keys = self._row_keys(batch) if bt.any_random else None
+        keys, seeded = self._row_keys(batch) if bt.any_random else (None, [])
         if self.backend == "triton":
             thr, ids = self._triton(
                 x,
@@ -116,7 +116,7 @@ class Sampler:
                 **self.triton_options,
             )
         else:
-            thr, ids = self._torch_sample(x, bt, keys)
+            thr, ids = self._torch_sample(x, bt, keys, seeded)
         lp = None
         if want_lp:
             source = raw if self.logprobs_mode == "raw_logprobs" else self._scaled(x, bt, thr)
@@ -177,15 +177,17 @@ class Sampler:
         scaled = torch.where(x >= thr[:, None], x / temp, NEG_INF)
         return torch.where(greedy, x, scaled)
 
-    def _row_keys(self, batch: SamplingBatch) -> torch.Tensor:
-        """One key per row for this step, ``[num_rows]`` int64 on the host: seeded rows draw from their
-        own generator, the others from the sampler's (host work only, no device sync)."""
+    def _row_keys(self, batch: SamplingBatch) -> tuple[torch.Tensor, list[int]]:
+        """One key per row for this step, ``[num_rows]`` int64 on the host, and the seeded rows.
+
+        Seeded rows draw from their own generator, the others from the sampler's (host work only,
+        no device sync)."""
         n = batch.num_rows
         keys = torch.randint(0, _KEY_RANGE, (n,), generator=self._generator, dtype=torch.int64)
-        for row, gen in enumerate(batch.generators):
-            if gen is not None:
-                keys[row] = int(torch.randint(0, _KEY_RANGE, (1,), generator=gen, dtype=torch.int64))
-        return keys
+        seeded = [row for row, gen in enumerate(batch.generators) if gen is not None]
+        for row in seeded:
+            keys[row] = int(torch.randint(0, _KEY_RANGE, (1,), generator=batch.generators[row], dtype=torch.int64))
+        return keys, seeded
 
     @staticmethod
     def _to_device(keys: torch.Tensor | None, device: torch.device, num_rows: int) -> torch.Tensor:
@@ -203,7 +205,7 @@ class Sampler:
         return gen
 
     def _torch_sample(
-        self, x: torch.Tensor, bt: BatchTensors, keys: torch.Tensor | None
+        self, x: torch.Tensor, bt: BatchTensors, keys: torch.Tensor | None, seeded: list[int]
     ) -> tuple[torch.Tensor, torch.Tensor]:
         greedy_ids = x.argmax(dim=1)
         if keys is None:
@@ -212,8 +214,13 @@ class Sampler:
         scaled = self._scaled(x, bt, thr)
         noise = torch.empty_like(scaled)
         gen = self._device_generator(x.device)
-        for row, key in enumerate(keys.tolist()):  # host tensor: no device sync
-            gen.manual_seed(key)
+        # Unseeded rows share one draw keyed by row 0's key (from the sampler's generator); seeded rows
+        # then redraw their own row from their own key. ``keys`` is a host tensor: no device sync.
+        host_keys = keys.tolist()
+        gen.manual_seed(host_keys[0] ^ 0x5DEECE66D)
+        noise.exponential_(generator=gen)
+        for row in seeded:
+            gen.manual_seed(host_keys[row])
             noise[row].exponential_(generator=gen)
         sampled = exponential_race(scaled, noise)
         return thr, torch.where(bt.temperature > 0, sampled, greedy_ids)

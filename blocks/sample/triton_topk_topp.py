@@ -3,11 +3,12 @@
 One program walks whole rows (a persistent loop over rows). Per row:
 
 1. one pass for the max, the first argmax (the greedy answer) and ``Z = sum(exp((x - max) / T))``;
-2. top-k: a multi-pivot search over the *order-preserving integer keys* of the fp32 logits. Each
-   pass counts, for ``NUM_PIVOTS`` pivots spread over the live key interval ``[lo, hi)``, how many
-   logits are ``>=`` each pivot (and their probability mass), then narrows the interval to the two
-   neighbouring pivots that bracket ``k``. It stops when the interval holds at most one logit (or
-   one key), so the result is exact: the k-th largest value;
+2. top-k: a multi-pivot search over the logit range. Each pass counts, for ``NUM_PIVOTS`` pivots
+   spread evenly inside the live interval ``[lo, hi)``, how many logits are ``>=`` each pivot (and
+   their probability mass), then narrows the interval to the two neighbouring pivots that bracket
+   ``k``. It stops when the interval holds at most one logit, when exactly ``k`` logits are
+   ``>= lo``, or when the interval cannot be split any more (ties: all kept, as transformers does),
+   so ``logits >= lo`` is exactly the top-k set (after ``MAX_PASSES`` passes it is a superset);
 3. top-p: the same search on the mass, between the top-k threshold and the max, for
    ``top_p * Z_k`` (``Z_k`` = mass of the top-k survivors);
 4. min-p: ``max + T * log(min_p)`` in closed form;
@@ -15,8 +16,8 @@ One program walks whole rows (a persistent loop over rows). Per row:
    ``E = -log(U)``, ``U`` from Philox keyed by a per-row 64-bit key (drawn on the host from the
    request's own generator, so a seeded request is reproducible whatever the batch).
 
-Keys: fp32 bits ``b`` as int32 map to ``b`` if ``b >= 0`` else ``b ^ 0x7FFFFFFF``, which orders like the
-floats. Runs under ``TRITON_INTERPRET=1`` on CPU tensors (fp32) and compiled on CUDA.
+Each pass reads the row once; random logits need about four passes per search at vocabulary 128k
+(each pass divides the live interval by ``NUM_PIVOTS + 1``). Runs under ``TRITON_INTERPRET=1`` on CPU tensors (fp32) and compiled on CUDA.
 """
 
 from __future__ import annotations
@@ -27,36 +28,18 @@ import triton.language as tl
 
 __all__ = ["triton_filter_and_sample"]
 
-_NEG_INF_KEY = tl.constexpr(-2139095041)  # key of -inf (bits 0xFF800000)
-
-
-@triton.jit
-def _to_key(x):
-    b = x.to(tl.int32, bitcast=True)
-    return tl.where(b >= 0, b, b ^ 0x7FFFFFFF)
-
-
-@triton.jit
-def _from_key(k):
-    b = tl.where(k >= 0, k, k ^ 0x7FFFFFFF)
-    return b.to(tl.float32, bitcast=True)
-
-
 @triton.jit
 def _search_pass(row_ptr, vocab, m, inv_t, lo, hi, piv_idx, offs, BLOCK: tl.constexpr, NUM_PIVOTS: tl.constexpr):
-    """Counts and masses of logits whose key is >= each of NUM_PIVOTS pivots in (lo, hi)."""
-    span = hi - lo
-    pivots = lo + ((piv_idx + 1).to(tl.int64) * span) // (NUM_PIVOTS + 1)
-    pivots = tl.maximum(pivots, lo + 1).to(tl.int32)
+    """Counts and masses of the logits >= each of NUM_PIVOTS pivots spread evenly inside (lo, hi)."""
+    pivots = lo + (hi - lo) * ((piv_idx + 1).to(tl.float32) / (NUM_PIVOTS + 1))
     cnt = tl.zeros([NUM_PIVOTS], dtype=tl.int32)
     mass = tl.zeros([NUM_PIVOTS], dtype=tl.float32)
     for start in range(0, vocab, BLOCK):
         cols = start + offs
         valid = cols < vocab
         x = tl.load(row_ptr + cols, mask=valid, other=float("-inf"))
-        kx = _to_key(x)
         e = tl.where(valid, tl.exp((x - m) * inv_t), 0.0)
-        ge = (kx[:, None] >= pivots[None, :]) & valid[:, None]
+        ge = x[:, None] >= pivots[None, :]
         cnt += tl.sum(ge.to(tl.int32), axis=0)
         mass += tl.sum(tl.where(ge, e[:, None], 0.0), axis=0)
     return pivots, cnt, mass
@@ -93,13 +76,17 @@ def _filter_sample_kernel(
         top_p = tl.load(topp_ptr + row)
         min_p = tl.load(minp_ptr + row)
 
-        # Pass 1: max, first argmax, and the softmax normaliser by per-lane online rescaling.
+        # Pass 1: max, first argmax, smallest finite logit, number of finite logits, and the softmax
+        # normaliser (per-lane online rescaling).
         m_vec = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
+        mn_vec = tl.full([BLOCK], float("inf"), dtype=tl.float32)
         i_vec = tl.zeros([BLOCK], dtype=tl.int32)
         z_vec = tl.zeros([BLOCK], dtype=tl.float32)
+        nfin_vec = tl.zeros([BLOCK], dtype=tl.int32)
         for start in range(0, vocab, BLOCK):
             cols = start + offs
             x = tl.load(row_ptr + cols, mask=cols < vocab, other=float("-inf"))
+            fin = x > float("-inf")
             upd = x > m_vec
             new_m = tl.where(upd, x, m_vec)
             finite = new_m > float("-inf")
@@ -109,49 +96,55 @@ def _filter_sample_kernel(
             z_vec = z_vec * scale + add
             i_vec = tl.where(upd, cols, i_vec)
             m_vec = new_m
+            mn_vec = tl.minimum(mn_vec, tl.where(fin, x, float("inf")))
+            nfin_vec += fin.to(tl.int32)
         m = tl.max(m_vec, axis=0)
         amax = tl.min(tl.where(m_vec == m, i_vec, vocab), axis=0)
         z = tl.sum(tl.where(m_vec > float("-inf"), z_vec * tl.exp((m_vec - m) * inv_t), 0.0), axis=0)
+        mn = tl.min(mn_vec, axis=0)
+        nfin = tl.sum(nfin_vec, axis=0)
+        # An upper end with count 0 and mass 0: a little above the max.
+        hi_top = m + tl.maximum(tl.abs(m) * 1e-6, 1e-6)
 
-        hi_top = _to_key(m).to(tl.int64) + 1
-        # Top-k search: invariant count(>= lo) >= k > count(>= hi).
-        lo = tl.full([], _NEG_INF_KEY, dtype=tl.int64)
+        # Top-k search in value space: invariant count(>= lo) >= k > count(>= hi).
+        lo = mn
         hi = hi_top
-        cnt_lo = vocab + 0 * top_k
-        cnt_hi = 0 * top_k
+        cnt_lo = nfin
+        cnt_hi = 0 * nfin
         mass_lo = z
-        done_k = greedy | (top_k <= 0) | (top_k >= vocab)
+        done_k = greedy | (top_k <= 0) | (top_k >= nfin)
         passes = 0
         while (done_k == 0) & (passes < MAX_PASSES):
             pivots, cnt, mass = _search_pass(row_ptr, vocab, m, inv_t, lo, hi, piv_idx, offs, BLOCK, NUM_PIVOTS)
             ok = cnt >= top_k
-            lo = tl.max(tl.where(ok, pivots.to(tl.int64), lo), axis=0)
-            hi = tl.min(tl.where(ok, hi, pivots.to(tl.int64)), axis=0)
+            lo = tl.max(tl.where(ok, pivots, lo), axis=0)
+            hi = tl.min(tl.where(ok, hi, pivots), axis=0)
             cnt_lo = tl.min(tl.where(ok, cnt, cnt_lo), axis=0)
             mass_lo = tl.min(tl.where(ok, mass, mass_lo), axis=0)
             cnt_hi = tl.max(tl.where(ok, cnt_hi, cnt), axis=0)
-            done_k = (cnt_lo == top_k) | (cnt_lo - cnt_hi <= 1) | (hi - lo <= 1)
+            splittable = lo + (hi - lo) * (1.0 / (NUM_PIVOTS + 1)) > lo
+            done_k = (cnt_lo == top_k) | (cnt_lo - cnt_hi <= 1) | (splittable == 0)
             passes += 1
 
         # Top-p search on the survivors: invariant mass(>= lo) >= target > mass(>= hi).
         target = top_p * mass_lo
         hi = hi_top
-        cnt_hi = 0 * top_k
+        cnt_hi = 0 * nfin
         done_p = greedy | (top_p >= 1.0)
         passes = 0
         while (done_p == 0) & (passes < MAX_PASSES):
             pivots, cnt, mass = _search_pass(row_ptr, vocab, m, inv_t, lo, hi, piv_idx, offs, BLOCK, NUM_PIVOTS)
             ok = mass >= target
-            lo = tl.max(tl.where(ok, pivots.to(tl.int64), lo), axis=0)
-            hi = tl.min(tl.where(ok, hi, pivots.to(tl.int64)), axis=0)
+            lo = tl.max(tl.where(ok, pivots, lo), axis=0)
+            hi = tl.min(tl.where(ok, hi, pivots), axis=0)
             cnt_lo = tl.min(tl.where(ok, cnt, cnt_lo), axis=0)
             cnt_hi = tl.max(tl.where(ok, cnt_hi, cnt), axis=0)
-            done_p = (cnt_lo - cnt_hi <= 1) | (hi - lo <= 1)
+            splittable = lo + (hi - lo) * (1.0 / (NUM_PIVOTS + 1)) > lo
+            done_p = (cnt_lo - cnt_hi <= 1) | (splittable == 0)
             passes += 1
 
-        lo32 = lo.to(tl.int32)
         thr_min = tl.where(min_p > 0.0, m + tl.log(tl.maximum(min_p, 1e-30)) * temp, float("-inf"))
-        thr = tl.maximum(_from_key(lo32), thr_min)
+        thr = tl.maximum(lo, thr_min)
         thr = tl.where(greedy, float("-inf"), thr)
         tl.store(thr_ptr + row, thr)
 
@@ -165,7 +158,7 @@ def _filter_sample_kernel(
                     cols = start + offs
                     valid = cols < vocab
                     x = tl.load(row_ptr + cols, mask=valid, other=float("-inf"))
-                    keep = valid & (_to_key(x) >= lo32) & (x >= thr_min)
+                    keep = valid & (x >= thr)
                     u = tl.rand(seed, cols)
                     noise = -tl.log(tl.maximum(u, 1e-38))
                     score = tl.where(keep, (x - m) * inv_t - tl.log(tl.maximum(noise, 1e-38)), float("-inf"))

@@ -1,0 +1,59 @@
+"""The Triton filter-and-sample kernel against the torch reference (interpreter on CPU, fp32)."""
+
+import pytest
+import torch
+
+from blocks.sample.ops import filter_threshold
+from blocks.sample.triton_topk_topp import triton_filter_and_sample
+
+
+def _random_rows(num_rows, vocab, seed):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(num_rows, vocab, generator=gen) * (0.5 + 3 * torch.rand(num_rows, 1, generator=gen))
+    temp = torch.tensor([[0.0, 0.3, 0.8, 1.0, 1.9][i % 5] for i in range(num_rows)])
+    top_k = torch.randint(0, vocab + 3, (num_rows,), generator=gen).to(torch.int32)
+    top_k[::3] = 0
+    some_p = torch.rand(num_rows, generator=gen) * 0.9 + 0.05
+    top_p = torch.where(torch.rand(num_rows, generator=gen) < 0.6, some_p, 1.0)
+    min_p = torch.where(torch.rand(num_rows, generator=gen) < 0.3, torch.rand(num_rows, generator=gen) * 0.3, 0.0)
+    return x, temp, top_k, top_p, min_p
+
+
+@pytest.mark.parametrize("num_rows,vocab,block", [(1, 1, 16), (3, 17, 16), (17, 97, 32), (9, 1000, 128)])
+def test_kept_sets_match_reference(num_rows, vocab, block):
+    x, temp, top_k, top_p, min_p = _random_rows(num_rows, vocab, seed=num_rows * vocab)
+    if vocab > 20:
+        x[1, : vocab // 3] = float("-inf")  # banned tokens
+        x[2, 5:9] = x[2, 4]  # ties
+    ref = filter_threshold(x, temp, top_k, top_p, min_p)
+    thr, tokens = triton_filter_and_sample(
+        x, temp, top_k, top_p, min_p, keys=torch.arange(num_rows, dtype=torch.int64), block=block, num_pivots=8
+    )
+    kept_ref, kept = x >= ref[:, None], x >= thr[:, None]
+    random_rows = temp > 0
+    assert torch.equal(kept[random_rows], kept_ref[random_rows])
+    greedy = ~random_rows
+    assert torch.equal(tokens[greedy], x[greedy].argmax(dim=1))
+    assert bool(kept.gather(1, tokens[:, None]).all()), "a sampled token is outside the kept set"
+    if vocab > 20:
+        assert int(kept[random_rows].sum()) < int(random_rows.sum()) * vocab, "nothing was filtered"
+
+
+def test_persistent_programs_and_strided_rows_give_the_same_answer():
+    x, temp, top_k, top_p, min_p = _random_rows(6, 200, seed=3)
+    wide = torch.randn(6, 256)
+    wide[:, :200] = x
+    view = wide[:, :200]  # row stride 256, not contiguous
+    keys = torch.arange(100, 106, dtype=torch.int64)
+    a = triton_filter_and_sample(view, temp, top_k, top_p, min_p, keys=keys, block=64, num_programs=2)
+    b = triton_filter_and_sample(x, temp, top_k, top_p, min_p, keys=keys, block=64)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_rejects_bad_inputs():
+    x = torch.randn(2, 8)
+    args = (torch.ones(2), torch.zeros(2, dtype=torch.int32), torch.ones(2), torch.zeros(2))
+    with pytest.raises(ValueError, match="float32"):
+        triton_filter_and_sample(x.half(), *args)
+    with pytest.raises(ValueError, match="unit stride"):
+        triton_filter_and_sample(torch.randn(8, 2).t(), *args)
