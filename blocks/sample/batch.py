@@ -179,7 +179,7 @@ class SamplingBatch:
         self.token_ids[row, : len(tokens)] = torch.tensor(tokens, dtype=torch.int64).to(self.device)
         self.token_ids[row, len(tokens) :] = tokens[0]
         if self._has_penalty(params) and self.output_counts is None:
-            self.output_counts = torch.zeros(self.max_num_rows, self.vocab_size, dtype=torch.int32, device=self.device)
+            self._allocate_counts(existing_rows=row)
         if self.output_counts is not None:
             self.output_counts[row].zero_()
             if output_token_ids:
@@ -277,6 +277,15 @@ class SamplingBatch:
     @staticmethod
     def _has_penalty(p: SamplingParams) -> bool:
         return p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0
+
+    def _allocate_counts(self, *, existing_rows: int) -> None:
+        """Allocate the output-count tensor and fill it for the rows already in the batch."""
+        self.output_counts = torch.zeros(self.max_num_rows, self.vocab_size, dtype=torch.int32, device=self.device)
+        for r in range(existing_rows):
+            start, end = int(self.num_tokens[r] - self.num_output[r]), int(self.num_tokens[r])
+            if end > start:
+                out = self.token_ids[r, start:end]
+                self.output_counts[r].scatter_add_(0, out, torch.ones_like(out, dtype=torch.int32))
 
     def _set_banned_row(self, row: int, params: SamplingParams) -> None:
         single = [s[0] for s in (params.bad_words_token_ids or []) if len(s) == 1]

@@ -102,3 +102,40 @@ def test_beam_search_matches_transformers(tiny_llama, width, length_penalty, ear
         num_eos_finished += sum(h.finished_on_eos for h in ours)
     if width > 1:
         assert num_eos_finished > 0, "the test model never produced EOS: the EOS path is untested"
+
+
+def _fixed_logprobs(search, gen_seed, vocab=29, scale=0.7):
+    rows = []
+    for b in search.running:
+        seed = hash((gen_seed,) + b.token_ids) % (2**31)
+        rows.append(torch.log_softmax(torch.randn(vocab, generator=torch.Generator().manual_seed(seed)) * scale, -1))
+    return torch.stack(rows)
+
+
+def test_stochastic_beams_are_seeded_and_respect_the_filters():
+    def run(seed):
+        params = BeamSearchParams(beam_width=3, max_tokens=6, temperature=1.5, top_k=4, top_p=0.9, seed=seed)
+        search = BeamSearch(params, eos_token_ids=[EOS])
+        while not search.done:
+            lp = _fixed_logprobs(search, 0)
+            allowed = [set(row.topk(4).indices.tolist()) for row in lp]
+            parents = list(search.running)
+            out = search.step(lp)
+            for parent, tok in zip(out.parent_beams, out.token_ids):
+                assert tok in allowed[parent], "a token outside the parent's top-k was chosen"
+            for hyp in out.finished:
+                assert hyp.token_ids[:-1] in {p.token_ids for p in parents}
+        return [(h.token_ids, round(h.score, 5)) for h in search.best()]
+
+    assert run(1) == run(1)
+    assert len({tuple(run(seed)) for seed in range(1, 5)}) > 1, "the seed does not change the beams"
+
+
+def test_deterministic_beam_search_rejects_bad_steps():
+    search = BeamSearch(BeamSearchParams(beam_width=2, max_tokens=1), eos_token_ids=[EOS])
+    with pytest.raises(ValueError, match="num_beams=1"):
+        search.step(torch.randn(2, 10))
+    out = search.step(torch.log_softmax(torch.randn(1, 10), -1))
+    assert out.done and len(search.best()) == 2 and out.freed_slots == [0]
+    with pytest.raises(ValueError, match="done"):
+        search.step(torch.randn(1, 10))
