@@ -147,6 +147,19 @@ class Scheduler:
     def num_running(self) -> int:
         return len(self.running)
 
+    def metrics(self) -> dict[str, float]:
+        """Gauges and counters under vLLM's metric suffixes (the server adds the ``blocks:`` prefix)."""
+        st = self.stats
+        return {
+            "num_requests_running": len(self.running),
+            "num_requests_waiting": self.num_waiting,
+            "kv_cache_usage_perc": float(self.kv.usage),
+            "num_preemptions_total": st.num_preemptions,
+            "prefix_cache_queries_total": st.prefix_query_tokens,
+            "prefix_cache_hits_total": st.prefix_hit_tokens,
+            "num_rejected_requests_total": st.num_rejected,
+        }
+
     # ------------------------------------------------------------------ one step
     def schedule(self) -> SchedulerOutput:
         """Plan one step; advances ``num_computed_tokens`` of every scheduled request."""

@@ -209,3 +209,26 @@ def test_stop_conditions_eos_min_tokens_stop_ids_and_checker(kv_impl):
     assert done["cap"].num_tokens == 40 and done["cap"].finish_reason == "length"
     assert done["eos"].first_token_time == 0.0 and done["eos"].finish_time == 2.0
     assert kv.num_free_blocks == 40
+
+
+def test_metrics_and_preemption_records_are_visible(kv_impl):
+    rng = random.Random(12)
+    kv = make_kv(kv_impl, 1 + 12, 4, enable_prefix_caching=True)
+    sched = Scheduler(kv, SchedulerConfig(max_num_seqs=3, max_num_batched_tokens=32, max_model_len=48, watermark=0))
+    reqs = [Request(f"r{i}", _rand_prompt(rng, 9), max_tokens=30, ignore_eos=True, arrival_time=i) for i in range(3)]
+    for r in reqs:
+        sched.add_request(r)
+    m = sched.metrics()
+    assert m["num_requests_waiting"] == 3 and m["num_requests_running"] == 0 and m["kv_cache_usage_perc"] == 0.0
+    runner = FakeRunner(4)
+    resumed = set()
+    while sched.has_unfinished_requests():
+        out = sched.schedule()
+        resumed |= {n.request_id for n in out.scheduled_new_reqs if n.resumed}
+        sched.update_from_output(runner.execute(out))
+        assert 0.0 <= sched.metrics()["kv_cache_usage_perc"] <= 1.0
+    m = sched.metrics()
+    assert m["num_preemptions_total"] == sum(r.num_preemptions for r in reqs) > 0
+    assert resumed == {r.request_id for r in reqs if r.num_preemptions}
+    for r in reqs:
+        assert all(reason == "out_of_blocks" and 0 <= step < sched.step for step, reason in r.preemptions)
