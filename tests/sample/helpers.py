@@ -7,6 +7,9 @@ import torch
 from blocks.sample.batch import SamplingBatch
 from blocks.sample.params import SamplingParams
 
+# Triton runs compiled on CUDA tensors when a GPU is present, else through the interpreter on CPU.
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
 
 def random_params(gen: torch.Generator, *, vocab: int, allow_greedy: bool = True, **fixed) -> SamplingParams:
     """Random per-row parameters mixing temperature, top-k, top-p, min-p and repetition penalty."""

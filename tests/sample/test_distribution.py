@@ -7,11 +7,15 @@ from scipy.stats import chi2
 from blocks.sample.batch import SamplingBatch
 from blocks.sample.params import SamplingParams
 from blocks.sample.sampler import Sampler
+from tests.sample.helpers import TRITON_DEVICE
 
 
-def _draw(backend: str, params: SamplingParams, logits_row: torch.Tensor, num_draws: int, rows_per_call: int):
+def _draw(
+    backend: str, params: SamplingParams, logits_row: torch.Tensor, num_draws: int, rows_per_call: int, device="cpu"
+):
     vocab = logits_row.numel()
-    batch = SamplingBatch(max_num_rows=rows_per_call, vocab_size=vocab, max_len=8)
+    logits_row = logits_row.to(device)
+    batch = SamplingBatch(max_num_rows=rows_per_call, vocab_size=vocab, max_len=8, device=device)
     for r in range(rows_per_call):
         batch.add_request(f"r{r}", params, [r % vocab])
     sampler = Sampler(backend=backend, seed=1234)
@@ -19,13 +23,13 @@ def _draw(backend: str, params: SamplingParams, logits_row: torch.Tensor, num_dr
     logits = logits_row[None].repeat(rows_per_call, 1)
     for _ in range(num_draws // rows_per_call):
         ids = sampler(logits, batch).sampled_token_ids
-        counts += torch.bincount(ids, minlength=vocab).double()
-    expected = torch.softmax(sampler.processed_logits(logits[:1], _one_row(batch, params, vocab)), dim=-1)[0]
-    return counts, expected.double()
+        counts += torch.bincount(ids, minlength=vocab).double().cpu()
+    expected = torch.softmax(sampler.processed_logits(logits[:1], _one_row(params, vocab, device)), dim=-1)[0]
+    return counts, expected.double().cpu()
 
 
-def _one_row(batch, params, vocab):
-    one = SamplingBatch(max_num_rows=1, vocab_size=vocab, max_len=8)
+def _one_row(params, vocab, device):
+    one = SamplingBatch(max_num_rows=1, vocab_size=vocab, max_len=8, device=device)
     one.add_request("x", params, [0])
     return one
 
@@ -75,6 +79,6 @@ def test_triton_sampler_frequencies_match_filtered_distribution():
     gen = torch.Generator().manual_seed(9)
     logits = torch.randn(9, generator=gen)
     params = SamplingParams(temperature=0.8, top_p=0.8)
-    counts, expected = _draw("triton", params, logits, num_draws=150, rows_per_call=150)
+    counts, expected = _draw("triton", params, logits, num_draws=300, rows_per_call=150, device=TRITON_DEVICE)
     num_kept = _check(counts, expected)
     assert 1 < num_kept < 9

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from blocks.sample.sampler import Sampler
-from tests.sample.helpers import mixed_batch
+from tests.sample.helpers import TRITON_DEVICE, mixed_batch
 
 transformers = pytest.importorskip("transformers")
 from transformers.generation.logits_process import (  # noqa: E402
@@ -34,9 +34,10 @@ def _hf_processed(logits_row: torch.Tensor, history: list[int], p) -> torch.Tens
 
 @pytest.mark.parametrize("backend,num_rows,vocab", [("torch", 17, 997), ("torch", 3, 131), ("triton", 13, 301)])
 def test_processed_logits_match_transformers_row_by_row(backend, num_rows, vocab):
-    batch, histories, gen = mixed_batch(num_rows, vocab, seed=num_rows * 31 + vocab)
+    device = TRITON_DEVICE if backend == "triton" else "cpu"
+    batch, histories, gen = mixed_batch(num_rows, vocab, seed=num_rows * 31 + vocab, device=device)
     logits = torch.randn(num_rows, vocab, generator=gen) * 3.0
-    ours = Sampler(backend=backend, seed=0).processed_logits(logits, batch)
+    ours = Sampler(backend=backend, seed=0).processed_logits(logits.to(device), batch).cpu()
     kinds = set()
     for r in range(num_rows):
         p = batch.params[r]

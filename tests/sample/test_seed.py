@@ -6,6 +6,7 @@ import torch
 from blocks.sample.batch import SamplingBatch
 from blocks.sample.params import SamplingParams
 from blocks.sample.sampler import Sampler
+from tests.sample.helpers import TRITON_DEVICE
 
 VOCAB, STEPS = 211, 6
 TARGET = SamplingParams(temperature=1.1, top_p=0.95, top_k=150, seed=4242, repetition_penalty=1.1)
@@ -17,7 +18,8 @@ def _logits_for(req_id: str, step: int) -> torch.Tensor:
 
 
 def _run(backend: str, *, others: int, sampler_seed: int, target_position: int, drop_every: int = 0):
-    batch = SamplingBatch(max_num_rows=others + 1, vocab_size=VOCAB, max_len=64)
+    device = TRITON_DEVICE if backend == "triton" else "cpu"
+    batch = SamplingBatch(max_num_rows=others + 1, vocab_size=VOCAB, max_len=64, device=device)
     gen = torch.Generator().manual_seed(sampler_seed)
     ids = [f"o{i}" for i in range(others)]
     ids.insert(target_position, "target")
@@ -35,7 +37,7 @@ def _run(backend: str, *, others: int, sampler_seed: int, target_position: int, 
         if drop_every and step % drop_every == 1 and batch.num_rows > 2:
             victim = next(r for r in batch.req_ids if r != "target")  # moves the last row around
             batch.remove_request(victim)
-        logits = torch.stack([_logits_for(r, step) for r in batch.req_ids])
+        logits = torch.stack([_logits_for(r, step) for r in batch.req_ids]).to(device)
         out = sampler(logits, batch)
         tokens.append(int(out.sampled_token_ids[batch.row_of("target")]))
         batch.append_tokens(out.sampled_token_ids)

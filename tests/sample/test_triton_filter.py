@@ -5,6 +5,7 @@ import torch
 
 from blocks.sample.ops import filter_threshold
 from blocks.sample.triton_topk_topp import triton_filter_and_sample
+from tests.sample.helpers import TRITON_DEVICE as DEV
 
 
 def _random_rows(num_rows, vocab, seed):
@@ -27,8 +28,12 @@ def test_kept_sets_match_reference(num_rows, vocab, block):
         x[2, 5:9] = x[2, 4]  # ties
     ref = filter_threshold(x, temp, top_k, top_p, min_p)
     thr, tokens = triton_filter_and_sample(
-        x, temp, top_k, top_p, min_p, keys=torch.arange(num_rows, dtype=torch.int64), block=block, num_pivots=8
+        *(t.to(DEV) for t in (x, temp, top_k, top_p, min_p)),
+        keys=torch.arange(num_rows, dtype=torch.int64, device=DEV),
+        block=block,
+        num_pivots=8,
     )
+    thr, tokens = thr.cpu(), tokens.cpu()
     kept_ref, kept = x >= ref[:, None], x >= thr[:, None]
     random_rows = temp > 0
     assert torch.equal(kept[random_rows], kept_ref[random_rows])
@@ -40,20 +45,20 @@ def test_kept_sets_match_reference(num_rows, vocab, block):
 
 
 def test_persistent_programs_and_strided_rows_give_the_same_answer():
-    x, temp, top_k, top_p, min_p = _random_rows(6, 200, seed=3)
-    wide = torch.randn(6, 256)
+    x, temp, top_k, top_p, min_p = (t.to(DEV) for t in _random_rows(6, 200, seed=3))
+    wide = torch.randn(6, 256, device=DEV)
     wide[:, :200] = x
     view = wide[:, :200]  # row stride 256, not contiguous
-    keys = torch.arange(100, 106, dtype=torch.int64)
+    keys = torch.arange(100, 106, dtype=torch.int64, device=DEV)
     a = triton_filter_and_sample(view, temp, top_k, top_p, min_p, keys=keys, block=64, num_programs=2)
     b = triton_filter_and_sample(x, temp, top_k, top_p, min_p, keys=keys, block=64)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 
 
 def test_rejects_bad_inputs():
-    x = torch.randn(2, 8)
-    args = (torch.ones(2), torch.zeros(2, dtype=torch.int32), torch.ones(2), torch.zeros(2))
+    x = torch.randn(2, 8, device=DEV)
+    args = tuple(t.to(DEV) for t in (torch.ones(2), torch.zeros(2, dtype=torch.int32), torch.ones(2), torch.zeros(2)))
     with pytest.raises(ValueError, match="float32"):
         triton_filter_and_sample(x.half(), *args)
     with pytest.raises(ValueError, match="unit stride"):
-        triton_filter_and_sample(torch.randn(8, 2).t(), *args)
+        triton_filter_and_sample(torch.randn(8, 2, device=DEV).t(), *args)
