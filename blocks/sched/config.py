@@ -44,6 +44,9 @@ class SchedulerConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.long_prefill_token_threshold < 0:
             raise ValueError(f"long_prefill_token_threshold must be >= 0, got {self.long_prefill_token_threshold}")
+        if not self.enable_chunked_prefill and self.long_prefill_token_threshold:
+            raise ValueError("long_prefill_token_threshold must be 0 when enable_chunked_prefill is False, "
+                             f"got {self.long_prefill_token_threshold}")
         if not self.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
             raise ValueError(
                 f"max_num_batched_tokens must be >= max_model_len={self.max_model_len} without chunked prefill, "

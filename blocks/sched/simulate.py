@@ -30,7 +30,7 @@ import numpy as np
 
 from blocks.sched.config import SchedulerConfig
 from blocks.sched.errors import QueueFullError
-from blocks.sched.policy import POLICIES, SchedulingPolicy, make_policy
+from blocks.sched.policy import POLICIES, CacheAwarePolicy, SchedulingPolicy, make_policy
 from blocks.sched.request import Request
 from blocks.sched.scheduler import Scheduler
 from blocks.sched.trace import MODEL_PRESETS, CostModel, Trace, TraceConfig, make_trace
@@ -250,6 +250,8 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
     a("--num-priorities", type=int, default=1)
     a("--seed", type=int, default=0)
     a("--policies", default="fcfs", help=f"comma-separated, from {sorted(POLICIES)}")
+    a("--cache-aware-window", type=int, default=32, help="waiting requests the cache-aware policy ranks")
+    a("--cache-aware-max-skips", type=int, default=8, help="bypasses before a request goes first")
     a("--num-blocks", type=int, default=8192)
     a("--block-size", type=int, default=16)
     a("--no-prefix-caching", action="store_true")
@@ -282,8 +284,11 @@ def _main(args: argparse.Namespace) -> int:
     trace = make_trace(trace_cfg)
     results = []
     for name in [p.strip() for p in args.policies.split(",") if p.strip()]:
+        policy = make_policy(name)
+        if isinstance(policy, CacheAwarePolicy):
+            policy = CacheAwarePolicy(window=args.cache_aware_window, max_skips=args.cache_aware_max_skips)
         cfg = SimConfig(num_blocks=args.num_blocks, block_size=args.block_size,
-                        enable_prefix_caching=not args.no_prefix_caching, policy=name, scheduler=sched_cfg)
+                        enable_prefix_caching=not args.no_prefix_caching, policy=policy, scheduler=sched_cfg)
         results.append(simulate(trace, cfg, cost))
     print(f"trace: {trace_cfg}")
     print(f"model: {args.model}, {args.bandwidth_tbs} TB/s, {args.tflops} TFLOP/s; KV {args.num_blocks} blocks "

@@ -32,6 +32,7 @@ setup_st = st.fixed_dictionaries({
     "policy": st.sampled_from(["fcfs", "priority", "cache_aware"]),
     "prefix": st.booleans(),
     "eos": st.sampled_from([None, 7]),
+    "chunked": st.sampled_from([True, True, False]),
 })
 
 
@@ -39,9 +40,11 @@ def _build(setup):
     bs = setup["block_size"]
     need = -(-MAX_MODEL_LEN // bs)
     kv = make_kv(setup["kv"], need + 1 + setup["extra_blocks"], bs, enable_prefix_caching=setup["prefix"])
+    if not setup["chunked"]:  # whole prompts only: the budget must hold the longest one
+        setup.update(budget=max(setup["budget"], MAX_MODEL_LEN), threshold=0)
     cfg = SchedulerConfig(
         max_num_seqs=setup["max_num_seqs"], max_num_batched_tokens=setup["budget"], max_model_len=MAX_MODEL_LEN,
-        long_prefill_token_threshold=setup["threshold"],
+        long_prefill_token_threshold=setup["threshold"], enable_chunked_prefill=setup["chunked"],
     )
     return kv, Scheduler(kv, cfg, policy=setup["policy"])
 
@@ -56,6 +59,9 @@ def _prompt(rng_seed: int, spec) -> list[int]:
 
 
 def _check_step(sched: Scheduler, out, setup) -> None:
+    if not setup["chunked"]:  # a prompt is computed in one step
+        for new in out.scheduled_new_reqs:
+            assert new.num_computed_tokens + out.num_scheduled_tokens[new.request_id] == len(new.token_ids)
     assert out.total_num_scheduled_tokens <= setup["budget"]
     assert len(out.num_scheduled_tokens) <= setup["max_num_seqs"]
     assert sched.num_running <= setup["max_num_seqs"]

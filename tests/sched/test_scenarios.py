@@ -232,3 +232,24 @@ def test_metrics_and_preemption_records_are_visible(kv_impl):
     assert resumed == {r.request_id for r in reqs if r.num_preemptions}
     for r in reqs:
         assert all(reason == "out_of_blocks" and 0 <= step < sched.step for step, reason in r.preemptions)
+
+
+def test_prefix_hits_count_as_computed_and_respect_cache_salt(kv_impl):
+    rng = random.Random(13)
+    bs = 16
+    kv = make_kv(kv_impl, 1 + 64, bs, enable_prefix_caching=True)
+    sched = Scheduler(kv, SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=256, max_model_len=256))
+    runner = FakeRunner(bs)
+    prompt = _rand_prompt(rng, 45)
+    sched.add_request(Request("a", prompt, max_tokens=3, cache_salt="u1"))
+    _run(sched, runner)
+    hits = {}
+    for rid, salt in [("same", "u1"), ("other", "u2"), ("none", None)]:
+        sched.add_request(Request(rid, prompt, max_tokens=3, cache_salt=salt))
+        out = sched.schedule()
+        (new,) = out.scheduled_new_reqs
+        hits[rid] = (new.num_computed_tokens, out.num_scheduled_tokens[rid])
+        sched.update_from_output(runner.execute(out))
+        _run(sched, runner)
+    assert hits == {"same": (32, 13), "other": (0, 45), "none": (0, 45)}  # 2 full blocks; the last token is recomputed
+    assert sched.stats.prefix_hit_tokens == 32 and sched.stats.prefix_query_tokens == 4 * 45
