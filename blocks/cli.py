@@ -18,6 +18,8 @@ from blocks import __version__
 COMMANDS: dict[str, tuple[str, str]] = {
     "check-models": ("blocks.models.check:add_parser", "Check every model family against transformers"),
     "simulate": ("blocks.sched.simulate:add_parser", "Simulate the scheduler on a synthetic trace; print a table"),
+    "generate": ("blocks.engine.generate_cli:add_parser", "Generate text for one-off prompts"),
+    "bench": ("blocks.engine.bench:add_parser", "Benchmark the engine: latency or throughput (like vllm bench)"),
 }
 
 

@@ -17,6 +17,7 @@ stream is kept and handed back when it rejoins).
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -25,6 +26,8 @@ import torch
 from blocks.attention.metadata import plan_attention
 from blocks.cache.kv_tensors import allocate_kv_cache, layer_views
 from blocks.engine.config import DEFAULT_CPU_KV_CACHE_BYTES, EngineConfig
+from blocks.engine.cuda_graphs import DecodeGraphs
+from blocks.engine.shapes import MODEL_SHAPES, shape_config
 from blocks.models.base import CausalLM
 from blocks.models.loader import load_model
 from blocks.sample.batch import SamplingBatch
@@ -97,9 +100,12 @@ class ModelRunner:
                  sampling_info: Callable[[str], SamplingInfo]) -> None:
         self.config = config
         self.device = resolve_device(config.device)
+        trust_config = None
+        if config.load_format == "dummy" and model_path.lower() in MODEL_SHAPES:
+            trust_config = shape_config(model_path)  # a named shape: random weights, no files
         self.model: CausalLM = load_model(
             model_path, dtype=config.dtype, device=self.device, load_format=config.load_format,
-            attn_backend=config.attention_backend, seed=config.seed or 0,
+            attn_backend=config.attention_backend, seed=config.seed or 0, trust_config=trust_config,
         )
         mc = self.model.config
         self.max_model_len = config.max_model_len or mc.max_position_embeddings
@@ -123,6 +129,27 @@ class ModelRunner:
         )
         self.sampling_info = sampling_info
         self.states: dict[str, _ReqState] = {}
+        self.graphs: DecodeGraphs | None = None
+        if self.device.type == "cuda" and not config.enforce_eager:
+            self.graphs = DecodeGraphs(self.model, self.kv_caches, block_size=self.block_size,
+                                       max_batch=min(config.max_num_seqs, 512), max_model_len=self.max_model_len)
+            self.graphs.capture()
+        self.reset_counters()
+
+    def reset_counters(self) -> None:
+        """Zero ``counters``: steps, tokens computed, KV tokens read (sum of context lengths), graph
+        replays and host seconds (time the step spends in Python before the one sync)."""
+        self.counters = {"steps": 0, "tokens": 0, "kv_tokens_read": 0, "graph_steps": 0, "host_s": 0.0}
+
+    @property
+    def host_time_per_step(self) -> float | None:
+        steps = self.counters["steps"]
+        return self.counters["host_s"] / steps if steps else None
+
+    @property
+    def bytes_per_token(self) -> int:
+        """KV bytes of one token over all layers (K and V)."""
+        return self.bytes_per_block // self.block_size
 
     # ------------------------------------------------------------------ sizing
     @property
@@ -247,6 +274,7 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> StepResult:
         """Run one scheduled step; see the module docstring."""
+        step_start = time.perf_counter()
         self._update_states(out)
         if out.total_num_scheduled_tokens == 0:
             return StepResult({}, {}, {}, 0)
@@ -278,12 +306,20 @@ class ModelRunner:
                 count = min(end, st.num_prompt - 1) - start
                 prompt_lp.append((rid, row0, start, count))
         device = self.device
-        md = plan_attention(qlens, slens, tables, self.block_size, device=device)
-        md = self.model.attn_backend.plan(md)
-        input_ids = torch.tensor(ids, dtype=torch.int64).to(device, non_blocking=True)
-        pos = torch.tensor(positions, dtype=torch.int64).to(device, non_blocking=True)
         self._copy_blocks(out.blocks_to_copy)
-        hidden = self.model(input_ids, pos, self.kv_caches, md)
+        graphs = self.graphs
+        if graphs is not None and len(ids) == len(order) and not prompt_lp and graphs.bucket_for(len(ids)):
+            hidden = graphs.run(ids, positions, slens, tables)
+            self.counters["graph_steps"] += 1
+        else:
+            md = plan_attention(qlens, slens, tables, self.block_size, device=device)
+            md = self.model.attn_backend.plan(md)
+            input_ids = torch.tensor(ids, dtype=torch.int64).to(device, non_blocking=True)
+            pos = torch.tensor(positions, dtype=torch.int64).to(device, non_blocking=True)
+            hidden = self.model(input_ids, pos, self.kv_caches, md)
+        self.counters["steps"] += 1
+        self.counters["tokens"] += len(ids)
+        self.counters["kv_tokens_read"] += sum(slens)
 
         prompt_result = self._prompt_logprobs(hidden, prompt_lp)
         self._sync_sampling_rows(sampling)
@@ -293,7 +329,9 @@ class ModelRunner:
         logits = self.model.compute_logits(hidden, rows)
         sampler_out = self.sampler(logits, self.batch, inplace=True)
         sampled_ids = sampler_out.sampled_token_ids
+        launched = time.perf_counter()
         host = sampled_ids.tolist()  # the one host read per step
+        synced = time.perf_counter()
         self.batch.append_tokens(sampled_ids, host_token_ids=host)
         sampled = {}
         logprobs = {}
@@ -305,6 +343,7 @@ class ModelRunner:
                 want = self.batch.params[i].logprobs
                 if want is not None:
                     logprobs[rid] = (float(lp.token_logprobs[i]), int(lp.token_ranks[i]), lp.row(i, want))
+        self.counters["host_s"] += (launched - step_start) + (time.perf_counter() - synced)
         return StepResult(sampled, logprobs, prompt_result, len(ids))
 
     def _prompt_logprobs(self, hidden: torch.Tensor, spans: list[tuple[str, int, int, int]]):
