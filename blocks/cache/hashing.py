@@ -21,6 +21,7 @@ __all__ = ["HashFn", "sha256_hash", "encode_extra_keys", "hash_block"]
 HashFn = Callable[[bytes], bytes]
 
 _ALLOWED_KEY_TYPES = (int, str, bytes, float, bool, type(None))
+_PACKERS: dict[int, Callable[..., bytes]] = {}  # block length -> struct packer of that many int64
 
 
 def sha256_hash(data: bytes) -> bytes:
@@ -57,8 +58,11 @@ def hash_block(parent_hash: bytes, token_ids: Sequence[int], extra: bytes = b"",
     first block and ``b""`` after it.
     """
     n = len(token_ids)
+    pack = _PACKERS.get(n)
+    if pack is None:
+        pack = _PACKERS[n] = struct.Struct(f"<{n}q").pack
     try:
-        payload = struct.pack(f"<{n}q", *token_ids)
+        payload = pack(*token_ids)
     except struct.error as e:
         raise ValueError(f"token_ids must be int64 integers: {e}") from None
     return hash_fn(parent_hash + payload + extra)

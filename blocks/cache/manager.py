@@ -39,27 +39,27 @@ from .stats import CacheStats, MissReason
 
 __all__ = ["KVCacheManager"]
 
+_NO_CACHING = 1 << 62  # num_cached_blocks of a request whose blocks are not registered
 _PENDING_CAP = 4096  # hash chains of looked-up but not yet allocated requests kept for reuse
 
 
 class _Request:
-    __slots__ = ("block_ids", "num_tokens", "hashes", "extra_keys", "extra", "num_cached_blocks",
-                 "last_serial", "cache_ok")
+    __slots__ = ("block_ids", "hashes", "extra_keys", "extra", "num_cached_blocks", "last_serial")
 
-    def __init__(self, block_ids: list[int], num_tokens: int, hashes: list[bytes], extra_keys: tuple,
+    def __init__(self, block_ids: list[int], hashes: list[bytes], extra_keys: tuple,
                  extra: bytes) -> None:
         self.block_ids = block_ids
-        self.num_tokens = num_tokens  # tokens that have slots
         self.hashes = hashes  # chained hashes of the full blocks of token_ids seen so far
         self.extra_keys = extra_keys
         self.extra = extra
-        self.num_cached_blocks = 0  # leading blocks registered (or verified) in the prefix cache
+        # leading blocks registered (or verified) in the prefix cache; NO_CACHING when caching is off or a
+        # collision stopped it (one comparison in the hot path then skips registration)
+        self.num_cached_blocks = 0
         self.last_serial = ROOT_SERIAL
-        self.cache_ok = True  # False after a collision stopped registration
 
     def clone(self) -> _Request:
-        c = _Request(list(self.block_ids), self.num_tokens, list(self.hashes), self.extra_keys, self.extra)
-        c.num_cached_blocks, c.last_serial, c.cache_ok = self.num_cached_blocks, self.last_serial, self.cache_ok
+        c = _Request(list(self.block_ids), list(self.hashes), self.extra_keys, self.extra)
+        c.num_cached_blocks, c.last_serial = self.num_cached_blocks, self.last_serial
         return c
 
 
@@ -84,6 +84,7 @@ class KVCacheManager:
         self.stats = CacheStats()
         self.pool = BlockPool(num_blocks, reserve_null_block=reserve_null_block, stats=self.stats)
         self.null_block_id = self.pool.null_block_id
+        self._refs = self.pool.ref_counts
         self._hash_fn = hash_fn
         self._requests: dict[str, _Request] = {}
         self._pending: OrderedDict[str, tuple[tuple, list[bytes]]] = OrderedDict()
@@ -118,9 +119,9 @@ class KVCacheManager:
         """A copy of the request's block table (physical block ids, in token order)."""
         return list(self._get(request_id, "request_id").block_ids)
 
-    def get_num_tokens(self, request_id: str) -> int:
-        """Tokens of the request that have slots."""
-        return self._get(request_id, "request_id").num_tokens
+    def get_num_slots(self, request_id: str) -> int:
+        """Token slots the request holds: ``len(block_table) * block_size``."""
+        return len(self._get(request_id, "request_id").block_ids) * self.block_size
 
     def _get(self, request_id: str, field: str) -> _Request:
         req = self._requests.get(request_id)
@@ -236,9 +237,9 @@ class KVCacheManager:
         if computed_blocks:
             raise ValueError(f"computed_blocks may only be passed on the first allocate_slots call of request "
                              f"{request_id!r}, which already holds {len(req.block_ids)} blocks")
-        if num_computed_tokens > req.num_tokens:
-            raise ValueError(f"num_computed_tokens={num_computed_tokens} exceeds the {req.num_tokens} tokens of "
-                             f"request {request_id!r} that have slots")
+        if num_computed_tokens > len(req.block_ids) * bs:
+            raise ValueError(f"num_computed_tokens={num_computed_tokens} exceeds the {len(req.block_ids) * bs} "
+                             f"token slots request {request_id!r} holds")
         table, refs = req.block_ids, pool.ref_counts
         cow = [i for i in range(num_computed_tokens // bs, min(len(table), need)) if refs[table[i]] > 1]
         return req, max(0, need - len(table)), cow, 0
@@ -264,6 +265,45 @@ class KVCacheManager:
         Raises ValueError (changing nothing) on inconsistent arguments and when the request could never fit
         in the pool.
         """
+        req = self._requests.get(request_id)
+        if (req is None or computed_blocks or type(num_new_tokens) is not int or type(num_computed_tokens) is not int
+                or num_new_tokens < 0 or num_computed_tokens < 0):
+            return self._allocate(request_id, num_new_tokens, num_computed_tokens, token_ids, computed_blocks,
+                                  extra_keys)
+        # Hot path (called per running sequence per step): no copy-on-write, at most a few new blocks.
+        bs = self.block_size
+        table = req.block_ids
+        have = len(table)
+        if num_computed_tokens > have * bs:  # inconsistent: the general path raises
+            return self._allocate(request_id, num_new_tokens, num_computed_tokens, token_ids, (), extra_keys)
+        total = num_computed_tokens + num_new_tokens
+        need = -(-total // bs)
+        if num_new_tokens:
+            first = num_computed_tokens // bs
+            last = (need if need < have else have) - 1  # last block of the table this step writes into
+            if first <= last:
+                refs = self._refs
+                if refs[table[first]] > 1 or (last > first and any(refs[table[i]] > 1
+                                                                   for i in range(first + 1, last + 1))):
+                    return self._allocate(request_id, num_new_tokens, num_computed_tokens, token_ids, (), extra_keys)
+        if need > have:
+            pool = self.pool
+            if need - have > len(pool.free_queue):
+                if need > pool.num_usable_blocks:  # can never fit: the general path raises
+                    return self._allocate(request_id, num_new_tokens, num_computed_tokens, token_ids, (), extra_keys)
+                return None
+            new = pool.allocate(need - have)
+            table.extend(new)
+        else:
+            new = []
+        n = len(token_ids)
+        if (total if total < n else n) // bs > req.num_cached_blocks:
+            self._register(req, token_ids, total)
+        return new
+
+    def _allocate(self, request_id: str, num_new_tokens: int, num_computed_tokens: int, token_ids: Sequence[int],
+                  computed_blocks: Sequence[int], extra_keys: tuple) -> list[int] | None:
+        """The general path of :meth:`allocate_slots` (first call, new blocks, copy-on-write, errors)."""
         req, num_append, cow, claim = self._plan(request_id, num_new_tokens, num_computed_tokens, computed_blocks)
         pool = self.pool
         if num_append + len(cow) > pool.num_free - claim:
@@ -275,8 +315,10 @@ class KVCacheManager:
             hashes = entry[1] if entry is not None and entry[0] == extra_keys else []
             blocks = list(computed_blocks)
             pool.touch(blocks)
-            req = _Request(blocks, total, hashes, extra_keys, extra)
-            if blocks:
+            req = _Request(blocks, hashes, extra_keys, extra)
+            if not self.enable_prefix_caching:
+                req.num_cached_blocks = _NO_CACHING
+            elif blocks:
                 req.num_cached_blocks = len(blocks)
                 req.last_serial = pool.serial(blocks[-1])
             self._requests[request_id] = req
@@ -285,9 +327,8 @@ class KVCacheManager:
             self._copy_on_write(request_id, req, cow, new[num_append:], num_computed_tokens)
             new = new[:num_append]
         req.block_ids.extend(new)
-        if total > req.num_tokens:
-            req.num_tokens = total
-        if self.enable_prefix_caching and token_ids and req.cache_ok:
+        n = len(token_ids)
+        if (total if total < n else n) // self.block_size > req.num_cached_blocks:
             self._register(req, token_ids, total)
         return new
 
@@ -322,7 +363,7 @@ class KVCacheManager:
             if bid is None:
                 b = table[i]
                 if pool.block_hashes[b] is not None:  # shared block cached under another chain: stop here
-                    req.cache_ok = False
+                    req.num_cached_blocks = _NO_CACHING
                     return
                 plain = None
                 if i == 0 and req.extra_keys:
@@ -331,7 +372,7 @@ class KVCacheManager:
             elif pool.verify(bid, tokens, parent, first_keys):
                 parent = pool.serial(bid)  # same content already cached (maybe in another block)
             else:  # hash collision: never chain our blocks onto someone else's content
-                req.cache_ok = False
+                req.num_cached_blocks = _NO_CACHING
                 return
             req.num_cached_blocks = i + 1
             req.last_serial = parent
@@ -349,14 +390,15 @@ class KVCacheManager:
         """
         req = self._get(request_id, "request_id")
         if num_computed_tokens is not None:
-            if not isinstance(num_computed_tokens, int) or not 0 <= num_computed_tokens <= req.num_tokens:
-                raise ValueError(f"num_computed_tokens must be an int in [0, {req.num_tokens}] for request "
+            cap = len(req.block_ids) * self.block_size
+            if not isinstance(num_computed_tokens, int) or not 0 <= num_computed_tokens <= cap:
+                raise ValueError(f"num_computed_tokens must be an int in [0, {cap}] for request "
                                  f"{request_id!r}, got {num_computed_tokens!r}")
             pool = self.pool
             for b in req.block_ids[num_computed_tokens // self.block_size:]:
                 if pool.block_hashes[b] is not None:
                     pool.uncache(b)
-        self.pool.free(reversed(req.block_ids))
+        self.pool.free(req.block_ids[::-1])
         del self._requests[request_id]
         self._replacements.pop(request_id, None)
         self._pending.pop(request_id, None)

@@ -282,7 +282,7 @@ def test_usage_and_counts():
     kv = KVCacheManager(11, 5, reserve_null_block=False)
     assert kv.usage == 0.0 and kv.num_usable_blocks == 11
     kv.allocate_slots("a", 23)
-    assert kv.usage == pytest.approx(5 / 11) and kv.get_num_tokens("a") == 23
+    assert kv.usage == pytest.approx(5 / 11) and kv.get_num_slots("a") == 25
     kv.allocate_slots("a", 10, num_computed_tokens=23)
     assert len(kv.get_block_table("a")) == 7
 
@@ -295,3 +295,19 @@ def test_forced_collision_across_cache_salts_is_rejected():
     assert kv.get_computed_blocks("b", tokens, extra_keys=("salt-2",)) == ([], 0)  # same hash, other salt
     assert kv.stats.miss_reasons[MissReason.HASH_COLLISION] == 1
     assert len(kv.get_computed_blocks("c", tokens, extra_keys=("salt-1",))[0]) == 2
+
+
+def test_calling_only_when_a_new_block_is_needed_still_registers_filled_blocks():
+    """The scheduler may skip allocate_slots while a request's tokens fit its last block."""
+    rng = random.Random(12)
+    bs = 4
+    kv = KVCacheManager(32, bs, enable_prefix_caching=True)
+    tokens = _prompt(rng, 6)
+    kv.allocate_slots("a", 6, token_ids=tokens)
+    tokens += _prompt(rng, 2)  # two decode steps inside block 1, no calls
+    new = kv.allocate_slots("a", 1, num_computed_tokens=8, token_ids=tokens + [5])
+    assert len(new) == 1 and kv.get_num_slots("a") == 12
+    blocks, nc = kv.get_computed_blocks("b", tokens + [1])
+    assert blocks == kv.get_block_table("a")[:2] and nc == 8
+    with pytest.raises(ValueError, match="num_computed_tokens=13 exceeds the 12 token slots"):
+        kv.allocate_slots("a", 1, num_computed_tokens=13)
