@@ -1,7 +1,8 @@
 """Shared pieces of the attention benchmarks: shapes, inputs, timing with an L2 flush, the peers.
 
-Timing: every iteration first writes a 256 MiB buffer (flushes the 50 MB L2), then times the call
-with CUDA events; the figure is the median over iterations. Bandwidth counts the bytes of K and V
+Timing: every iteration first writes a 256 MiB buffer (flushes the 50 MB L2), queues a ~0.5 ms GPU
+sleep (so Python launch overhead is hidden, as CUDA-graph replay hides it), then times the call with
+CUDA events; the figure is the median over iterations. Bandwidth counts the bytes of K and V
 the attention must read (each context token's K and V rows of every KV head, once); TFLOP/s counts
 ``4 * heads * head_dim`` per (query, key) pair that the causal mask keeps.
 """
@@ -35,6 +36,9 @@ def time_cuda(fn, *, iters: int = 30, warmup: int = 3) -> float:
     times = []
     for _ in range(iters):
         flush.fill_(1)
+        # keep the GPU busy while the host enqueues: the figure is device time, not launch overhead
+        # (the engine replays CUDA graphs, so host launch cost is not on the decode path)
+        torch.cuda._sleep(1_000_000)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         fn()

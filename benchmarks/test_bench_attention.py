@@ -110,11 +110,8 @@ def test_decode(benchmark, batch, ctx):
     extra = {"num_splits": cfg.num_splits, "block_n": cfg.block_n, "num_warps": cfg.num_warps,
              "num_stages": cfg.num_stages}
     if os.environ.get("BENCH_ATTN_SWEEP"):
-        grid = [{"block_n": bn, "num_warps": w, "num_stages": s}
-                for bn, w, s in ((32, 4, 3), (64, 4, 2), (64, 4, 4), (128, 4, 2), (128, 4, 3), (128, 8, 3),
-                                 (256, 8, 2))]
-        if batch * 8 < 264:
-            grid += [{"num_splits": n} for n in (2, 4, 8, 16, 32, 48, 64) if ctx // n >= 128]
+        grid = [{"num_splits": n} for n in (1, 2, 4, 8, 16, 32, 48) if ctx // n >= 256]
+        grid += [{"block_n": bn, "num_warps": 4, "num_stages": st} for bn, st in ((64, 2), (128, 2))]
         best = _sweep(inputs, grid)
         if best:
             extra.update(sweep_best_us=best[0] * 1e6, sweep_best=str(best[1]))
@@ -152,9 +149,8 @@ def test_prefill(benchmark):
     t_ours = time_cuda(fn, iters=20)
     extra = {}
     if os.environ.get("BENCH_ATTN_SWEEP"):
-        grid = [{"block_m": m, "block_q": m // 4, "block_n": n, "num_warps": w, "num_stages": s}
-                for m, n, w in ((128, 64, 8), (128, 128, 8), (64, 64, 4), (128, 32, 4), (128, 64, 4))
-                for s in (2, 3)]
+        grid = [{"block_m": 128, "block_q": 32, "block_n": n, "num_warps": 8, "num_stages": st}
+                for n, st in ((64, 3), (128, 3), (128, 4))]
         best = _sweep(inputs, grid)
         if best:
             extra.update(sweep_best_us=best[0] * 1e6, sweep_best=str(best[1]))

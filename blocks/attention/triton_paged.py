@@ -9,11 +9,13 @@ captured in a CUDA graph.
 Kernel choice (host integers only):
 
 * ``max_query_len <= 1`` (decode-only batch): one query token per program (``BLOCK_Q = 1``), the
-  ``GROUP`` query heads of a KV head padded to a 16-row tile. If ``num_seqs * num_kv_heads`` programs
-  would leave the GPU's multiprocessors idle and the context is long, the KV range is split into
-  ``num_splits`` chunks and merged by log-sum-exp.
-* otherwise (prefill chunks, mixed batches): 128-row tiles (64 for head_dim > 128) of
-  ``BLOCK_M // GROUP`` tokens times ``GROUP`` heads, no split.
+  ``GROUP`` query heads of a KV head padded to a 16-row tile. The KV range is split into
+  ``num_splits`` chunks (merged by log-sum-exp) when ``num_seqs * num_kv_heads`` programs would not
+  fill the multiprocessors twice, or when a context is longer than ``SPLIT_TOKENS`` keys (on an H100,
+  2048-key programs streamed faster than 4096-key ones: RESULTS.md), never below 256 keys a split.
+* otherwise (prefill chunks, mixed batches): 128-row tiles of ``BLOCK_M // GROUP`` tokens times
+  ``GROUP`` heads against 128-key tiles, 3 pipeline stages (64-row / 32-key / 2 stages for fp32 or
+  head_dim > 128, for shared memory), no split.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ __all__ = ["LaunchConfig", "TritonPlan", "choose_config", "paged_attention"]
 
 MAX_SPLITS = 64
 MIN_SPLIT_TOKENS = 256
+SPLIT_TOKENS = 2048
 
 
 @dataclass(frozen=True)
@@ -67,15 +70,16 @@ def choose_config(
         block_m = max(16, group_pad)
         block_n = 32 if wide else 64
         programs = max(1, num_seqs * num_kv_heads)
-        num_splits = 1
-        if programs < 2 * num_sms and max_seq_len >= 2 * MIN_SPLIT_TOKENS:
-            num_splits = min(triton.cdiv(2 * num_sms, programs), max_seq_len // MIN_SPLIT_TOKENS, MAX_SPLITS)
-        return LaunchConfig(block_q=1, block_m=block_m, block_n=block_n, num_splits=max(1, num_splits),
+        # enough programs to fill the SMs twice, and no program longer than SPLIT_TOKENS keys
+        num_splits = max(triton.cdiv(2 * num_sms, programs), triton.cdiv(max_seq_len, SPLIT_TOKENS))
+        num_splits = max(1, min(num_splits, max_seq_len // MIN_SPLIT_TOKENS, MAX_SPLITS))
+        return LaunchConfig(block_q=1, block_m=block_m, block_n=block_n, num_splits=num_splits,
                             num_warps=4, num_stages=3)
     block_m = max(64 if wide else 128, group_pad)
     block_q = max(1, block_m // group)
-    return LaunchConfig(block_q=block_q, block_m=block_m, block_n=32 if wide else 64, num_splits=1,
-                        num_warps=4 if wide else 8, num_stages=2)
+    if wide:
+        return LaunchConfig(block_q=block_q, block_m=block_m, block_n=32, num_warps=4, num_stages=2)
+    return LaunchConfig(block_q=block_q, block_m=block_m, block_n=128, num_warps=8, num_stages=3)
 
 
 @dataclass
