@@ -24,6 +24,9 @@ whole remaining prefill plus the watermark, not just the first chunk.
 The scheduler calls the KV cache manager only when a request crosses a block boundary, so a decode
 step costs O(running requests) with no call per request; full blocks are offered to the prefix
 cache at the next boundary crossing (the last, partly filled block of a request is never cached).
+This assumes no two live requests share a partly filled block: do not ``fork`` requests in the KV
+cache manager behind the scheduler's back (run ``n > 1`` samples as separate requests, which share
+full prompt blocks through the prefix cache).
 """
 
 from __future__ import annotations
@@ -53,7 +56,7 @@ class Scheduler:
         kv_cache_manager: a :class:`blocks.cache.manager.KVCacheManager` (or anything with its API:
             ``block_size``, ``num_free_blocks``, ``get_computed_blocks``, ``allocate_slots``, ``free``,
             ``get_block_table``, ``take_copies``).
-        config: limits; defaults to :class:`SchedulerConfig()`.
+        config: limits (``SchedulerConfig()`` for vLLM's defaults).
         policy: ``"fcfs"``, ``"priority"``, ``"cache_aware"`` or a :class:`SchedulingPolicy`.
         stop_checker: optional ``f(request) -> RequestStatus | None`` called after each appended
             token (e.g. stop strings from a detokenizer); a finished status ends the request.
@@ -65,13 +68,13 @@ class Scheduler:
     def __init__(
         self,
         kv_cache_manager,
-        config: SchedulerConfig | None = None,
+        config: SchedulerConfig,
         *,
         policy: str | SchedulingPolicy = "fcfs",
         stop_checker: Callable[[Request], RequestStatus | None] | None = None,
     ):
         self.kv = kv_cache_manager
-        self.config = config or SchedulerConfig()
+        self.config = config
         self.policy = make_policy(policy)
         self.stop_checker = stop_checker
         self.block_size = int(kv_cache_manager.block_size)
