@@ -3,7 +3,7 @@
 ``SamplingBatch`` holds one row per running request: its parameters as tensors (temperature,
 top-k, top-p, min-p, penalties), its prompt and generated token ids (for penalties), a count of
 each generated token (frequency / presence penalty), its static allowed / banned-token mask, its
-logit bias and its random stream (a CPU ``torch.Generator`` for seeded requests).
+logit bias and its random stream (a ``RequestRng`` over a CPU ``torch.Generator`` for seeded requests).
 
 Rows are dense ``0..num_rows-1``: ``add_request`` appends a row, ``remove_request`` moves the last
 row into the hole (so the engine must build the logits in ``batch.req_ids`` order), and
@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from blocks.sample.params import SamplingParams, SamplingType
+from blocks.sample.rng import RequestRng
 
 __all__ = ["SamplingBatch", "BatchTensors"]
 
@@ -102,7 +103,7 @@ class SamplingBatch:
         self.req_ids: list[str] = []
         self._row_of: dict[str, int] = {}
         self.params: list[SamplingParams] = []
-        self.generators: list[torch.Generator | None] = []
+        self.rngs: list[RequestRng | None] = []
         self._stop_ids: list[list[int]] = []
         self._bad_seqs: list[list[list[int]]] = []
         self._tails: list[list[int]] = []
@@ -111,6 +112,11 @@ class SamplingBatch:
         self._host = {f: np.zeros(max_num_rows, dtype=np.float32) for f in _FLOAT_FIELDS}
         self._host_top_k = np.zeros(max_num_rows, dtype=np.int32)
         self._dev: dict[str, torch.Tensor] = {}
+        self.seeded_rows: list[int] = []  # rows with their own RequestRng (refreshed by ``prepare``)
+        self._min_token_candidates: list[int] = []
+        self._bad_rows: list[int] = []
+        self._any_penalty = self._any_random = self._any_top_k_or_p = self._any_banned = False
+        self._max_logprobs = -1
         self._dirty = True
         self.token_ids = torch.zeros(max_num_rows, max_len, dtype=torch.int64, device=self.device)
         self.output_counts: torch.Tensor | None = None  # allocated when a row first needs penalties
@@ -135,13 +141,13 @@ class SamplingBatch:
         *,
         output_token_ids: Sequence[int] = (),
         eos_token_id: int | None = None,
-        generator: torch.Generator | None = None,
+        rng: RequestRng | None = None,
     ) -> int:
         """Append a row for ``req_id`` and return its index.
 
         ``output_token_ids`` lets a resumed (preempted) request keep its penalties and min-token count;
-        ``generator`` lets it keep its random stream (``remove_request`` returns it). A seeded request
-        without one gets ``torch.Generator().manual_seed(params.seed)``.
+        ``rng`` lets it keep its random stream (``remove_request`` returns it). A seeded request
+        without one gets ``RequestRng(params.seed)``.
         """
         if req_id in self._row_of:
             raise ValueError(f"request {req_id!r} is already in the sampling batch.")
@@ -161,16 +167,16 @@ class SamplingBatch:
         self.req_ids.append(req_id)
         self._row_of[req_id] = row
         self.params.append(params)
-        if generator is None and params.sampling_type == SamplingType.RANDOM_SEED:
-            generator = torch.Generator().manual_seed(params.seed)
-        self.generators.append(generator)
+        if rng is None and params.sampling_type == SamplingType.RANDOM_SEED:
+            rng = RequestRng(params.seed)
+        self.rngs.append(rng)
         stops = set(params.stop_token_ids)
         if eos_token_id is not None and not params.ignore_eos:
             stops.add(eos_token_id)
         self._stop_ids.append(sorted(t for t in stops if t < self.vocab_size))
         seqs = params.bad_words_token_ids or []
         self._bad_seqs.append([s for s in seqs if len(s) > 1])
-        self._tails.append(list(output_token_ids)[-8:])
+        self._tails.append(list(output_token_ids)[-max((len(s) for s in seqs), default=1) :])
         self.num_tokens[row] = len(tokens)
         self.num_output[row] = len(output_token_ids)
         for f in _FLOAT_FIELDS:
@@ -189,15 +195,15 @@ class SamplingBatch:
         self._dirty = True
         return row
 
-    def remove_request(self, req_id: str) -> torch.Generator | None:
-        """Drop ``req_id``'s row (the last row moves into it) and return its generator."""
+    def remove_request(self, req_id: str) -> RequestRng | None:
+        """Drop ``req_id``'s row (the last row moves into it) and return its random stream."""
         row = self._row_of.pop(req_id)
         last = self.num_rows - 1
-        generator = self.generators[row]
+        rng = self.rngs[row]
         if row != last:
             moved = self.req_ids[last]
             self._row_of[moved] = row
-            for lst in (self.req_ids, self.params, self.generators, self._stop_ids, self._bad_seqs, self._tails):
+            for lst in (self.req_ids, self.params, self.rngs, self._stop_ids, self._bad_seqs, self._tails):
                 lst[row] = lst[last]
             for arr in (self.num_tokens, self.num_output, self._host_top_k, *self._host.values()):
                 arr[row] = arr[last]
@@ -206,10 +212,10 @@ class SamplingBatch:
                 self.output_counts[row] = self.output_counts[last]
             if self.banned is not None:
                 self.banned[row] = self.banned[last]
-        for lst in (self.req_ids, self.params, self.generators, self._stop_ids, self._bad_seqs, self._tails):
+        for lst in (self.req_ids, self.params, self.rngs, self._stop_ids, self._bad_seqs, self._tails):
             lst.pop()
         self._dirty = True
-        return generator
+        return rng
 
     # ------------------------------------------------------------------ per step
     def append_tokens(self, token_ids: torch.Tensor, *, host_token_ids: Sequence[int] | None = None) -> None:
@@ -232,11 +238,12 @@ class SamplingBatch:
             self.output_counts[:n].scatter_add_(1, ids, torch.ones_like(ids, dtype=torch.int32))
         self.num_tokens[:n] += 1
         self.num_output[:n] += 1
-        if any(self._bad_seqs):
+        bad_rows = [r for r in range(n) if self._bad_seqs[r]] if self._dirty else self._bad_rows
+        if bad_rows:
             host = list(host_token_ids) if host_token_ids is not None else token_ids.tolist()
-            for row in range(n):
-                if self._bad_seqs[row]:
-                    self._tails[row] = (self._tails[row] + [int(host[row])])[-32:]
+            for row in bad_rows:
+                keep = max(len(s) for s in self._bad_seqs[row])
+                self._tails[row] = (self._tails[row] + [int(host[row])])[-keep:]
 
     def prepare(self) -> BatchTensors:
         """Device tensors for this step (copies parameters only after membership changed)."""
@@ -244,7 +251,7 @@ class SamplingBatch:
         if self._dirty:
             self._upload()
         max_len_now = int(self.num_tokens[:n].max()) if n else 1
-        any_penalty = any(self._has_penalty(p) for p in self.params)
+        any_penalty = self._any_penalty
         mt_rows, mt_ids = self._min_token_rows()
         db_rows, db_ids = self._dynamic_bans()
         bias = self._bias_tensors
@@ -312,6 +319,10 @@ class SamplingBatch:
             self._dev[f] = self._to_dev(self._host[f], pin)
         self._dev["top_k"] = self._to_dev(self._host_top_k, pin)
         self._any_random = any(p.sampling_type != SamplingType.GREEDY for p in self.params)
+        self._any_penalty = any(self._has_penalty(p) for p in self.params)
+        self.seeded_rows = [r for r, g in enumerate(self.rngs) if g is not None]
+        self._min_token_candidates = [r for r, p in enumerate(self.params) if p.min_tokens > 0 and self._stop_ids[r]]
+        self._bad_rows = [r for r, seqs in enumerate(self._bad_seqs) if seqs]
         self._any_top_k_or_p = bool(n) and bool((self._host_top_k[:n] > 0).any() or (self._host["top_p"][:n] < 1).any())
         self._any_banned = self.banned is not None and any(
             p.allowed_token_ids is not None or any(len(s) == 1 for s in (p.bad_words_token_ids or []))
@@ -350,16 +361,16 @@ class SamplingBatch:
 
     def _min_token_rows(self):
         rows, lists = [], []
-        for r, p in enumerate(self.params):
-            if self.num_output[r] < p.min_tokens and self._stop_ids[r]:
+        for r in self._min_token_candidates:
+            if self.num_output[r] < self.params[r].min_tokens:
                 rows.append(r)
                 lists.append(self._stop_ids[r])
         return self._padded(rows, lists)
 
     def _dynamic_bans(self):
         rows, lists = [], []
-        for r, seqs in enumerate(self._bad_seqs):
-            tail = self._tails[r]
+        for r in self._bad_rows:
+            seqs, tail = self._bad_seqs[r], self._tails[r]
             hits = [s[-1] for s in seqs if len(s) - 1 <= len(tail) and tail[len(tail) - len(s) + 1 :] == s[:-1]]
             hits = [t for t in hits if t < self.vocab_size]
             if hits:

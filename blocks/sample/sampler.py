@@ -5,12 +5,13 @@ penalties (repetition, frequency, presence), temperature, top-k, top-p, min-p, t
 exponential race ``argmax(probs / E)``, ``E ~ Exp(1)``. Greedy rows (temperature 0) take the exact
 argmax of the penalised logits.
 
-Randomness: every random row draws one 62-bit key per step, from its own CPU ``torch.Generator``
-when seeded (so a seeded request gives the same tokens whatever else is in the batch) or from the
-sampler's generator. The ``"torch"`` backend seeds a device generator with the key and draws the
-row's noise with ``exponential_``; the ``"triton"`` backend feeds the keys to Philox inside the
-fused filter-and-sample kernel (no noise tensor). Both are reproducible per request; they do not
-produce the same streams as each other. Drawing keys is host work only: the step has no host sync.
+Randomness: every random row draws one 62-bit key per step: a seeded request from its own
+``RequestRng`` (a seeded CPU ``torch.Generator`` read in blocks), so it gives the same tokens
+whatever else is in the batch; the others from the sampler's generator. The ``"torch"`` backend
+draws the unseeded rows' noise with one ``exponential_`` and each seeded row's with a device
+generator seeded by its key; the ``"triton"`` backend feeds the keys to Philox inside the fused
+filter-and-sample kernel (no noise tensor). Both are reproducible per request; they do not produce
+the same streams as each other. Drawing keys is host work only: the step has no host sync.
 
 The backend is chosen once: ``"auto"`` = Triton on CUDA, torch elsewhere.
 
@@ -30,12 +31,12 @@ import torch
 from blocks.sample.batch import BatchTensors, SamplingBatch
 from blocks.sample.logprobs import LogprobsTensors, compute_logprobs
 from blocks.sample.ops import NEG_INF, apply_penalties, exponential_race, filter_threshold
+from blocks.sample.rng import KEY_RANGE
 
 __all__ = ["Sampler", "SamplerOutput", "SAMPLER_BACKENDS", "LOGPROBS_MODES"]
 
 SAMPLER_BACKENDS = ("auto", "torch", "triton")
 LOGPROBS_MODES = ("raw_logprobs", "processed_logprobs")
-_KEY_RANGE = 2**62
 
 
 @dataclass
@@ -180,13 +181,13 @@ class Sampler:
     def _row_keys(self, batch: SamplingBatch) -> tuple[torch.Tensor, list[int]]:
         """One key per row for this step, ``[num_rows]`` int64 on the host, and the seeded rows.
 
-        Seeded rows draw from their own generator, the others from the sampler's (host work only,
-        no device sync)."""
-        n = batch.num_rows
-        keys = torch.randint(0, _KEY_RANGE, (n,), generator=self._generator, dtype=torch.int64)
-        seeded = [row for row, gen in enumerate(batch.generators) if gen is not None]
-        for row in seeded:
-            keys[row] = int(torch.randint(0, _KEY_RANGE, (1,), generator=batch.generators[row], dtype=torch.int64))
+        Seeded rows take the next key of their own ``RequestRng``, the others draw from the
+        sampler's generator (host work only, no device sync)."""
+        keys = torch.randint(0, KEY_RANGE, (batch.num_rows,), generator=self._generator, dtype=torch.int64)
+        seeded = batch.seeded_rows
+        if seeded:
+            own = torch.tensor([batch.rngs[r].next_key() for r in seeded], dtype=torch.int64)
+            keys[torch.tensor(seeded, dtype=torch.int64)] = own
         return keys, seeded
 
     @staticmethod

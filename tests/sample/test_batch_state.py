@@ -68,7 +68,7 @@ class BatchMachine(RuleBasedStateMachine):
             if b.output_counts is not None:
                 ref = torch.bincount(torch.tensor(m["output"], dtype=torch.int64), minlength=V)
                 assert torch.equal(b.output_counts[row], ref.to(torch.int32))
-            assert (b.generators[row] is not None) == (m["params"].seed is not None and m["params"].temperature > 0)
+            assert (b.rngs[row] is not None) == (m["params"].seed is not None and m["params"].temperature > 0)
 
 
 TestBatchMachine = BatchMachine.TestCase

@@ -1,0 +1,156 @@
+"""Sampler benchmarks (issue 5): one sampler step for a mixed batch.
+
+The batch mixes greedy rows, top-k, top-p, top-k + top-p, min-p, penalties (repetition, frequency,
+presence on half the rows, over 512 prompt + 64 generated tokens) and 16 seeded rows.
+
+* CPU (reported; CI runs the small size, ``BENCH_SAMPLE_FULL=1`` adds batch 256 x vocab 128256):
+  ``python3 -m pytest benchmarks/test_bench_sample.py --benchmark-only``.
+* CUDA: the Triton step at batch 256 x vocab 128256 (target <= 150 us), the kernel alone, the
+  torch backend on the same card (peer), and with ``BENCH_SAMPLE_SWEEP=1`` a few kernel
+  configurations. Times are medians of ``triton.testing.do_bench``; ``extra_info`` has microseconds
+  and the effective GB/s of reading the logits once. ``BENCH_SAMPLE_OUT=path`` appends JSON rows.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from blocks.sample.batch import SamplingBatch
+from blocks.sample.params import SamplingParams
+from blocks.sample.sampler import Sampler
+
+FULL = (256, 128256)
+SMALL = (32, 32000)
+
+
+def mixed_batch(num_rows: int, vocab: int, device: str) -> SamplingBatch:
+    """The benchmark batch (see the module docstring)."""
+    gen = torch.Generator().manual_seed(0)
+    batch = SamplingBatch(max_num_rows=num_rows, vocab_size=vocab, max_len=640, device=device)
+    kinds = [
+        dict(temperature=0.0),
+        dict(temperature=0.8, top_k=50),
+        dict(temperature=0.7, top_p=0.9),
+        dict(temperature=1.0, top_k=100, top_p=0.95),
+        dict(temperature=0.9, min_p=0.05),
+        dict(temperature=0.6, top_k=20, top_p=0.8, min_p=0.02),
+    ]
+    for r in range(num_rows):
+        kw = dict(kinds[r % len(kinds)])
+        if r % 2:
+            kw.update(repetition_penalty=1.1, frequency_penalty=0.3, presence_penalty=0.2)
+        if r % 16 == 3:
+            kw.update(seed=r)
+        prompt = torch.randint(vocab, (512,), generator=gen).tolist()
+        output = torch.randint(vocab, (64,), generator=gen).tolist()
+        batch.add_request(f"r{r}", SamplingParams(**kw), prompt, output_token_ids=output)
+    return batch
+
+
+def _logits(num_rows: int, vocab: int, device: str) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(1)
+    return (torch.randn(num_rows, vocab, generator=gen) * 2.5).to(device)
+
+
+def _record(benchmark, name: str, seconds: float, num_rows: int, vocab: int, **extra) -> None:
+    row = {
+        "name": name,
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "batch": num_rows,
+        "vocab": vocab,
+        "us": seconds * 1e6,
+        "logits_read_once_GBps": num_rows * vocab * 4 / seconds / 1e9,
+        **extra,
+    }
+    benchmark.extra_info.update(row)
+    path = os.environ.get("BENCH_SAMPLE_OUT")
+    if path:
+        with open(path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [
+        SMALL,
+        pytest.param(
+            FULL,
+            marks=pytest.mark.skipif(os.environ.get("BENCH_SAMPLE_FULL") != "1", reason="set BENCH_SAMPLE_FULL=1"),
+        ),
+    ],
+    ids=["32x32000", "256x128256"],
+)
+def test_bench_sampler_step_cpu(benchmark, shape):
+    num_rows, vocab = shape
+    batch = mixed_batch(num_rows, vocab, "cpu")
+    logits = _logits(num_rows, vocab, "cpu")
+    sampler = Sampler(backend="torch", seed=0)
+    out = benchmark.pedantic(lambda: sampler(logits, batch, inplace=True), rounds=3, iterations=1, warmup_rounds=1)
+    assert out.sampled_token_ids.shape == (num_rows,)
+    _record(benchmark, f"sampler step torch cpu {num_rows}x{vocab}", benchmark.stats.stats.median, num_rows, vocab)
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def _do_bench(fn) -> float:
+    import triton.testing
+
+    return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median") * 1e-3
+
+
+@cuda
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_bench_sampler_step_cuda(benchmark, backend):
+    num_rows, vocab = FULL
+    batch = mixed_batch(num_rows, vocab, "cuda")
+    logits = _logits(num_rows, vocab, "cuda")
+    sampler = Sampler(backend=backend, seed=0)
+    step = lambda: sampler(logits, batch, inplace=True)  # noqa: E731
+    seconds = _do_bench(step)
+    benchmark.pedantic(step, rounds=5, iterations=1, warmup_rounds=1)
+    _record(benchmark, f"sampler step {backend} cuda", seconds, num_rows, vocab, target_us=150.0)
+
+
+@cuda
+def test_bench_triton_kernel_cuda(benchmark):
+    from blocks.sample.triton_topk_topp import triton_filter_and_sample
+
+    num_rows, vocab = FULL
+    batch = mixed_batch(num_rows, vocab, "cuda")
+    bt = batch.prepare()
+    logits = _logits(num_rows, vocab, "cuda")
+    keys = torch.arange(num_rows, device="cuda", dtype=torch.int64)
+    args = (logits, bt.temperature, bt.top_k, bt.top_p, bt.min_p)
+    configs = [{}]
+    if os.environ.get("BENCH_SAMPLE_SWEEP") == "1":
+        sms = torch.cuda.get_device_properties(0).multi_processor_count
+        configs += [
+            dict(block=b, num_pivots=p, num_programs=g, num_warps=w)
+            for b, p, w in [(1024, 16, 8), (2048, 8, 8), (1024, 8, 4), (512, 4, 4), (2048, 16, 16), (1024, 4, 8)]
+            for g in (sms, 2 * sms, num_rows)
+        ]
+    best = None
+    for cfg in configs:
+        seconds = _do_bench(lambda cfg=cfg: triton_filter_and_sample(*args, keys=keys, **cfg))
+        if best is None or seconds < best[0]:
+            best = (seconds, cfg)
+        if cfg:
+            print(f"sweep {cfg}: {seconds * 1e6:.1f} us")
+    default_s = _do_bench(lambda: triton_filter_and_sample(*args, keys=keys))
+    benchmark.pedantic(lambda: triton_filter_and_sample(*args, keys=keys), rounds=5, iterations=1)
+    _record(
+        benchmark,
+        "triton filter+sample kernel cuda",
+        default_s,
+        num_rows,
+        vocab,
+        sweep_best_us=best[0] * 1e6,
+        sweep_best=str(best[1]),
+    )
+    copy = _do_bench(lambda: logits.clone())
+    _record(benchmark, "ceiling: clone of the logits (read+write)", copy, num_rows, vocab)
