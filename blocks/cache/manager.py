@@ -15,6 +15,12 @@ Usable alone::
 Block tables are Python lists of physical block ids; token ``t`` of a request lives in block
 ``table[t // block_size]`` at offset ``t % block_size`` (slot ``block_id * block_size + offset``).
 
+**Calling pattern.** A caller may skip ``allocate_slots`` while a request's new tokens fit in the slots it
+already holds (``get_num_slots``); blocks filled meanwhile get registered at the next call. Exception: a
+request that shares blocks after :meth:`fork` must call ``allocate_slots`` before every write, because the
+call is where copy-on-write happens. ``allocate_slots`` for a running request without new blocks or copies
+is a short hot path (~0.6 µs on the dev box).
+
 **Copy-on-write.** After :meth:`fork` both requests hold the same blocks. When a request writes a token
 into a block that another request still holds, the block is replaced in the writer's table by a fresh one;
 if the block already held tokens of the writer (a partially filled block), a ``(src, dst)`` copy is queued

@@ -50,16 +50,18 @@ def test_triton_block_copy_matches_reference_under_interpreter(dtype, shape):
 
 
 @interpreted
-def test_triton_block_copy_bf16_bits_and_strided_cache():
-    """bf16 moves as raw int16 bits (works in the interpreter); a cache sliced out of a bigger one works."""
-    big = torch.randn(2, 2, 11, 4, 3, 8).to(torch.bfloat16)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float8_e4m3fn])
+def test_triton_block_copy_bits_of_any_dtype_and_strided_cache(dtype):
+    """bf16 / fp8 move as raw int16 / uint8 bits (fine in the interpreter); a sliced cache works."""
+    big = torch.randn(2, 2, 11, 4, 3, 8).to(dtype)
     kv = big[1:]  # non-contiguous in the layer dim only
     pairs = [(1, 4), (4, 9), (2, 3)]
     want = kv.clone()
     block_copy_reference(want, pairs)
     untouched = big[0].clone()
     block_copy(kv, pairs, backend="triton")
-    assert torch.equal(kv, want) and torch.equal(big[0], untouched)
+    bits = torch.uint8 if dtype == torch.float8_e4m3fn else torch.int16
+    assert torch.equal(kv.view(bits), want.view(bits)) and torch.equal(big[0].view(bits), untouched.view(bits))
 
 
 def test_torch_backend_with_tensor_mapping_and_chained_list():

@@ -210,6 +210,6 @@ class CacheMachine(RuleBasedStateMachine):
         assert self.kv.usage == 0.0
 
 
-CacheMachine.TestCase.settings = settings(max_examples=200, stateful_step_count=50, deadline=None,
+CacheMachine.TestCase.settings = settings(max_examples=300, stateful_step_count=50, deadline=None,
                                           suppress_health_check=[HealthCheck.too_slow])
 TestCacheStateMachine = CacheMachine.TestCase
