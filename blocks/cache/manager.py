@@ -40,12 +40,12 @@ from collections import OrderedDict
 from collections.abc import Sequence
 
 from .block_pool import ROOT_SERIAL, BlockPool
-from .hashing import HashFn, encode_extra_keys, hash_block, sha256_hash
+from .hashing import HashFn, encode_extra_keys, sha256_hash
+from .prefix_cache import NO_CACHING, PrefixCache
 from .stats import CacheStats, MissReason
 
 __all__ = ["KVCacheManager"]
 
-_NO_CACHING = 1 << 62  # num_cached_blocks of a request whose blocks are not registered
 _PENDING_CAP = 4096  # hash chains of looked-up but not yet allocated requests kept for reuse
 
 
@@ -91,7 +91,7 @@ class KVCacheManager:
         self.pool = BlockPool(num_blocks, reserve_null_block=reserve_null_block, stats=self.stats)
         self.null_block_id = self.pool.null_block_id
         self._refs = self.pool.ref_counts
-        self._hash_fn = hash_fn
+        self._prefix = PrefixCache(self.pool, block_size, hash_fn)
         self._requests: dict[str, _Request] = {}
         self._pending: OrderedDict[str, tuple[tuple, list[bytes]]] = OrderedDict()
         self._copies: list[tuple[int, int]] = []
@@ -169,39 +169,13 @@ class KVCacheManager:
             st.miss_reasons[MissReason.PROMPT_TOO_SHORT] += 1
             return [], 0
         hashes = self._chain(request_id, extra_keys)
-        pool, hash_fn = self.pool, self._hash_fn
-        blocks: list[int] = []
-        parent = ROOT_SERIAL
-        collided = False
-        for i in range(max_blocks):
-            tokens = tuple(token_ids[i * bs:(i + 1) * bs])
-            if i == len(hashes):
-                hashes.append(hash_block(hashes[i - 1] if i else b"", tokens, b"" if i else extra, hash_fn=hash_fn))
-            bid = pool.lookup(hashes[i])
-            if bid is None:
-                break
-            if not pool.verify(bid, tokens, parent, None if i else extra_keys):
-                collided = True
-                break
-            blocks.append(bid)
-            parent = pool.serial(bid)
+        blocks, collided = self._prefix.find(hashes, token_ids, max_blocks, extra, extra_keys)
         if blocks:
             st.prefix_hits += 1
             st.hit_tokens += len(blocks) * bs
         else:
-            st.miss_reasons[self._miss_reason(hashes[0], token_ids, extra_keys, collided)] += 1
+            st.miss_reasons[self._prefix.miss_reason(hashes[0], token_ids, extra_keys, collided)] += 1
         return blocks, len(blocks) * bs
-
-    def _miss_reason(self, first_hash: bytes, token_ids: Sequence[int], extra_keys: tuple, collided: bool) -> str:
-        if collided:
-            return MissReason.HASH_COLLISION
-        if self.pool.was_evicted(first_hash):
-            return MissReason.EVICTED
-        plain = first_hash if not extra_keys else hash_block(b"", tuple(token_ids[:self.block_size]),
-                                                             hash_fn=self._hash_fn)
-        if self.pool.cached_with_other_extra_keys(plain) or (extra_keys and self.pool.lookup(plain) is not None):
-            return MissReason.DIFFERENT_EXTRA_KEYS
-        return MissReason.NO_SHARED_PREFIX
 
     # ------------------------------------------------------------------ allocation
     def _plan(self, request_id: str, num_new_tokens: int, num_computed_tokens: int,
@@ -304,7 +278,7 @@ class KVCacheManager:
             new = []
         n = len(token_ids)
         if (total if total < n else n) // bs > req.num_cached_blocks:
-            self._register(req, token_ids, total)
+            self._prefix.register(req, token_ids, total)
         return new
 
     def _allocate(self, request_id: str, num_new_tokens: int, num_computed_tokens: int, token_ids: Sequence[int],
@@ -323,7 +297,7 @@ class KVCacheManager:
             pool.touch(blocks)
             req = _Request(blocks, hashes, extra_keys, extra)
             if not self.enable_prefix_caching:
-                req.num_cached_blocks = _NO_CACHING
+                req.num_cached_blocks = NO_CACHING
             elif blocks:
                 req.num_cached_blocks = len(blocks)
                 req.last_serial = pool.serial(blocks[-1])
@@ -335,7 +309,7 @@ class KVCacheManager:
         req.block_ids.extend(new)
         n = len(token_ids)
         if (total if total < n else n) // self.block_size > req.num_cached_blocks:
-            self._register(req, token_ids, total)
+            self._prefix.register(req, token_ids, total)
         return new
 
     def _copy_on_write(self, request_id: str, req: _Request, cow: list[int], fresh: list[int],
@@ -352,36 +326,6 @@ class KVCacheManager:
             released.append(src)
             self._replacements.setdefault(request_id, []).append((i, dst))
         self.pool.free(released)  # each src has other holders: only its ref count drops
-
-    def _register(self, req: _Request, token_ids: Sequence[int], total: int) -> None:
-        bs, pool, hash_fn = self.block_size, self.pool, self._hash_fn
-        num_full = min(total, len(token_ids)) // bs
-        hashes, table = req.hashes, req.block_ids
-        parent = req.last_serial
-        for i in range(req.num_cached_blocks, num_full):
-            tokens = tuple(token_ids[i * bs:(i + 1) * bs])
-            if i == len(hashes):
-                hashes.append(hash_block(hashes[i - 1] if i else b"", tokens, b"" if i else req.extra,
-                                         hash_fn=hash_fn))
-            h = hashes[i]
-            first_keys = None if i else req.extra_keys
-            bid = pool.lookup(h)
-            if bid is None:
-                b = table[i]
-                if pool.block_hashes[b] is not None:  # shared block cached under another chain: stop here
-                    req.num_cached_blocks = _NO_CACHING
-                    return
-                plain = None
-                if i == 0 and req.extra_keys:
-                    plain = hash_block(b"", tokens, hash_fn=hash_fn)
-                parent = pool.cache_block(b, h, tokens, parent, first_keys, plain_first_hash=plain)
-            elif pool.verify(bid, tokens, parent, first_keys):
-                parent = pool.serial(bid)  # same content already cached (maybe in another block)
-            else:  # hash collision: never chain our blocks onto someone else's content
-                req.num_cached_blocks = _NO_CACHING
-                return
-            req.num_cached_blocks = i + 1
-            req.last_serial = parent
 
     # ------------------------------------------------------------------ release, sharing, copies
     def free(self, request_id: str, *, num_computed_tokens: int | None = None) -> None:
