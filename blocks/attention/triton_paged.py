@@ -9,10 +9,11 @@ captured in a CUDA graph.
 Kernel choice (host integers only):
 
 * ``max_query_len <= 1`` (decode-only batch): one query token per program (``BLOCK_Q = 1``), the
-  ``GROUP`` query heads of a KV head padded to a 16-row tile. The KV range is split into
-  ``num_splits`` chunks (merged by log-sum-exp) when ``num_seqs * num_kv_heads`` programs would not
-  fill the multiprocessors twice, or when a context is longer than ``SPLIT_TOKENS`` keys (on an H100,
-  2048-key programs streamed faster than 4096-key ones: RESULTS.md), never below 256 keys a split.
+  ``GROUP`` query heads of a KV head padded to a 16-row tile. When ``num_seqs * num_kv_heads``
+  programs would not fill the multiprocessors twice, the KV range is split into ``num_splits``
+  chunks (merged by log-sum-exp): enough to fill them twice and to keep each chunk at most
+  ``SPLIT_TOKENS`` keys (8 x 32768 on an H100: 16 splits 394 us, 5 splits 430 us; RESULTS.md),
+  never below 256 keys a chunk.
 * otherwise (prefill chunks, mixed batches): 128-row tiles of ``BLOCK_M // GROUP`` tokens times
   ``GROUP`` heads against 128-key tiles, 3 pipeline stages (64-row / 32-key / 2 stages for fp32 or
   head_dim > 128, for shared memory), no split.
@@ -70,9 +71,11 @@ def choose_config(
         block_m = max(16, group_pad)
         block_n = 32 if wide else 64
         programs = max(1, num_seqs * num_kv_heads)
-        # enough programs to fill the SMs twice, and no program longer than SPLIT_TOKENS keys
-        num_splits = max(triton.cdiv(2 * num_sms, programs), triton.cdiv(max_seq_len, SPLIT_TOKENS))
-        num_splits = max(1, min(num_splits, max_seq_len // MIN_SPLIT_TOKENS, MAX_SPLITS))
+        num_splits = 1
+        if programs < 2 * num_sms:
+            # fill the SMs twice over, with programs of at most SPLIT_TOKENS keys
+            num_splits = max(triton.cdiv(2 * num_sms, programs), triton.cdiv(max_seq_len, SPLIT_TOKENS))
+            num_splits = max(1, min(num_splits, max_seq_len // MIN_SPLIT_TOKENS, MAX_SPLITS))
         return LaunchConfig(block_q=1, block_m=block_m, block_n=block_n, num_splits=num_splits,
                             num_warps=4, num_stages=3)
     block_m = max(64 if wide else 128, group_pad)
