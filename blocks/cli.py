@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "simulate": ("blocks.sched.simulate:add_parser", "Simulate the scheduler on a synthetic trace; print a table"),
     "generate": ("blocks.engine.generate_cli:add_parser", "Generate text for one-off prompts"),
     "bench": ("blocks.engine.bench:add_parser", "Benchmark the engine: latency or throughput (like vllm bench)"),
+    "kv-cache": ("blocks.cache.cli:add_parser", "Size a paged KV cache for a model shape and a memory budget"),
 }
 
 
