@@ -1,0 +1,81 @@
+"""Host-side pieces: the launch-config heuristic, alignment hints, backend selection, random batches."""
+
+from __future__ import annotations
+
+import importlib.util
+import random
+
+import pytest
+import torch
+
+from blocks.attention.backend import get_attention_backend
+from blocks.attention.triton_backend import TritonAttentionBackend
+from blocks.attention.triton_paged import MAX_SPLITS, MIN_SPLIT_TOKENS, _alignment, choose_config
+from tests.attention.helpers import make_batch
+from tests.attention.test_triton_attention import DEVICE, run_and_check
+
+
+def _cfg(num_seqs, max_query_len, max_seq_len, heads=(32, 8), head_dim=128, dtype=torch.bfloat16):
+    return choose_config(num_seqs=num_seqs, max_query_len=max_query_len, max_seq_len=max_seq_len,
+                         num_heads=heads[0], num_kv_heads=heads[1], head_dim=head_dim, num_sms=132, dtype=dtype)
+
+
+@pytest.mark.parametrize("num_seqs,ctx", [(1, 300), (1, 4096), (1, 32768), (8, 32768), (16, 1000), (64, 4096),
+                                          (256, 1024), (3, 100000)])
+def test_decode_split_heuristic_bounds(num_seqs, ctx):
+    cfg = _cfg(num_seqs, 1, ctx)
+    assert cfg.block_q == 1 and cfg.block_m >= 16
+    assert 1 <= cfg.num_splits <= MAX_SPLITS
+    if cfg.num_splits > 1:
+        assert ctx // cfg.num_splits >= MIN_SPLIT_TOKENS  # no split shorter than 256 keys
+        assert num_seqs * 8 < 2 * 132  # only when the programs would not fill the SMs twice
+    if num_seqs * 8 >= 2 * 132:
+        assert cfg.num_splits == 1
+
+
+def test_prefill_tiles_pack_the_query_heads_of_a_kv_head():
+    for heads in ((32, 8), (28, 4), (8, 8), (64, 1)):
+        group = heads[0] // heads[1]
+        cfg = _cfg(4, 512, 2048, heads=heads)
+        assert cfg.num_splits == 1 and cfg.block_q >= 1
+        assert cfg.block_q * group <= cfg.block_m  # every packed row fits the tile
+    wide = _cfg(4, 512, 2048, head_dim=256)
+    assert wide.block_m == 64 and wide.block_n == 32  # shared memory of 256-wide tiles
+
+
+def test_alignment_is_the_largest_power_of_two_dividing_all_strides():
+    assert _alignment(128, 4096, 1024) == 16
+    assert _alignment(80, 640) == 16
+    assert _alignment(96, 8 * 96) == 16  # 96 = 32 * 3
+    assert _alignment(72, 144) == 8
+    assert _alignment(7) == 1
+
+
+def test_backend_selection_and_cupy_is_optional():
+    assert get_attention_backend("auto", "cpu").name == "torch"
+    assert isinstance(get_attention_backend("auto", "cuda"), TritonAttentionBackend)
+    with pytest.raises(ValueError, match="must be one of"):
+        get_attention_backend("flash")
+    import blocks.attention.cupy_kernels as kernels  # the CUDA source module needs no cupy
+
+    assert "paged_decode_attention" in kernels.KERNEL_SOURCE
+    if importlib.util.find_spec("cupy") is None:
+        with pytest.raises(ValueError, match="cupy"):
+            get_attention_backend("cupy")
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_random_batches_match_reference(seed):
+    rng = random.Random(seed)
+    num_kv_heads = rng.choice([1, 2])
+    group = rng.choice([1, 3, 4])
+    pairs = []
+    for _ in range(rng.randint(1, 6)):
+        seq_len = rng.randint(1, 130)
+        pairs.append((rng.choice([1, rng.randint(1, seq_len)]), seq_len))
+    dtype = rng.choice([torch.float32, torch.float16])
+    batch = make_batch(pairs, num_heads=num_kv_heads * group, num_kv_heads=num_kv_heads, head_dim=64,
+                       block_size=rng.choice([16, 32]), dtype=dtype, device=DEVICE)
+    window = rng.choice([None, rng.randint(1, 40)])
+    splits = rng.choice([{}, {"num_splits": rng.randint(2, 5)}])
+    run_and_check(batch, dtype, backend=TritonAttentionBackend(**splits), sliding_window=window)
