@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from blocks.sample.ops import SortPlan
 from blocks.sample.params import SamplingParams, SamplingType
 from blocks.sample.rng import RequestRng
 
@@ -44,7 +45,8 @@ class BatchTensors:
     ``[num_rows, max_bias]`` when some row has a logit bias. ``min_tokens_rows`` / ``min_tokens_ids``:
     rows still under ``min_tokens`` and the stop ids to mask there (padded by repetition).
     ``dynamic_ban_rows`` / ``dynamic_ban_ids``: multi-token bad words whose prefix just matched.
-    Host flags: ``any_random``, ``any_penalty``, ``any_top_k_or_p``, ``max_num_logprobs`` (-1 = none).
+    Host flags: ``any_random``, ``any_penalty``, ``any_top_k_or_p``, ``max_num_logprobs`` (-1 = none),
+    and ``sort_plan`` (which rows the torch reference filter must ``topk`` or fully sort).
     """
 
     num_rows: int
@@ -68,6 +70,7 @@ class BatchTensors:
     any_penalty: bool
     any_top_k_or_p: bool
     max_num_logprobs: int
+    sort_plan: SortPlan | None = None
 
 
 _FLOAT_FIELDS = ("temperature", "top_p", "min_p", "repetition_penalty", "frequency_penalty", "presence_penalty")
@@ -117,6 +120,7 @@ class SamplingBatch:
         self._bad_rows: list[int] = []
         self._any_penalty = self._any_random = self._any_top_k_or_p = self._any_banned = False
         self._max_logprobs = -1
+        self._sort_plan: SortPlan | None = None
         self._dirty = True
         self.token_ids = torch.zeros(max_num_rows, max_len, dtype=torch.int64, device=self.device)
         self.output_counts: torch.Tensor | None = None  # allocated when a row first needs penalties
@@ -278,6 +282,7 @@ class SamplingBatch:
             any_penalty=any_penalty,
             any_top_k_or_p=self._any_top_k_or_p,
             max_num_logprobs=self._max_logprobs,
+            sort_plan=self._sort_plan,
         )
 
     # ------------------------------------------------------------------ internals
@@ -323,6 +328,15 @@ class SamplingBatch:
         self.seeded_rows = [r for r, g in enumerate(self.rngs) if g is not None]
         self._min_token_candidates = [r for r, p in enumerate(self.params) if p.min_tokens > 0 and self._stop_ids[r]]
         self._bad_rows = [r for r, seqs in enumerate(self._bad_seqs) if seqs]
+        random_rows = [r for r, p in enumerate(self.params) if p.sampling_type != SamplingType.GREEDY]
+        k_rows = [r for r in random_rows if self.params[r].top_k > 0]
+        p_rows = [r for r in random_rows if self.params[r].top_k == 0 and self.params[r].top_p < 1.0]
+        as_dev = lambda rows: torch.tensor(rows, dtype=torch.int64).to(self.device) if rows else None  # noqa: E731
+        self._sort_plan = SortPlan(
+            top_k_rows=as_dev(k_rows),
+            max_top_k=max((self.params[r].top_k for r in k_rows), default=1),
+            full_sort_rows=as_dev(p_rows),
+        )
         self._any_top_k_or_p = bool(n) and bool((self._host_top_k[:n] > 0).any() or (self._host["top_p"][:n] < 1).any())
         self._any_banned = self.banned is not None and any(
             p.allowed_token_ids is not None or any(len(s) == 1 for s in (p.bad_words_token_ids or []))

@@ -18,10 +18,11 @@ row's own logits, so ``logits >= threshold`` reproduces the set exactly). The Tr
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
-__all__ = ["apply_penalties", "filter_threshold", "apply_threshold", "exponential_race", "NEG_INF"]
+__all__ = ["apply_penalties", "filter_threshold", "apply_threshold", "exponential_race", "SortPlan", "NEG_INF"]
 
 NEG_INF = float("-inf")
 
@@ -55,6 +56,34 @@ def apply_penalties(
     return logits.scatter_(1, token_ids, seen)
 
 
+@dataclass
+class SortPlan:
+    """Host knowledge that lets ``filter_threshold`` avoid full sorts.
+
+    ``top_k_rows`` ``[m]`` int64: random rows with top-k (their top-k / top-p threshold only needs the
+    ``max_top_k`` largest logits, from ``torch.topk``); ``full_sort_rows`` ``[f]`` int64: random rows
+    with top-p and no top-k (full sort). Other rows need no sort. Either may be None (no such rows).
+    """
+
+    top_k_rows: torch.Tensor | None
+    max_top_k: int
+    full_sort_rows: torch.Tensor | None
+
+
+def _top_k_top_p_threshold(
+    vals: torch.Tensor, k: torch.Tensor, top_p: torch.Tensor, inv_t: torch.Tensor, row_max: torch.Tensor
+) -> torch.Tensor:
+    """Threshold from logits sorted descending ``vals`` ``[m, w]`` with ``1 <= k <= w`` ``[m]``."""
+    thr_k = vals.gather(1, (k - 1)[:, None]).squeeze(1)
+    scaled = torch.where(vals >= thr_k[:, None], (vals - row_max[:, None]) * inv_t[:, None], NEG_INF)
+    probs = torch.softmax(scaled, dim=1)
+    mass_above = torch.cumsum(probs, dim=1) - probs
+    keep = (mass_above < top_p[:, None]) | (top_p[:, None] >= 1.0)
+    num_kept = keep.sum(dim=1).clamp(min=1)
+    thr_p = vals.gather(1, (num_kept - 1)[:, None]).squeeze(1)
+    return torch.maximum(thr_k, thr_p)
+
+
 def filter_threshold(
     logits: torch.Tensor,
     temperature: torch.Tensor,
@@ -63,6 +92,7 @@ def filter_threshold(
     min_p: torch.Tensor,
     *,
     rows_need_sort: bool = True,
+    sort_plan: SortPlan | None = None,
 ) -> torch.Tensor:
     """Per-row threshold of the top-k, top-p and min-p filters (sort-based reference).
 
@@ -72,6 +102,7 @@ def filter_threshold(
         top_k: ``[num_rows]`` int32/int64, 0 = off. top_p: ``[num_rows]`` float32, 1 = off.
         min_p: ``[num_rows]`` float32, 0 = off.
         rows_need_sort: pass False when no row has top-k or top-p (host knowledge, skips the sort).
+        sort_plan: which rows need ``topk`` / a full sort (host knowledge); None = sort every row.
 
     Returns:
         ``[num_rows]`` float32: keep token ``j`` of row ``i`` iff ``logits[i, j] >= threshold[i]``.
@@ -81,17 +112,23 @@ def filter_threshold(
     inv_t = torch.where(greedy, torch.ones_like(temperature), 1.0 / temperature.clamp_min(1e-30))
     row_max = logits.max(dim=1).values
     thr = torch.full((num_rows,), NEG_INF, dtype=torch.float32, device=logits.device)
-    if rows_need_sort:
+    if rows_need_sort and sort_plan is None:
         vals = logits.sort(dim=1, descending=True).values
         k = torch.where(top_k > 0, top_k.clamp(max=vocab), torch.full_like(top_k, vocab)).long()
-        thr_k = vals.gather(1, (k - 1)[:, None]).squeeze(1)
-        scaled = torch.where(vals >= thr_k[:, None], (vals - row_max[:, None]) * inv_t[:, None], NEG_INF)
-        probs = torch.softmax(scaled, dim=1)
-        mass_above = torch.cumsum(probs, dim=1) - probs
-        keep = (mass_above < top_p[:, None]) | (top_p[:, None] >= 1.0)
-        num_kept = keep.sum(dim=1).clamp(min=1)
-        thr_p = vals.gather(1, (num_kept - 1)[:, None]).squeeze(1)
-        thr = torch.maximum(thr_k, thr_p)
+        thr = _top_k_top_p_threshold(vals, k, top_p, inv_t, row_max)
+    elif rows_need_sort:
+        plan = sort_plan
+        if plan.top_k_rows is not None:
+            rows = plan.top_k_rows
+            width = min(plan.max_top_k, vocab)
+            vals = logits[rows].topk(width, dim=1).values
+            k = top_k[rows].clamp(min=1, max=width).long()
+            thr[rows] = _top_k_top_p_threshold(vals, k, top_p[rows], inv_t[rows], row_max[rows])
+        if plan.full_sort_rows is not None:
+            rows = plan.full_sort_rows
+            vals = logits[rows].sort(dim=1, descending=True).values
+            k = torch.full_like(rows, vocab)
+            thr[rows] = _top_k_top_p_threshold(vals, k, top_p[rows], inv_t[rows], row_max[rows])
     log_min_p = torch.where(min_p > 0, torch.log(min_p.clamp_min(1e-30)), torch.full_like(min_p, NEG_INF))
     thr_min = row_max + log_min_p * temperature
     thr = torch.maximum(thr, torch.where(min_p > 0, thr_min, torch.full_like(thr_min, NEG_INF)))

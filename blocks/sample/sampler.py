@@ -169,7 +169,9 @@ class Sampler:
     def _threshold(self, x: torch.Tensor, bt: BatchTensors) -> torch.Tensor:
         if self.backend == "triton":
             return self._triton(x, bt.temperature, bt.top_k, bt.top_p, bt.min_p, **self.triton_options)[0]
-        return filter_threshold(x, bt.temperature, bt.top_k, bt.top_p, bt.min_p, rows_need_sort=bt.any_top_k_or_p)
+        return filter_threshold(
+            x, bt.temperature, bt.top_k, bt.top_p, bt.min_p, rows_need_sort=bt.any_top_k_or_p, sort_plan=bt.sort_plan
+        )
 
     @staticmethod
     def _scaled(x: torch.Tensor, bt: BatchTensors, thr: torch.Tensor) -> torch.Tensor:
@@ -211,7 +213,7 @@ class Sampler:
         greedy_ids = x.argmax(dim=1)
         if keys is None:
             return torch.full_like(bt.temperature, NEG_INF), greedy_ids
-        thr = filter_threshold(x, bt.temperature, bt.top_k, bt.top_p, bt.min_p, rows_need_sort=bt.any_top_k_or_p)
+        thr = self._threshold(x, bt)
         scaled = self._scaled(x, bt, thr)
         noise = torch.empty_like(scaled)
         gen = self._device_generator(x.device)

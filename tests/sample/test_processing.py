@@ -144,3 +144,17 @@ def test_sampler_and_batch_validation():
         batch.add_request("oov", SamplingParams(), [V])
     with pytest.raises(ValueError, match="max_num_rows"):
         SamplingBatch(max_num_rows=0, vocab_size=4, max_len=4)
+
+
+def test_sort_plan_gives_the_full_sort_thresholds():
+    from blocks.sample.ops import filter_threshold
+    from tests.sample.helpers import mixed_batch
+
+    batch, _, gen = mixed_batch(23, 501, seed=4)
+    bt = batch.prepare()
+    assert bt.sort_plan.top_k_rows is not None and bt.sort_plan.full_sort_rows is not None
+    x = torch.randn(23, 501, generator=gen) * 2
+    args = (x, bt.temperature, bt.top_k, bt.top_p, bt.min_p)
+    planned, full = filter_threshold(*args, sort_plan=bt.sort_plan), filter_threshold(*args)
+    assert torch.equal(x >= planned[:, None], x >= full[:, None])
+    assert int((x >= planned[:, None]).sum()) < x.numel() - 501 * int((bt.temperature == 0).sum())
