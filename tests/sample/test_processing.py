@@ -157,4 +157,5 @@ def test_sort_plan_gives_the_full_sort_thresholds():
     args = (x, bt.temperature, bt.top_k, bt.top_p, bt.min_p)
     planned, full = filter_threshold(*args, sort_plan=bt.sort_plan), filter_threshold(*args)
     assert torch.equal(x >= planned[:, None], x >= full[:, None])
-    assert int((x >= planned[:, None]).sum()) < x.numel() - 501 * int((bt.temperature == 0).sum())
+    random_rows = bt.temperature > 0
+    assert int((x >= planned[:, None])[random_rows].sum()) < 501 * int(random_rows.sum()), "nothing was filtered"
