@@ -179,7 +179,8 @@ class KVCacheManager:
 
     # ------------------------------------------------------------------ allocation
     def _plan(self, request_id: str, num_new_tokens: int, num_computed_tokens: int,
-              computed_blocks: Sequence[int]) -> tuple[_Request | None, int, list[int], int]:
+              computed_blocks: Sequence[int], token_ids: Sequence[int] = (), extra_keys: tuple = ()
+              ) -> tuple[_Request | None, int, list[int], int]:
         """Validate and size an allocation without changing anything.
 
         Returns ``(request or None, blocks to append, table indices needing copy-on-write, free blocks the
@@ -213,6 +214,8 @@ class KVCacheManager:
                 claim += refs[b] == 0
             if ncb > 1 and len(set(computed_blocks)) != ncb:
                 raise ValueError("computed_blocks holds a block twice")
+            if ncb:
+                self._check_computed(computed_blocks, token_ids, extra_keys)
             return None, max(0, need - ncb), [], claim
         if computed_blocks:
             raise ValueError(f"computed_blocks may only be passed on the first allocate_slots call of request "
@@ -222,12 +225,30 @@ class KVCacheManager:
                              f"token slots request {request_id!r} holds")
         table, refs = req.block_ids, pool.ref_counts
         cow = [i for i in range(num_computed_tokens // bs, min(len(table), need)) if refs[table[i]] > 1]
+        if not num_new_tokens:
+            cow = []  # nothing is written
         return req, max(0, need - len(table)), cow, 0
 
+    def _check_computed(self, computed_blocks: Sequence[int], token_ids: Sequence[int], extra_keys: tuple) -> None:
+        """computed_blocks must still hold the prefix of token_ids (nothing evicted and reused them since the
+        lookup): re-verify the chain, O(len(computed_blocks))."""
+        bs, pool = self.block_size, self.pool
+        if len(token_ids) < len(computed_blocks) * bs:
+            raise ValueError(f"token_ids (len {len(token_ids)}) must cover the {len(computed_blocks) * bs} tokens "
+                             "of computed_blocks so the hit can be verified")
+        parent = ROOT_SERIAL
+        for i, b in enumerate(computed_blocks):
+            if not pool.verify(b, tuple(token_ids[i * bs:(i + 1) * bs]), parent, None if i else extra_keys):
+                raise ValueError(f"computed_blocks[{i}] (block {b}) no longer holds this request's prefix: it was "
+                                 "evicted and reused since get_computed_blocks (call both in the same step)")
+            parent = pool.serial(b)
+
     def can_allocate(self, request_id: str, num_new_tokens: int, *, num_computed_tokens: int = 0,
-                     computed_blocks: Sequence[int] = ()) -> bool:
-        """Whether :meth:`allocate_slots` with these arguments would succeed now (changes nothing)."""
-        _, num_append, cow, claim = self._plan(request_id, num_new_tokens, num_computed_tokens, computed_blocks)
+                     token_ids: Sequence[int] = (), computed_blocks: Sequence[int] = (),
+                     extra_keys: tuple = ()) -> bool:
+        """Whether :meth:`allocate_slots` with these arguments would return blocks now (changes nothing)."""
+        _, num_append, cow, claim = self._plan(request_id, num_new_tokens, num_computed_tokens, computed_blocks,
+                                               token_ids, extra_keys)
         return num_append + len(cow) <= self.pool.num_free - claim
 
     def allocate_slots(self, request_id: str, num_new_tokens: int, *, num_computed_tokens: int = 0,
@@ -284,7 +305,8 @@ class KVCacheManager:
     def _allocate(self, request_id: str, num_new_tokens: int, num_computed_tokens: int, token_ids: Sequence[int],
                   computed_blocks: Sequence[int], extra_keys: tuple) -> list[int] | None:
         """The general path of :meth:`allocate_slots` (first call, new blocks, copy-on-write, errors)."""
-        req, num_append, cow, claim = self._plan(request_id, num_new_tokens, num_computed_tokens, computed_blocks)
+        req, num_append, cow, claim = self._plan(request_id, num_new_tokens, num_computed_tokens, computed_blocks,
+                                                 token_ids, extra_keys)
         pool = self.pool
         if num_append + len(cow) > pool.num_free - claim:
             return None

@@ -311,3 +311,32 @@ def test_calling_only_when_a_new_block_is_needed_still_registers_filled_blocks()
     assert blocks == kv.get_block_table("a")[:2] and nc == 8
     with pytest.raises(ValueError, match="num_computed_tokens=13 exceeds the 12 token slots"):
         kv.allocate_slots("a", 1, num_computed_tokens=13)
+
+
+def test_computed_blocks_reused_between_lookup_and_allocation_are_rejected():
+    rng = random.Random(13)
+    bs = 4
+    kv = KVCacheManager(5, bs, enable_prefix_caching=True)  # 4 usable blocks
+    tokens = _prompt(rng, 2 * bs + 1)
+    _run(kv, "a", tokens)
+    kv.free("a")
+    blocks, nc = kv.get_computed_blocks("b", tokens)
+    assert len(blocks) == 2
+    other = _prompt(rng, 4 * bs)
+    kv.allocate_slots("c", 4 * bs, token_ids=other)  # evicts and re-registers every block with other content
+    kv.free("c")
+    with pytest.raises(ValueError, match=r"computed_blocks\[0\] .* no longer holds this request's prefix"):
+        kv.allocate_slots("b", len(tokens) - nc, num_computed_tokens=nc, token_ids=tokens, computed_blocks=blocks)
+    with pytest.raises(ValueError, match="must cover the 8 tokens"):
+        kv.allocate_slots("b", 1, num_computed_tokens=nc, computed_blocks=blocks)
+    assert "b" not in kv
+    kv.check_invariants()
+
+
+def test_zero_new_tokens_never_copies():
+    kv = KVCacheManager(16, 4)
+    kv.allocate_slots("p", 6)
+    kv.fork("p", "c")
+    assert kv.can_allocate("c", 0, num_computed_tokens=6)
+    assert kv.allocate_slots("c", 0, num_computed_tokens=6) == [] and kv.take_copies() == []
+    assert kv.get_block_table("c") == kv.get_block_table("p")
