@@ -107,3 +107,18 @@ def test_triton_block_copy_on_gpu_matches_reference(dtype):
     block_copy_reference(want2, wave.tolist())
     block_copy(kv, wave, backend="triton")
     assert torch.equal(kv, want2)
+
+
+@pytest.mark.gpu
+def test_triton_block_copy_offsets_past_int32_on_gpu():
+    """A cache of > 2**31 elements (fp8, 2.3 GB): blocks near the end must copy without offset overflow."""
+    num_blocks = 70_001
+    kv = torch.randint(0, 255, (1, 2, num_blocks, 16, 8, 128), dtype=torch.uint8, device="cuda")
+    kv = kv.view(torch.float8_e4m3fn)
+    assert kv.numel() > 2**31
+    pairs = [(num_blocks - 1, 3), (5, num_blocks - 2)]
+    want_3, want_last2 = kv[:, :, num_blocks - 1].clone(), kv[:, :, 5].clone()
+    block_copy(kv, pairs)
+    bits = torch.uint8
+    assert torch.equal(kv[:, :, 3].view(bits), want_3.view(bits))
+    assert torch.equal(kv[:, :, num_blocks - 2].view(bits), want_last2.view(bits))
