@@ -340,3 +340,18 @@ def test_zero_new_tokens_never_copies():
     assert kv.can_allocate("c", 0, num_computed_tokens=6)
     assert kv.allocate_slots("c", 0, num_computed_tokens=6) == [] and kv.take_copies() == []
     assert kv.get_block_table("c") == kv.get_block_table("p")
+
+
+def test_reset_prefix_cache_drops_only_free_cached_blocks():
+    rng = random.Random(14)
+    kv = KVCacheManager(32, 4, enable_prefix_caching=True)
+    a, b = _prompt(rng, 13), _prompt(rng, 9)
+    _run(kv, "a", a)
+    _run(kv, "b", b)
+    kv.free("a")
+    assert kv.reset_prefix_cache() == 3  # a's three full blocks; b still holds its two
+    assert kv.get_computed_blocks("x", a) == ([], 0)
+    assert kv.stats.miss_reasons[MissReason.EVICTED] == 1
+    assert len(kv.get_computed_blocks("y", b)[0]) == 2
+    assert kv.num_free_blocks == kv.num_usable_blocks - len(kv.get_block_table("b"))
+    kv.check_invariants()
