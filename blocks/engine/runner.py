@@ -30,7 +30,7 @@ from blocks.engine.cuda_graphs import DecodeGraphs
 from blocks.engine.shapes import MODEL_SHAPES, shape_config
 from blocks.models.base import CausalLM
 from blocks.models.loader import load_model
-from blocks.sample.batch import SamplingBatch
+from blocks.sample.batch import RequestRng, SamplingBatch
 from blocks.sample.logprobs import compute_logprobs
 from blocks.sample.params import SamplingParams
 from blocks.sample.sampler import Sampler
@@ -56,7 +56,7 @@ class SamplingInfo:
     params: SamplingParams
     num_prompt_tokens: int
     eos_token_id: int | None = None
-    generator: torch.Generator | None = None
+    generator: RequestRng | None = None  # the random stream, kept across preemption
 
 
 @dataclass
@@ -65,7 +65,7 @@ class _ReqState:
     block_ids: list[int]
     num_computed: int
     num_prompt: int
-    generator: torch.Generator | None = None
+    generator: RequestRng | None = None  # the random stream, kept across preemption
     prompt_logprobs: list = field(default_factory=list)
 
 
@@ -261,7 +261,7 @@ class ModelRunner:
             info = self.sampling_info(rid)
             self.batch.add_request(
                 rid, info.params, st.token_ids[: st.num_prompt], output_token_ids=st.token_ids[st.num_prompt:],
-                eos_token_id=info.eos_token_id, generator=st.generator,
+                eos_token_id=info.eos_token_id, rng=st.generator,
             )
 
     def _copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
