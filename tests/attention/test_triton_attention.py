@@ -60,19 +60,17 @@ def run_and_check(batch, dtype, *, backend=None, loose=1.0, whole_cache=True, **
     return out
 
 
-# Pairwise-style matrix: every head_dim in both CPU dtypes, block sizes and GQA ratios 1/4/7 rotated,
-# window and soft-cap sprinkled in. (dtype, head_dim, block_size, (num_heads, num_kv_heads), window, soft_cap)
+# Pairwise matrix: every (head_dim, block_size) pair once; over it the dtype, the GQA ratio (1/4/7),
+# sliding window and soft-cap rotate so that every pair of (dtype, head_dim, block_size, GQA) values
+# meets at least once. (dtype, head_dim, block_size, (num_heads, num_kv_heads), window, soft_cap)
+HEAD_DIMS = (64, 80, 96, 128, 256)
+BLOCK_SIZES = (16, 32, 64)
+GQA = ((4, 4), (8, 2), (7, 1))
 MATRIX = [
-    (torch.float32, 64, 16, (4, 4), None, None),
-    (torch.float16, 64, 32, (8, 2), 7, None),
-    (torch.float32, 80, 64, (7, 1), None, 5.0),
-    (torch.float16, 80, 16, (4, 4), None, 5.0),
-    (torch.float32, 96, 32, (8, 2), None, None),
-    (torch.float16, 96, 64, (7, 1), 20, None),
-    (torch.float32, 128, 16, (7, 1), 7, None),
-    (torch.float16, 128, 64, (8, 2), None, None),
-    (torch.float32, 256, 64, (4, 4), None, None),
-    (torch.float16, 256, 16, (8, 2), 20, 5.0),
+    ((torch.float32, torch.float16)[(3 * k + j) % 2], hd, bs, GQA[(j + k) % 3],
+     (None, 7, None, 20)[(3 * k + j) % 4], (None, None, 5.0)[(k + 2 * j) % 3])
+    for k, hd in enumerate(HEAD_DIMS)
+    for j, bs in enumerate(BLOCK_SIZES)
 ]
 
 
