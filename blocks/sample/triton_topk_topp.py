@@ -30,8 +30,10 @@ __all__ = ["triton_filter_and_sample"]
 
 @triton.jit
 def _search_pass(row_ptr, vocab, m, inv_t, lo, hi, piv_idx, offs, BLOCK: tl.constexpr, NUM_PIVOTS: tl.constexpr):
-    """Counts and masses of the logits >= each of NUM_PIVOTS pivots spread evenly inside (lo, hi)."""
-    pivots = lo + (hi - lo) * ((piv_idx + 1).to(tl.float32) / (NUM_PIVOTS + 1))
+    """Counts and masses of the logits >= each of NUM_PIVOTS pivots ``lo + (hi - lo) * j / NUM_PIVOTS``
+    (the first pivot is ``lo`` itself, so its exact count and mass come back too)."""
+    pivots = lo + (hi - lo) * (piv_idx.to(tl.float32) / NUM_PIVOTS)
+    pivots = tl.where(piv_idx == 0, lo, pivots)
     cnt = tl.zeros([NUM_PIVOTS], dtype=tl.int32)
     mass = tl.zeros([NUM_PIVOTS], dtype=tl.float32)
     for start in range(0, vocab, BLOCK):
@@ -43,6 +45,31 @@ def _search_pass(row_ptr, vocab, m, inv_t, lo, hi, piv_idx, offs, BLOCK: tl.cons
         cnt += tl.sum(ge.to(tl.int32), axis=0)
         mass += tl.sum(tl.where(ge, e[:, None], 0.0), axis=0)
     return pivots, cnt, mass
+
+
+@triton.jit
+def _lane_bound(m_vec, lo, hi, need, m, inv_t, piv_idx, USE_MASS: tl.constexpr, NUM_PIVOTS: tl.constexpr):
+    """A lower bound of the threshold from the per-lane maxima alone (registers, no memory pass).
+
+    The lane maxima are a subset of the row, so if ``need`` of them (count, or mass when USE_MASS)
+    are ``>= t``, the whole row has at least as many and the true threshold is ``>= t``. Returns
+    ``lo`` unchanged when no pivot qualifies.
+    """
+    best = lo
+    for _ in range(3):
+        pivots = lo + (hi - lo) * ((piv_idx + 1).to(tl.float32) / (NUM_PIVOTS + 1))
+        ge = m_vec[:, None] >= pivots[None, :]
+        if USE_MASS:
+            e = tl.where(m_vec > float("-inf"), tl.exp((m_vec - m) * inv_t), 0.0)
+            have = tl.sum(tl.where(ge, e[:, None], 0.0), axis=0)
+            ok = have >= need
+        else:
+            ok = tl.sum(ge.to(tl.int32), axis=0) >= need
+        new_lo = tl.max(tl.where(ok, pivots, lo), axis=0)
+        hi = tl.min(tl.where(ok, hi, pivots), axis=0)
+        lo = new_lo
+        best = tl.maximum(best, new_lo)
+    return best
 
 
 @triton.jit
@@ -106,8 +133,11 @@ def _filter_sample_kernel(
         # An upper end with count 0 and mass 0: a little above the max.
         hi_top = m + tl.maximum(tl.abs(m) * 1e-6, 1e-6)
 
-        # Top-k search in value space: invariant count(>= lo) >= k > count(>= hi).
+        # Top-k search in value space: invariant count(>= lo) >= k > count(>= hi). The search starts
+        # from a lower bound given by the lane maxima, so it reads fewer passes.
         lo = mn
+        if (greedy == 0) & (top_k > 0) & (top_k < nfin):
+            lo = _lane_bound(m_vec, mn, hi_top, top_k, m, inv_t, piv_idx, False, NUM_PIVOTS)
         hi = hi_top
         cnt_lo = nfin
         cnt_hi = 0 * nfin
@@ -122,12 +152,15 @@ def _filter_sample_kernel(
             cnt_lo = tl.min(tl.where(ok, cnt, cnt_lo), axis=0)
             mass_lo = tl.min(tl.where(ok, mass, mass_lo), axis=0)
             cnt_hi = tl.max(tl.where(ok, cnt_hi, cnt), axis=0)
-            splittable = lo + (hi - lo) * (1.0 / (NUM_PIVOTS + 1)) > lo
+            splittable = lo + (hi - lo) * (1.0 / NUM_PIVOTS) > lo
             done_k = (cnt_lo == top_k) | (cnt_lo - cnt_hi <= 1) | (splittable == 0)
             passes += 1
 
         # Top-p search on the survivors: invariant mass(>= lo) >= target > mass(>= hi).
         target = top_p * mass_lo
+        if (greedy == 0) & (top_p < 1.0):
+            lane_max = tl.where(m_vec >= lo, m_vec, float("-inf"))
+            lo = _lane_bound(lane_max, lo, hi_top, target, m, inv_t, piv_idx, True, NUM_PIVOTS)
         hi = hi_top
         cnt_hi = 0 * nfin
         done_p = greedy | (top_p >= 1.0)
@@ -139,7 +172,7 @@ def _filter_sample_kernel(
             hi = tl.min(tl.where(ok, hi, pivots), axis=0)
             cnt_lo = tl.min(tl.where(ok, cnt, cnt_lo), axis=0)
             cnt_hi = tl.max(tl.where(ok, cnt_hi, cnt), axis=0)
-            splittable = lo + (hi - lo) * (1.0 / (NUM_PIVOTS + 1)) > lo
+            splittable = lo + (hi - lo) * (1.0 / NUM_PIVOTS) > lo
             done_p = (cnt_lo - cnt_hi <= 1) | (splittable == 0)
             passes += 1
 
