@@ -253,3 +253,49 @@ def test_prefix_hits_count_as_computed_and_respect_cache_salt(kv_impl):
         _run(sched, runner)
     assert hits == {"same": (32, 13), "other": (0, 45), "none": (0, 45)}  # 2 full blocks; the last token is recomputed
     assert sched.stats.prefix_hit_tokens == 32 and sched.stats.prefix_query_tokens == 4 * 45
+
+
+def test_victim_already_scheduled_this_step_is_unscheduled(kv_impl):
+    """Priority: the low-priority request was scheduled earlier in the step when a later one runs out of blocks."""
+    rng = random.Random(14)
+    kv = make_kv(kv_impl, 1 + 5, 4, enable_prefix_caching=True)
+    sched = Scheduler(kv, SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=64, max_model_len=20, watermark=0),
+                      policy="priority")
+    runner = FakeRunner(4)
+    low = Request("L", _rand_prompt(rng, 5), max_tokens=6, priority=5, ignore_eos=True, arrival_time=0.0)
+    high = Request("H", _rand_prompt(rng, 12), max_tokens=6, priority=0, ignore_eos=True, arrival_time=1.0)
+    sched.add_request(low)
+    sched.update_from_output(runner.execute(sched.schedule()))  # L: prefill (2 blocks)
+    sched.add_request(high)
+    out = sched.schedule()  # L decodes inside its block; H takes the last 3 blocks
+    assert out.num_scheduled_tokens == {"L": 1, "H": 12} and kv.num_free_blocks == 0
+    sched.update_from_output(runner.execute(out))
+    out = sched.schedule()  # L (first in line) fits; H needs a 4th block: the victim is L, already scheduled
+    assert out.preempted_req_ids == ["L"]
+    assert out.num_scheduled_tokens == {"H": 1} and out.scheduled_cached_reqs.req_ids == ["H"]
+    assert out.total_num_scheduled_tokens == 1 and low.num_computed_tokens == 0
+    sched.update_from_output(runner.execute(out))
+    _run(sched, runner)
+    assert low.num_preemptions == 1 and high.num_preemptions == 0
+    assert low.num_output_tokens == high.num_output_tokens == 6
+    for r in (low, high):
+        runner.assert_computed_once(r.request_id, r.all_token_ids)
+    assert kv.num_free_blocks == 5
+
+
+def test_many_running_finish_one_per_step(kv_impl):
+    rng = random.Random(15)
+    kv = make_kv(kv_impl, 1 + 400, 8)
+    sched = Scheduler(kv, SchedulerConfig(max_num_seqs=32, max_num_batched_tokens=2048, max_model_len=128))
+    reqs = [Request(f"r{i}", _rand_prompt(rng, rng.randrange(1, 50)), max_tokens=i + 1, ignore_eos=True)
+            for i in rng.sample(range(25), 25)]
+    for r in reqs:
+        sched.add_request(r)
+    runner = FakeRunner(8)
+    step = 0
+    while sched.has_unfinished_requests():
+        finished = sched.update_from_output(runner.execute(sched.schedule()))
+        step += 1
+        assert [r.num_output_tokens for r in finished] == [step]  # r{step-1} has max_tokens == step
+        assert sched.num_running == 25 - step
+    assert all(r.num_output_tokens == r.max_tokens for r in reqs) and kv.num_free_blocks == 400
