@@ -79,3 +79,13 @@ def test_random_batches_match_reference(seed):
     window = rng.choice([None, rng.randint(1, 40)])
     splits = rng.choice([{}, {"num_splits": rng.randint(2, 5)}])
     run_and_check(batch, dtype, backend=TritonAttentionBackend(**splits), sliding_window=window)
+
+
+@pytest.mark.parametrize("pairs", [[(1, 40), (1, 7), (1, 300)], [(9, 40), (1, 7), (33, 33)]], ids=["decode", "mixed"])
+def test_mqa_group_of_16_and_strided_new_kv(pairs):
+    """16 query heads on one KV head (tile rows = group); K/V views into a fused projection."""
+    batch = make_batch(pairs, num_heads=16, num_kv_heads=1, head_dim=64, block_size=16, dtype=torch.float16,
+                       device=DEVICE)
+    fused = torch.randn(batch.key.shape[0], 3, 64, dtype=torch.float16, device=DEVICE)
+    batch.key, batch.value = fused[:, 1:2], fused[:, 2:3]  # token stride 3 * 64, not 64
+    run_and_check(batch, torch.float16, soft_cap=8.0)
