@@ -172,6 +172,16 @@ def test_invalid_arguments_name_the_field():
         SchedulerConfig(max_num_batched_tokens=0)
     with pytest.raises(ValueError, match="watermark"):
         SchedulerConfig(watermark=1.5)
+    with pytest.raises(ValueError, match="long_prefill_token_threshold"):
+        SchedulerConfig(long_prefill_token_threshold=-1)
+    with pytest.raises(ValueError, match="long_prefill_token_threshold"):
+        SchedulerConfig(enable_chunked_prefill=False, long_prefill_token_threshold=64)
+    with pytest.raises(ValueError, match="max_num_batched_tokens"):
+        SchedulerConfig(enable_chunked_prefill=False, max_num_batched_tokens=100, max_model_len=101)
+    with pytest.raises(ValueError, match="max_num_queued_requests"):
+        SchedulerConfig(max_num_queued_requests=0)
+    with pytest.raises(ValueError, match="min_tokens"):
+        Request("x", [1], max_tokens=3, min_tokens=4)
     with pytest.raises(ValueError, match="policy"):
         Scheduler(kv, SchedulerConfig(max_model_len=32), policy="lifo")
     with pytest.raises(ValueError, match="max_tokens"):
@@ -299,3 +309,18 @@ def test_many_running_finish_one_per_step(kv_impl):
         assert [r.num_output_tokens for r in finished] == [step]  # r{step-1} has max_tokens == step
         assert sched.num_running == 25 - step
     assert all(r.num_output_tokens == r.max_tokens for r in reqs) and kv.num_free_blocks == 400
+
+
+def test_tokens_for_aborted_or_unknown_requests_are_ignored(kv_impl):
+    kv = make_kv(kv_impl, 1 + 20, 4)
+    sched = Scheduler(kv, SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=64, max_model_len=64))
+    runner = FakeRunner(4)
+    a, b = Request("a", [5, 6, 7], max_tokens=4), Request("b", [8, 9], max_tokens=4)
+    sched.add_request(a)
+    sched.add_request(b)
+    sampled = runner.execute(sched.schedule())
+    assert sched.abort_request("a")  # between the forward and the update (an engine race)
+    sampled["ghost"] = [3]
+    assert sched.update_from_output(sampled) == []
+    assert a.output_token_ids == [] and b.output_token_ids == sampled["b"]
+    assert "ghost" not in sched.requests and kv.num_free_blocks == 20 - 1
