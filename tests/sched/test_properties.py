@@ -83,7 +83,7 @@ def _check_finished(req: Request, runner: FakeRunner, eos) -> None:
         assert eos is None or eos not in out[:-1]  # max_tokens is checked before EOS (as vLLM)
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(setup=setup_st, specs=st.lists(request_st, min_size=1, max_size=12), seed=st.integers(0, 2**16))
 def test_every_trace_finishes_with_each_token_computed_once(setup, specs, seed):
     kv, sched = _build(setup)
@@ -181,4 +181,4 @@ class SchedulerMachine(RuleBasedStateMachine):
 
 
 TestSchedulerMachine = SchedulerMachine.TestCase
-TestSchedulerMachine.settings = settings(max_examples=40, stateful_step_count=40, deadline=None)
+TestSchedulerMachine.settings = settings(max_examples=150, stateful_step_count=50, deadline=None)
