@@ -8,6 +8,8 @@ and leaked or double-owned blocks. Pool invariants are checked after every step 
 
 from __future__ import annotations
 
+import hashlib
+
 import hypothesis.strategies as st
 from hypothesis import HealthCheck, event, settings
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, initialize, invariant, precondition, rule
@@ -16,6 +18,10 @@ from blocks.cache.manager import KVCacheManager
 
 SALTS = [(), ("salt-a",), (7, "lora")]
 BASES = [[5, 3, 9, 1, 4, 4, 8, 2, 6, 0, 7, 3], [1, 1, 2, 3, 5, 8, 13, 21, 34, 55, 89, 144]]
+
+
+def _one_byte_hash(data: bytes) -> bytes:
+    return hashlib.sha256(data).digest()[:1]
 
 
 class _Seq:
@@ -27,9 +33,12 @@ class CacheMachine(RuleBasedStateMachine):
     requests = Bundle("requests")
 
     @initialize(block_size=st.sampled_from([1, 2, 3, 4, 5]), num_blocks=st.integers(6, 40),
-                caching=st.booleans(), null=st.booleans())
-    def setup(self, block_size, num_blocks, caching, null):
-        self.kv = KVCacheManager(num_blocks, block_size, enable_prefix_caching=caching, reserve_null_block=null)
+                caching=st.booleans(), null=st.booleans(), weak_hash=st.booleans())
+    def setup(self, block_size, num_blocks, caching, null, weak_hash):
+        # weak_hash: a 1-byte hash, so collisions are frequent and only verification keeps hits correct
+        kw = {"hash_fn": _one_byte_hash} if weak_hash else {}
+        self.kv = KVCacheManager(num_blocks, block_size, enable_prefix_caching=caching, reserve_null_block=null,
+                                 **kw)
         self.bs = block_size
         self.seqs: dict[str, _Seq] = {}
         self.shadow: dict[int, list] = {}
