@@ -169,7 +169,7 @@ class BlockPool:
 
     def allocate(self, n: int) -> list[int]:
         """Take ``n`` blocks from the head of the free queue (evicting cached content); ref count 1 each."""
-        if n < 0 or n > len(self.free_queue):
+        if not isinstance(n, int) or n < 0 or n > len(self.free_queue):
             raise ValueError(f"cannot allocate {n} blocks: {len(self.free_queue)} free of "
                              f"{self.num_usable_blocks} usable")
         ids = self.free_queue.popleft_n(n)
@@ -182,8 +182,12 @@ class BlockPool:
 
     def touch(self, block_ids: Iterable[int]) -> None:
         """Add a holder to each block (a prefix hit or a fork); free blocks leave the free queue in O(1)."""
+        ids = block_ids if isinstance(block_ids, list) else list(block_ids)
+        self._check_ids(ids)
+        if self.null_block_id is not None and self.null_block_id in ids:
+            raise ValueError("cannot touch the null block")
         refs, fq = self.ref_counts, self.free_queue
-        for b in block_ids:
+        for b in ids:
             if refs[b] == 0:
                 fq.remove(b)
             refs[b] += 1
@@ -195,27 +199,40 @@ class BlockPool:
         Raises ValueError on a block that is already free (or the null block) and leaves the pool as it was.
         """
         ids = block_ids if isinstance(block_ids, list) else list(block_ids)
+        self._check_ids(ids, check_types=False)  # a non-int id fails at refs[b] below, before any change to it
         refs, hashes, null = self.ref_counts, self.block_hashes, self.null_block_id
         fq = self.free_queue
         nxt, prev, s = fq._next, fq._prev, fq._sentinel  # FreeBlockQueue.append/appendleft inlined: hot loop
-        freed = 0
-        for k, b in enumerate(ids):
-            r = refs[b]
-            if r <= 0 or b == null:
-                fq._len += freed
-                self._undo_free(ids[:k])
-                what = "the null block" if b == null else "already free"
-                raise ValueError(f"cannot free block {b}: {what} (double free?)")
-            refs[b] = r - 1
-            if r == 1:
-                freed += 1
-                if hashes[b] is None:  # no content to keep: reused first
-                    head = nxt[s]
-                    nxt[b], prev[b], prev[head], nxt[s] = head, s, b, b
-                else:  # cached: least recently used end
-                    tail = prev[s]
-                    prev[b], nxt[b], nxt[tail], prev[s] = tail, s, b, b
+        freed = k = 0
+        try:
+            for k, b in enumerate(ids):  # noqa: B007 (k is read after a failure)
+                r = refs[b]
+                if r <= 0 or b == null:
+                    what = "the null block" if b == null else "already free"
+                    raise ValueError(f"cannot free block {b}: {what} (double free?)")
+                refs[b] = r - 1
+                if r == 1:
+                    freed += 1
+                    if hashes[b] is None:  # no content to keep: reused first
+                        head = nxt[s]
+                        nxt[b], prev[b], prev[head], nxt[s] = head, s, b, b
+                    else:  # cached: least recently used end
+                        tail = prev[s]
+                        prev[b], nxt[b], nxt[tail], prev[s] = tail, s, b, b
+        except (ValueError, TypeError) as e:
+            fq._len += freed
+            self._undo_free(ids[:k])
+            if isinstance(e, TypeError):
+                raise ValueError(f"block ids must be ints, got {ids[k]!r}") from None
+            raise
         fq._len += freed
+
+    def _check_ids(self, ids: list[int], *, check_types: bool = True) -> None:
+        """Block ids must be ints in [0, num_blocks) (range by a C-level min/max pass)."""
+        if ids and (min(ids) < 0 or max(ids) >= self.num_blocks
+                    or (check_types and not all(type(b) is int for b in ids))):
+            raise ValueError(f"block ids must be ints in [0, num_blocks={self.num_blocks}), got "
+                             f"{[b for b in ids if type(b) is not int or not 0 <= b < self.num_blocks][:4]}")
 
     def _undo_free(self, done: list[int]) -> None:
         for b in reversed(done):

@@ -111,3 +111,22 @@ def test_cache_block_requires_a_held_uncached_block():
     pool.free([c])
     with pytest.raises(ValueError, match="must be held"):
         pool.cache_block(c, b"z", (1,), 0, ())
+
+
+@pytest.mark.parametrize("bad,message", [
+    (-1, r"ints in \[0, num_blocks=13\), got \[-1\]"),
+    (13, r"got \[13\]"),
+    (2.0, "must be ints, got 2.0"),
+])
+def test_free_and_touch_reject_bad_ids_without_changing_the_pool(bad, message):
+    pool = BlockPool(13)
+    held = pool.allocate(5)
+    refs, order = list(pool.ref_counts), list(pool.free_queue)
+    with pytest.raises(ValueError, match=message):
+        pool.free([held[0], held[1], bad])
+    with pytest.raises(ValueError, match="block ids must be ints"):
+        pool.touch([held[2], bad])
+    with pytest.raises(ValueError, match="null block"):
+        pool.touch([0])
+    assert pool.ref_counts == refs and list(pool.free_queue) == order
+    pool.check_invariants()
