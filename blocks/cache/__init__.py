@@ -9,9 +9,12 @@ from .manager import KVCacheManager
 from .stats import CacheStats, MissReason
 
 __all__ = ["KVCacheManager", "BlockPool", "FreeBlockQueue", "CacheStats", "MissReason",
-           "allocate_kv_cache", "layer_views", "block_copy"]
+           "allocate_kv_cache", "allocate_kv_cache_for_budget", "layer_views", "bytes_per_token", "bytes_per_block",
+           "num_blocks_for_budget", "block_copy", "block_copy_reference", "plan_copy_waves"]
 
-_LAZY = {"allocate_kv_cache": "kv_tensors", "layer_views": "kv_tensors", "block_copy": "block_copy"}
+_LAZY = {name: "kv_tensors" for name in ("allocate_kv_cache", "allocate_kv_cache_for_budget", "layer_views",
+                                         "bytes_per_token", "bytes_per_block", "num_blocks_for_budget")}
+_LAZY.update({name: "block_copy" for name in ("block_copy", "block_copy_reference", "plan_copy_waves")})
 
 
 def __getattr__(name: str):
