@@ -120,16 +120,17 @@ def test_decode(benchmark, batch, ctx):
     benchmark.pedantic(fn, rounds=5)
 
 
+@pytest.mark.parametrize("kernel", ["scalar", "vector"])
 @pytest.mark.parametrize("batch,ctx", DECODE_SHAPES, ids=[f"cupy-decode-{b}x{c}" for b, c in DECODE_SHAPES])
-def test_decode_cupy(benchmark, batch, ctx):
+def test_decode_cupy(benchmark, batch, ctx, kernel):
     pytest.importorskip("cupy")
     from blocks.attention.cupy_backend import CupyAttentionBackend
 
     inputs = decode_inputs(batch, ctx)
-    fn = _attend_fn(CupyAttentionBackend(), inputs)
+    fn = _attend_fn(CupyAttentionBackend(kernel=kernel), inputs)
     t_ours = time_cuda(fn)
     t_peer = time_cuda(inputs.sdpa)
-    _record(benchmark, f"cupy decode {batch}x{ctx}", t_ours, t_peer, inputs)
+    _record(benchmark, f"cupy-{kernel} decode {batch}x{ctx}", t_ours, t_peer, inputs)
     benchmark.pedantic(fn, rounds=5)
 
 

@@ -114,14 +114,19 @@ class CupyAttentionBackend(AttentionBackend):
 
     Args:
         prefill_backend: ``"triton"`` (default) or ``"cupy"`` (force the CUDA kernel for every batch).
+        kernel: ``"scalar"`` (default; verified on an H100) or ``"vector"`` (16-byte loads and split-KV,
+            :mod:`cupy_split_launch`; not yet run on a GPU).
     """
 
     name = "cupy"
 
-    def __init__(self, *, prefill_backend: str = "triton") -> None:
+    def __init__(self, *, prefill_backend: str = "triton", kernel: str = "scalar") -> None:
         if prefill_backend not in ("triton", "cupy"):
             raise ValueError(f"prefill_backend must be 'triton' or 'cupy', got {prefill_backend!r}")
+        if kernel not in ("scalar", "vector"):
+            raise ValueError(f"kernel must be 'scalar' or 'vector', got {kernel!r}")
         self.prefill_backend = prefill_backend
+        self.kernel = kernel
 
     def plan(self, metadata: AttentionMetadata) -> AttentionMetadata:
         metadata.plan = TritonPlan.from_metadata(metadata)
@@ -131,11 +136,14 @@ class CupyAttentionBackend(AttentionBackend):
         reshape_and_cache(key, value, key_cache, value_cache, metadata.slot_mapping, k_scale=k_scale, v_scale=v_scale)
 
     def attend(self, query, key_cache, value_cache, metadata, **kwargs):
-        use_cuda_kernel = (metadata.max_query_len <= 1 or self.prefill_backend == "cupy") and kernel_supports(
-            query, key_cache
-        )
-        if use_cuda_kernel:
-            return cupy_paged_decode_attention(query, key_cache, value_cache, metadata, **kwargs)
+        if metadata.max_query_len <= 1 or self.prefill_backend == "cupy":
+            if self.kernel == "vector":
+                from blocks.attention.cupy_split_launch import cupy_split_decode_attention, vector_kernel_supports
+
+                if vector_kernel_supports(query, key_cache, value_cache):
+                    return cupy_split_decode_attention(query, key_cache, value_cache, metadata, **kwargs)
+            elif kernel_supports(query, key_cache):
+                return cupy_paged_decode_attention(query, key_cache, value_cache, metadata, **kwargs)
         if not isinstance(metadata.plan, TritonPlan):
             self.plan(metadata)
         return triton_paged_attention(query, key_cache, value_cache, metadata, **kwargs)

@@ -18,13 +18,12 @@ from __future__ import annotations
 
 import functools
 
-__all__ = ["get_kernel", "KERNEL_SOURCE", "DTYPE_KINDS", "max_group_dims"]
+__all__ = ["get_kernel", "KERNEL_SOURCE", "COMMON_SOURCE", "DTYPE_KINDS", "max_group_dims"]
 
 # element kinds: 0 float32, 1 float16, 2 bfloat16, 3 float8 e4m3 (cache only)
 DTYPE_KINDS = {"float32": 0, "float16": 1, "bfloat16": 2, "float8_e4m3fn": 3}
 
-KERNEL_SOURCE = r"""
-#define DPL ((HEAD_DIM + 31) / 32)
+COMMON_SOURCE = r"""
 #define NEG_INF __int_as_float(0xff800000)
 
 #if Q_KIND == 0
@@ -82,6 +81,10 @@ __device__ __forceinline__ float kv_to_float(kv_t x, const float* lut) {
     return lut[x];
 #endif
 }
+"""
+
+KERNEL_SOURCE = COMMON_SOURCE + r"""
+#define DPL ((HEAD_DIM + 31) / 32)
 
 extern "C" __global__ void __launch_bounds__(NWARPS * 32) paged_decode_attention(
     const q_t* __restrict__ query, const kv_t* __restrict__ key_cache, const kv_t* __restrict__ value_cache,

@@ -1,4 +1,6 @@
-"""GPU-only attention tests: bf16, FP8 KV with bf16 queries, CUDA-graph capture, the CuPy kernel.
+"""GPU-only attention tests: bf16, FP8 KV with bf16 queries, CUDA-graph capture, the CuPy kernels.
+
+The ``vector`` CuPy kernel (cupy_kernels_split.py) had not run on a GPU when these were written.
 
 Skipped without CUDA (``gpu`` marker); run on the device machine with
 ``python3 -m pytest -q tests/attention``. The fp32/fp16 tests of test_triton_attention.py run
@@ -47,13 +49,13 @@ def test_fp8_kv_matches_reference(pairs, head_dim, block_size, heads, num_splits
     run_and_check(batch, BF16, backend=TritonAttentionBackend(**over), sliding_window=None)
 
 
-@pytest.mark.parametrize("backend_name", ["triton", "cupy"])
+@pytest.mark.parametrize("backend_name", ["triton", "cupy", "cupy-vector"])
 def test_cuda_graph_capture_and_replay(backend_name):
     """Plan once, capture write_kv + attend, then replay on new data with the same shapes."""
-    if backend_name == "cupy":
+    if backend_name.startswith("cupy"):
         pytest.importorskip("cupy")
         from blocks.attention.cupy_backend import CupyAttentionBackend
-        backend = CupyAttentionBackend()
+        backend = CupyAttentionBackend(kernel="vector" if backend_name == "cupy-vector" else "scalar")
     else:
         backend = TritonAttentionBackend()
     pairs = [(1, 300), (1, 17), (1, 1), (1, 2048)]
@@ -96,12 +98,13 @@ CUPY_CASES = [  # (dtype, cache_dtype, head_dim, (num_heads, num_kv_heads), wind
 
 
 @pytest.mark.parametrize("dtype,cache_dtype,head_dim,heads,window,soft_cap", CUPY_CASES)
-@pytest.mark.parametrize("pairs", [DECODE_PAIRS, MIXED_PAIRS], ids=["decode", "mixed"])
-def test_cupy_kernel_matches_reference(pairs, dtype, cache_dtype, head_dim, heads, window, soft_cap):
+@pytest.mark.parametrize("pairs", [DECODE_PAIRS, MIXED_PAIRS, [(1, 3000), (1, 700)]], ids=["decode", "mixed", "split"])
+@pytest.mark.parametrize("kernel", ["scalar", "vector"])
+def test_cupy_kernel_matches_reference(kernel, pairs, dtype, cache_dtype, head_dim, heads, window, soft_cap):
     pytest.importorskip("cupy")
     from blocks.attention.cupy_backend import CupyAttentionBackend
 
-    backend = CupyAttentionBackend(prefill_backend="cupy")  # the CUDA kernel for every row
+    backend = CupyAttentionBackend(prefill_backend="cupy", kernel=kernel)  # the CUDA kernel for every row
     batch = make_batch(pairs, num_heads=heads[0], num_kv_heads=heads[1], head_dim=head_dim, block_size=16,
                        dtype=dtype, device="cuda", cache_dtype=cache_dtype, pad_rows=1, pad_tokens=1)
     loose = 2.0 if cache_dtype == FP8 else 1.0
@@ -112,10 +115,12 @@ def test_cupy_kernel_matches_reference(pairs, dtype, cache_dtype, head_dim, head
 def test_cupy_backend_routes_prefill_to_triton_and_rejects_cpu_tensors():
     pytest.importorskip("cupy")
     from blocks.attention.cupy_backend import CupyAttentionBackend, cupy_paged_decode_attention
+    from blocks.attention.cupy_split_launch import cupy_split_decode_attention
 
     batch = make_batch(MIXED_PAIRS, num_heads=8, num_kv_heads=2, head_dim=128, block_size=32, dtype=BF16,
                        device="cuda")
     run_and_check(batch, BF16, backend=CupyAttentionBackend())
     cpu = make_batch([(1, 5)], num_heads=2, num_kv_heads=1, head_dim=64, block_size=16, dtype=torch.float32)
-    with pytest.raises(ValueError, match="CUDA"):
-        cupy_paged_decode_attention(cpu.query, cpu.key_cache, cpu.value_cache, cpu.metadata, scale=1.0)
+    for fn in (cupy_paged_decode_attention, cupy_split_decode_attention):
+        with pytest.raises(ValueError, match="CUDA"):
+            fn(cpu.query, cpu.key_cache, cpu.value_cache, cpu.metadata, scale=1.0)
