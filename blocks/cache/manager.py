@@ -199,6 +199,7 @@ class KVCacheManager:
                              f"block_size={bs}); it can never fit")
         req = self._requests.get(request_id)
         if req is None:
+            encode_extra_keys(extra_keys)  # validates
             ncb = len(computed_blocks)
             if num_computed_tokens != ncb * bs:
                 raise ValueError(
