@@ -67,8 +67,11 @@ class CacheMachine(RuleBasedStateMachine):
         before = self._snapshot()
         copies_before = list(self.kv._copies)
         try:
+            can = self.kv.can_allocate(rid, n, num_computed_tokens=seq.computed, token_ids=seq.tokens,
+                                       extra_keys=seq.salt, **kw)
             new = self.kv.allocate_slots(rid, n, num_computed_tokens=seq.computed, token_ids=seq.tokens,
                                          extra_keys=seq.salt, **kw)
+            assert (new is not None) == can, "can_allocate disagrees with allocate_slots"
         except ValueError as e:
             assert -(-(seq.computed + n) // self.bs) > self.kv.num_usable_blocks, e
             assert "can never fit" in str(e)
