@@ -7,7 +7,13 @@ logit bias and its random stream (a ``RequestRng`` over a CPU ``torch.Generator`
 
 Rows are dense ``0..num_rows-1``: ``add_request`` appends a row, ``remove_request`` moves the last
 row into the hole (so the engine must build the logits in ``batch.req_ids`` order), and
-``append_tokens`` records the tokens sampled this step. Parameter tensors are copied to the device
+``append_tokens`` records the tokens sampled this step.
+
+Contract with the engine: every row samples at every sampler call. Add a request when it first
+samples (its prompt fully prefilled, so chunked prefill never consumes its random stream) and
+remove it when it finishes or is preempted; re-add a preempted request with its
+``output_token_ids`` and the ``RequestRng`` that ``remove_request`` returned, and its seeded stream
+continues exactly where it stopped. Parameter tensors are copied to the device
 only when a request joined or left (``prepare``); per-step host work is O(rows), not O(tokens).
 
 Example::

@@ -223,7 +223,8 @@ def triton_filter_and_sample(
         temperature: ``[num_rows]`` float32 (0 = greedy). top_k: ``[num_rows]`` int32/int64 (0 = off).
         top_p, min_p: ``[num_rows]`` float32 (1 and 0 = off).
         keys: ``[num_rows]`` int64 Philox keys, one per row and step; None = thresholds only.
-        block, num_pivots: tile width and pivots per search pass (powers of two).
+        block, num_pivots: tile width (capped at the vocabulary's next power of two) and pivots per
+            search pass (powers of two).
         num_programs: persistent programs (default: one per row, at most 4 per SM on CUDA).
 
     Returns:
@@ -241,6 +242,7 @@ def triton_filter_and_sample(
     key_arg = keys if do_sample else thr
     if num_rows == 0:
         return thr, (out if do_sample else None)
+    block = max(16, min(block, triton.next_power_of_2(vocab)))  # small vocabularies: a narrower tile
     if num_programs is None:
         num_programs = num_rows
         if logits.is_cuda:
