@@ -173,6 +173,11 @@ class SamplingBatch:
         bad = [t for t in tokens if not 0 <= t < self.vocab_size]
         if bad:
             raise ValueError(f"token ids must be in [0, {self.vocab_size}), got {bad[0]}.")
+        restricted = (("logit_bias", params.logit_bias or ()), ("allowed_token_ids", params.allowed_token_ids or ()))
+        for name, ids in restricted:
+            oov = [t for t in ids if t >= self.vocab_size]
+            if oov:
+                raise ValueError(f"{name} token ids must be below vocab_size={self.vocab_size}, got {oov[0]}.")
         row = self.num_rows
         self.req_ids.append(req_id)
         self._row_of[req_id] = row

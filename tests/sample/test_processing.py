@@ -142,6 +142,10 @@ def test_sampler_and_batch_validation():
         batch.add_request("r0", SamplingParams(), [1])
     with pytest.raises(ValueError, match=r"\[0, 53\)"):
         batch.add_request("oov", SamplingParams(), [V])
+    with pytest.raises(ValueError, match="logit_bias token ids must be below vocab_size=53"):
+        batch.add_request("lb", SamplingParams(logit_bias={V: 1.0}), [1])
+    with pytest.raises(ValueError, match="allowed_token_ids"):
+        batch.add_request("al", SamplingParams(allowed_token_ids=[1, V + 4]), [1])
     with pytest.raises(ValueError, match="max_num_rows"):
         SamplingBatch(max_num_rows=0, vocab_size=4, max_len=4)
 
@@ -159,3 +163,12 @@ def test_sort_plan_gives_the_full_sort_thresholds():
     assert torch.equal(x >= planned[:, None], x >= full[:, None])
     random_rows = bt.temperature > 0
     assert int((x >= planned[:, None])[random_rows].sum()) < 501 * int(random_rows.sum()), "nothing was filtered"
+
+
+def test_empty_batch_samples_nothing():
+    batch = SamplingBatch(max_num_rows=2, vocab_size=V, max_len=8)
+    out = Sampler(backend="torch")(torch.randn(0, V), batch)
+    assert out.sampled_token_ids.shape == (0,)
+    batch.add_request("a", SamplingParams(temperature=0.5), [1])
+    batch.remove_request("a")
+    assert Sampler(backend="torch")(torch.randn(0, V), batch).sampled_token_ids.shape == (0,)
