@@ -30,7 +30,7 @@ import torch
 
 from blocks.sample.batch import BatchTensors, SamplingBatch
 from blocks.sample.logprobs import LogprobsTensors, compute_logprobs
-from blocks.sample.ops import NEG_INF, apply_penalties, exponential_race, filter_threshold
+from blocks.sample.ops import NEG_INF, apply_penalties, filter_threshold
 from blocks.sample.rng import KEY_RANGE
 
 __all__ = ["Sampler", "SamplerOutput", "SAMPLER_BACKENDS", "LOGPROBS_MODES"]
@@ -214,8 +214,9 @@ class Sampler:
         if keys is None:
             return torch.full_like(bt.temperature, NEG_INF), greedy_ids
         thr = self._threshold(x, bt)
-        scaled = self._scaled(x, bt, thr)
-        noise = torch.empty_like(scaled)
+        temp = torch.where(bt.temperature > 0, bt.temperature, torch.ones_like(bt.temperature))
+        scores = (x / temp[:, None]).masked_fill_(x < thr[:, None], NEG_INF)
+        noise = torch.empty_like(scores)
         gen = self._device_generator(x.device)
         # Unseeded rows share one draw keyed by row 0's key (from the sampler's generator); seeded rows
         # then redraw their own row from their own key. ``keys`` is a host tensor: no device sync.
@@ -225,5 +226,6 @@ class Sampler:
         for row in seeded:
             gen.manual_seed(host_keys[row])
             noise[row].exponential_(generator=gen)
-        sampled = exponential_race(scaled, noise)
+        # The exponential race argmax(probs / noise) as argmax(scaled logits - log(noise)), in place.
+        sampled = scores.sub_(noise.log_()).argmax(dim=1)
         return thr, torch.where(bt.temperature > 0, sampled, greedy_ids)

@@ -172,3 +172,14 @@ def test_empty_batch_samples_nothing():
     batch.add_request("a", SamplingParams(temperature=0.5), [1])
     batch.remove_request("a")
     assert Sampler(backend="torch")(torch.randn(0, V), batch).sampled_token_ids.shape == (0,)
+
+
+def test_exponential_race_is_argmax_of_probs_over_noise():
+    from blocks.sample.ops import exponential_race
+
+    gen = torch.Generator().manual_seed(6)
+    logits = torch.randn(7, V, generator=gen)
+    logits[:, :10] = float("-inf")
+    noise = torch.empty(7, V).exponential_(generator=gen)
+    ids = exponential_race(logits, noise)
+    assert torch.equal(ids, (torch.softmax(logits, 1) / noise).argmax(1)) and bool((ids >= 10).all())
