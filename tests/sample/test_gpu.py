@@ -57,3 +57,19 @@ def test_torch_and_triton_backends_agree_on_greedy_rows_on_cuda():
     a = Sampler(backend="torch")(logits, batch).sampled_token_ids
     b = Sampler(backend="triton")(logits, batch).sampled_token_ids
     assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_sampler_step_makes_no_host_sync(backend):
+    from tests.sample.helpers import mixed_batch
+
+    batch, _, gen = mixed_batch(24, 32000, seed=8, device="cuda", repetition_penalty=1.2)
+    logits = (torch.randn(24, 32000, generator=gen) * 2).cuda()
+    sampler = Sampler(backend=backend, seed=0)
+    sampler(logits, batch)  # the first call uploads the batch's parameters
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = sampler(logits, batch, inplace=True)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert out.sampled_token_ids.shape == (24,)
