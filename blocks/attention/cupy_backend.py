@@ -22,7 +22,7 @@ from blocks.attention.backend import AttentionBackend
 from blocks.attention.cupy_kernels import DTYPE_KINDS, NUM_WARPS, get_kernel, max_group_dims
 from blocks.attention.metadata import AttentionMetadata
 from blocks.attention.triton_cache_write import reshape_and_cache
-from blocks.attention.triton_paged import TritonPlan
+from blocks.attention.triton_paged import TritonPlan, WorkspacePool
 from blocks.attention.triton_paged import paged_attention as triton_paged_attention
 from blocks.attention.validation import FP8_KV_DTYPE, check_attention
 
@@ -127,9 +127,10 @@ class CupyAttentionBackend(AttentionBackend):
             raise ValueError(f"kernel must be 'scalar' or 'vector', got {kernel!r}")
         self.prefill_backend = prefill_backend
         self.kernel = kernel
+        self.workspace = WorkspacePool()  # split-KV buffers; outlive every plan (CUDA graphs keep pointers)
 
     def plan(self, metadata: AttentionMetadata) -> AttentionMetadata:
-        metadata.plan = TritonPlan.from_metadata(metadata)
+        metadata.plan = TritonPlan.from_metadata(metadata, pool=self.workspace)
         return metadata
 
     def write_kv(self, key, value, key_cache, value_cache, metadata, *, k_scale=None, v_scale=None):

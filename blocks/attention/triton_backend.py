@@ -11,6 +11,9 @@ Usage::
 Neither call syncs with the device, and the shapes are fixed by the metadata, so a planned step
 can be captured in a CUDA graph (padding tokens have ``slot_mapping == -1`` and lie beyond
 ``query_start_loc[-1]`` or in rows with ``seq_len == 0``; the kernels skip them and write zeros).
+A captured graph stays correct for any later ``seq_lens``/``block_table`` contents: the split count
+is fixed at plan time, but each sequence's chunk is computed in the kernel from its ``seq_len``, and
+the split workspace belongs to the backend (it outlives the captured metadata).
 The kernels also run under ``TRITON_INTERPRET=1`` on CPU tensors (fp32/fp16).
 """
 
@@ -19,7 +22,7 @@ from __future__ import annotations
 from blocks.attention.backend import AttentionBackend
 from blocks.attention.metadata import AttentionMetadata
 from blocks.attention.triton_cache_write import reshape_and_cache
-from blocks.attention.triton_paged import TritonPlan, paged_attention
+from blocks.attention.triton_paged import TritonPlan, WorkspacePool, paged_attention
 
 __all__ = ["TritonAttentionBackend"]
 
@@ -36,10 +39,11 @@ class TritonAttentionBackend(AttentionBackend):
 
     def __init__(self, **overrides) -> None:
         self.overrides = overrides
+        self.workspace = WorkspacePool()  # split-KV buffers; outlive every plan (CUDA graphs keep pointers)
 
     def plan(self, metadata: AttentionMetadata) -> AttentionMetadata:
         """Build the step's :class:`TritonPlan` from host integers into ``metadata.plan``."""
-        metadata.plan = TritonPlan.from_metadata(metadata, **self.overrides)
+        metadata.plan = TritonPlan.from_metadata(metadata, pool=self.workspace, **self.overrides)
         return metadata
 
     def write_kv(self, key, value, key_cache, value_cache, metadata, *, k_scale=None, v_scale=None):

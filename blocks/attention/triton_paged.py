@@ -32,7 +32,7 @@ from blocks.attention.metadata import AttentionMetadata
 from blocks.attention.triton_attention import merge_splits_kernel, paged_attn_kernel
 from blocks.attention.validation import check_attention
 
-__all__ = ["LaunchConfig", "TritonPlan", "choose_config", "paged_attention"]
+__all__ = ["LaunchConfig", "TritonPlan", "WorkspacePool", "choose_config", "paged_attention"]
 
 MAX_SPLITS = 64
 MIN_SPLIT_TOKENS = 256
@@ -85,6 +85,35 @@ def choose_config(
     return LaunchConfig(block_q=block_q, block_m=block_m, block_n=128, num_warps=8, num_stages=3)
 
 
+class WorkspacePool:
+    """Float32 buffers for split-KV partial results that live as long as the pool (never freed).
+
+    A CUDA graph captured with a split-KV launch keeps the workspace's address, so the memory must
+    outlive every plan: the engine drops the metadata after capture. Buffers are keyed by device
+    and a power-of-two size, so eager steps with varying token counts reuse a few buffers instead
+    of allocating per step. Uses are sequential on one stream (write by the attention kernel, read
+    by the merge kernel right after); give each concurrently running stream its own pool.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[tuple[torch.device, int], torch.Tensor] = {}
+
+    def get(self, num_splits: int, num_tokens: int, num_heads: int, head_dim: int, device: torch.device):
+        """``(partial_out [S, T, H, D], partial_lse [S, T, H])`` float32 views of a pooled buffer."""
+        n_out = num_splits * num_tokens * num_heads * head_dim
+        n_lse = num_splits * num_tokens * num_heads
+        size = triton.next_power_of_2(n_out + n_lse)
+        key = (torch.device(device), size)
+        buf = self._buffers.get(key)
+        if buf is None:
+            buf = self._buffers[key] = torch.empty(size, dtype=torch.float32, device=device)
+        return (buf[:n_out].view(num_splits, num_tokens, num_heads, head_dim),
+                buf[n_out:n_out + n_lse].view(num_splits, num_tokens, num_heads))
+
+
+DEFAULT_WORKSPACE_POOL = WorkspacePool()
+
+
 @dataclass
 class TritonPlan:
     """Per-step plan: host integers of the batch plus one launch config per layer shape.
@@ -92,7 +121,8 @@ class TritonPlan:
     Attributes:
         num_seqs, num_tokens, max_query_len, max_seq_len: copied from the metadata.
         overrides: fields forced on every chosen :class:`LaunchConfig` (tuning, tests).
-        configs: ``(num_heads, num_kv_heads, head_dim, dtype) -> (LaunchConfig, workspace)``; the
+        pool: where split workspaces come from (a backend passes its own; default: a process-wide pool).
+        configs: ``(num_heads, num_kv_heads, head_dim, dtype, device) -> (LaunchConfig, workspace)``; the
             workspace is ``(partial_out [num_splits, num_tokens, num_heads, head_dim] float32,
             partial_lse [num_splits, num_tokens, num_heads] float32)`` or ``None``.
     """
@@ -102,12 +132,14 @@ class TritonPlan:
     max_query_len: int
     max_seq_len: int
     overrides: dict = field(default_factory=dict)
+    pool: WorkspacePool = field(default=DEFAULT_WORKSPACE_POOL, repr=False)
     configs: dict = field(default_factory=dict)
 
     @classmethod
-    def from_metadata(cls, metadata: AttentionMetadata, **overrides) -> TritonPlan:
+    def from_metadata(cls, metadata: AttentionMetadata, *, pool: WorkspacePool | None = None,
+                      **overrides) -> TritonPlan:
         return cls(metadata.num_seqs, metadata.num_tokens, metadata.max_query_len, metadata.max_seq_len,
-                   overrides=dict(overrides))
+                   overrides=dict(overrides), pool=pool or DEFAULT_WORKSPACE_POOL)
 
     def config_for(self, query: torch.Tensor, num_kv_heads: int):
         """The (cached) launch config and split workspace for this layer shape."""
@@ -125,11 +157,7 @@ class TritonPlan:
             cfg = replace(cfg, **self.overrides)
         workspace = None
         if cfg.num_splits > 1:
-            workspace = (
-                torch.empty((cfg.num_splits, num_tokens, num_heads, head_dim), dtype=torch.float32,
-                            device=query.device),
-                torch.empty((cfg.num_splits, num_tokens, num_heads), dtype=torch.float32, device=query.device),
-            )
+            workspace = self.pool.get(cfg.num_splits, num_tokens, num_heads, head_dim, query.device)
         self.configs[key] = (cfg, workspace)
         return cfg, workspace
 

@@ -74,6 +74,8 @@ def test_cuda_graph_capture_and_replay(backend_name):
         backend.write_kv(batch.key, batch.value, batch.key_cache, batch.value_cache, md)
         out = backend.attend(batch.query, batch.key_cache, batch.value_cache, md, scale=scale)
     torch.cuda.current_stream().wait_stream(stream)
+    md.plan = None  # the engine drops the capture-time metadata: the split workspace must outlive it
+    junk = [torch.full((1 << 20,), float("nan"), device="cuda") for _ in range(16)]  # reuse freed memory
     for _ in range(2):
         batch.key_cache.copy_(kc0)
         batch.value_cache.copy_(vc0)
@@ -85,6 +87,7 @@ def test_cuda_graph_capture_and_replay(backend_name):
         reference.reshape_and_cache(batch.key, batch.value, ref_k, ref_v, md.slot_mapping)
         want = reference.paged_attention(batch.query.float(), ref_k, ref_v, md, scale=scale)
         assert_close_no_nan(out, want, BF16)
+    del junk
 
 
 CUPY_CASES = [  # (dtype, cache_dtype, head_dim, (num_heads, num_kv_heads), window, soft_cap)

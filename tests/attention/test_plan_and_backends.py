@@ -89,3 +89,22 @@ def test_mqa_group_of_16_and_strided_new_kv(pairs):
     fused = torch.randn(batch.key.shape[0], 3, 64, dtype=torch.float16, device=DEVICE)
     batch.key, batch.value = fused[:, 1:2], fused[:, 2:3]  # token stride 3 * 64, not 64
     run_and_check(batch, torch.float16, soft_cap=8.0)
+
+
+def test_workspace_pool_outlives_plans_and_reuses_buffers():
+    from blocks.attention.triton_paged import WorkspacePool
+
+    pool = WorkspacePool()
+    out, lse = pool.get(4, 3, 8, 64, torch.device("cpu"))
+    assert out.shape == (4, 3, 8, 64) and lse.shape == (4, 3, 8) and out.dtype == lse.dtype == torch.float32
+    again, _ = pool.get(4, 3, 8, 64, torch.device("cpu"))
+    assert again.data_ptr() == out.data_ptr()  # same size class: same memory
+    bigger, _ = pool.get(64, 3, 8, 64, torch.device("cpu"))
+    assert bigger.data_ptr() != out.data_ptr() and len(pool._buffers) == 2
+    be = TritonAttentionBackend(num_splits=3)
+    batch = make_batch([(1, 50), (1, 9)], num_heads=4, num_kv_heads=2, head_dim=64, block_size=16,
+                       dtype=torch.float32, device=DEVICE)
+    run_and_check(batch, torch.float32, backend=be)
+    _, workspace = next(iter(batch.metadata.plan.configs.values()))
+    batch.metadata.plan = None  # dropping the plan keeps the backend's buffer alive
+    assert any(workspace[0].data_ptr() == b.data_ptr() for b in be.workspace._buffers.values())
