@@ -37,7 +37,9 @@ def test_bench_pool_allocate_free_throughput(benchmark):
     pool = BlockPool(4096)
     benchmark(_alloc_free_rounds, pool)
     blocks_per_s = ROUNDS * ROUND_BLOCKS / benchmark.stats.stats.median
-    benchmark.extra_info.update(blocks_per_s=round(blocks_per_s), target_blocks_per_s=1_000_000,
+    best = ROUNDS * ROUND_BLOCKS / benchmark.stats.stats.min  # the shared CPU makes the median noisy
+    benchmark.extra_info.update(blocks_per_s=round(blocks_per_s), blocks_per_s_best=round(best),
+                                target_blocks_per_s=1_000_000,
                                 note="one allocation + one free of a block counts as one")
     pool.check_invariants()
 
