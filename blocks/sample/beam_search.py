@@ -166,7 +166,7 @@ class BeamSearch:
         out.done = self.done
         return out
 
-    def best(self, n: int | None = None) -> list[BeamHypothesis]:
+    def best(self, *, n: int | None = None) -> list[BeamHypothesis]:
         """The finished hypotheses, best first (``n`` of them, default ``beam_width``). When the search
         ended without enough finished ones, live beams fill in, scored at their current length."""
         n = self.params.beam_width if n is None else n

@@ -28,7 +28,7 @@ class LogprobsTensors:
     topk_ids: torch.Tensor
     topk_logprobs: torch.Tensor
 
-    def row(self, i: int, num_top: int | None = None) -> dict[int, tuple[float, int]]:
+    def row(self, i: int, *, num_top: int | None = None) -> dict[int, tuple[float, int]]:
         """Host dict ``token id -> (logprob, rank)`` for row ``i``: top ``num_top`` entries (host sync)."""
         n = self.topk_ids.shape[1] if num_top is None else num_top
         ids = self.topk_ids[i, :n].tolist()

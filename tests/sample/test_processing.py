@@ -101,7 +101,8 @@ def test_logprobs_and_ranks():
     ranks = (ref > ref.gather(1, chosen[:, None])).sum(1) + 1
     assert torch.equal(lp.token_ranks, ranks)
     torch.testing.assert_close(lp.topk_logprobs, ref.topk(5).values)
-    assert lp.row(0, 2) == {int(ref[0].topk(2).indices[i]): (float(ref[0].topk(2).values[i]), i + 1) for i in range(2)}
+    top = ref[0].topk(2)
+    assert lp.row(0, num_top=2) == {int(top.indices[i]): (float(top.values[i]), i + 1) for i in range(2)}
 
 
 def test_sampler_returns_raw_or_processed_logprobs():
