@@ -1,0 +1,269 @@
+"""``AsyncLLM``: an asyncio client of an engine core running in its own process.
+
+The engine core (model, scheduler, KV cache, detokenizer) runs in a child process started with
+``multiprocessing``'s "spawn" context (:mod:`blocks.engine.engine_proc`); this object lives in the
+server's process, sends msgpack messages over a ``Pipe`` and turns the replies into one async
+stream per request. Example::
+
+    engine = AsyncLLM(EngineConfig(model=path, device="cpu"))   # blocks until the model is loaded
+    async for out in engine.generate("r1", prompt_ids, SamplingParams(max_tokens=8), stream=True):
+        print(out.outputs[0].text, end="")                        # only the new text of this step
+    engine.shutdown()
+
+Each item of :meth:`AsyncLLM.generate` is a :class:`~blocks.engine.outputs.RequestOutput` in
+*delta* form: every ``CompletionOutput`` holds only the text, token ids and logprobs that are new
+since the previous item, and ``finish_reason`` appears once, on the last item (``finished=True``).
+Leaving the ``async for`` early (a client that went away, a cancelled task) aborts the request in
+the engine, which frees its KV blocks in its next loop iteration.
+
+Two threads move bytes: a writer (so a busy engine never blocks the event loop on a full pipe)
+and a reader (which hands each reply to the event loop). If the engine process dies, every open
+stream raises :class:`EngineDeadError` and :meth:`is_alive` turns false.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import multiprocessing
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import asdict
+from typing import Any
+
+from blocks.engine.config import EngineConfig
+from blocks.engine.engine_proc import pack, run_engine_proc, sampling_params_to_dict, unpack
+from blocks.engine.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+from blocks.sample.params import SamplingParams
+from blocks.sched.errors import QueueFullError
+
+__all__ = ["AsyncLLM", "EngineDeadError", "EngineStats"]
+
+
+class EngineDeadError(RuntimeError):
+    """The engine process is gone (crashed, killed or shut down); the server answers 503."""
+
+
+class EngineStats(dict):
+    """The engine's latest counters: ``num_running``, ``num_waiting``, ``kv_usage`` (0..1),
+    ``num_preemptions``, ``prefix_queries``, ``prefix_hits`` (cumulative), ``num_unfinished``."""
+
+
+def _decode_logprobs(entries) -> list:
+    return [None if e is None else {t: Logprob(lp, rank, dec) for t, lp, rank, dec in e} for e in entries]
+
+
+def _to_output(delta: list, prompt_token_ids: list[int], prompt: str | None) -> RequestOutput:
+    rid, finished, comps, metrics, cached, prompt_lps = delta
+    outputs = [
+        CompletionOutput(index=i, text=text, token_ids=ids, cumulative_logprob=cum,
+                         logprobs=None if lps is None else _decode_logprobs(lps), finish_reason=fin,
+                         stop_reason=stop)
+        for i, text, ids, lps, cum, fin, stop in comps
+    ]
+    m = None
+    if metrics is not None:
+        m = RequestMetrics(arrival_time=metrics[0], first_token_time=metrics[1], finished_time=metrics[2],
+                           num_preemptions=metrics[3])
+    return RequestOutput(request_id=rid, prompt=prompt, prompt_token_ids=prompt_token_ids,
+                         prompt_logprobs=None if prompt_lps is None else _decode_logprobs(prompt_lps),
+                         outputs=outputs, finished=finished, metrics=m, num_cached_tokens=cached)
+
+
+class _Stream:
+    """Per-request mailbox on the event loop."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, prompt_token_ids: list[int], prompt: str | None) -> None:
+        self.loop = loop
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.prompt_token_ids = prompt_token_ids
+        self.prompt = prompt
+
+
+class AsyncLLM:
+    """Asyncio front of an engine process (see the module docstring).
+
+    Args:
+        config: the engine's :class:`EngineConfig`; ``config.model=None`` = the embedded default model.
+        startup_timeout: seconds to wait for the model to load before raising ``RuntimeError``.
+
+    Attributes (after start): ``max_model_len``, ``vocab_size``, ``eos_token_id``, ``num_blocks``,
+    ``block_size``, ``model_path`` (resolved), ``engine_pid``, ``tokenizer`` (loaded in this process
+    too, for chat templates and tokenization; ``None`` with ``skip_tokenizer_init``).
+    """
+
+    def __init__(self, config: EngineConfig, *, startup_timeout: float = 900.0) -> None:
+        self.config = config
+        ctx = multiprocessing.get_context("spawn")
+        self._conn, child = ctx.Pipe(duplex=True)
+        kwargs = asdict(config)
+        self._proc = ctx.Process(target=run_engine_proc, args=(child, kwargs, config.model),
+                                 name="blocks-engine", daemon=True)
+        self._proc.start()
+        child.close()
+        self._dead: str | None = None
+        self._streams: dict[str, _Stream] = {}
+        self._lock = threading.Lock()
+        self.stats = EngineStats(num_running=0, num_waiting=0, kv_usage=0.0, num_preemptions=0, prefix_queries=0,
+                                 prefix_hits=0, num_unfinished=0)
+        if not self._conn.poll(startup_timeout):
+            self._kill()
+            raise RuntimeError(f"engine did not start within startup_timeout={startup_timeout} s")
+        try:
+            first = unpack(self._conn.recv_bytes())
+        except EOFError:
+            self._kill()
+            raise RuntimeError(f"engine process exited during start-up (exit code {self._proc.exitcode})") from None
+        if first[0] != "ready":
+            self._kill()
+            raise RuntimeError(first[1])
+        info = first[1]
+        self.max_model_len: int = info["max_model_len"]
+        self.vocab_size: int = info["vocab_size"]
+        self.eos_token_id: int | None = info["eos_token_id"]
+        self.num_blocks: int = info["num_blocks"]
+        self.block_size: int = info["block_size"]
+        self.engine_pid: int = info["pid"]
+        self.model_path: str = info["model_path"]
+        self.tokenizer = None
+        if not config.skip_tokenizer_init:
+            from blocks.engine.llm import _load_tokenizer
+
+            self.tokenizer = _load_tokenizer(config.tokenizer or self.model_path)
+        self._outbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._writer = threading.Thread(target=self._write_loop, name="blocks-engine-writer", daemon=True)
+        self._reader = threading.Thread(target=self._read_loop, name="blocks-engine-reader", daemon=True)
+        self._writer.start()
+        self._reader.start()
+
+    # ------------------------------------------------------------------ plumbing
+    def _write_loop(self) -> None:
+        while True:
+            data = self._outbox.get()
+            if data is None:
+                return
+            try:
+                self._conn.send_bytes(data)
+            except (OSError, ValueError):
+                return
+
+    def _read_loop(self) -> None:
+        reason = "engine process exited"
+        try:
+            while True:
+                msg = unpack(self._conn.recv_bytes())
+                kind = msg[0]
+                if kind == "outs":
+                    self.stats = EngineStats(msg[2])
+                    for delta in msg[1]:
+                        self._deliver(delta[0], delta)
+                elif kind == "error":
+                    _, rid, err_kind, text, extra = msg
+                    if err_kind == "queue_full":
+                        exc: Exception = QueueFullError(*extra)
+                    else:
+                        exc = ValueError(text) if err_kind == "value" else RuntimeError(text)
+                    self._deliver(rid, exc)
+                elif kind == "fatal":
+                    reason = msg[1]
+                    break
+        except (EOFError, OSError):
+            pass
+        self._dead = reason
+        with self._lock:
+            streams = list(self._streams.items())
+        for rid, _ in streams:
+            self._deliver(rid, EngineDeadError(reason))
+
+    def _deliver(self, request_id: str, item: Any) -> None:
+        with self._lock:
+            stream = self._streams.get(request_id)
+        if stream is not None:
+            with contextlib.suppress(RuntimeError):  # RuntimeError: the loop is closed
+                stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
+
+    def _send(self, message: list) -> None:
+        self._outbox.put(pack(message))
+
+    def _kill(self) -> None:
+        if self._proc.is_alive():
+            self._proc.terminate()
+            self._proc.join(5)
+        if self._proc.is_alive():
+            self._proc.kill()
+            self._proc.join(5)
+
+    # ------------------------------------------------------------------ public API
+    def is_alive(self) -> bool:
+        """Whether the engine process is up and answering."""
+        return self._dead is None and self._proc.is_alive()
+
+    @property
+    def dead_reason(self) -> str | None:
+        return self._dead if self._dead is not None else (None if self._proc.is_alive() else "engine process exited")
+
+    async def generate(
+        self,
+        request_id: str,
+        prompt_token_ids: Sequence[int],
+        params: SamplingParams,
+        *,
+        prompt: str | None = None,
+        priority: int = 0,
+        stream: bool = False,
+        arrival_time: float | None = None,
+    ) -> AsyncIterator[RequestOutput]:
+        """Run one request; yields deltas (``stream=True``: every step it advances; else one at the end).
+
+        Raises ``ValueError`` (invalid request), :class:`QueueFullError` (admission control) or
+        :class:`EngineDeadError` from the first ``__anext__``. Closing the iterator early aborts it.
+        """
+        if not self.is_alive():
+            raise EngineDeadError(self.dead_reason or "engine is not running")
+        ids = [int(t) for t in prompt_token_ids]
+        mailbox = _Stream(asyncio.get_running_loop(), ids, prompt)
+        with self._lock:
+            if request_id in self._streams:
+                raise ValueError(f"request_id {request_id!r} is already in use")
+            self._streams[request_id] = mailbox
+        self._send(["add", {
+            "request_id": request_id, "prompt_token_ids": ids, "params": sampling_params_to_dict(params),
+            "prompt": prompt, "priority": int(priority), "stream": bool(stream),
+            "arrival_time": time.time() if arrival_time is None else arrival_time,
+        }])
+        done = False
+        try:
+            while True:
+                item = await mailbox.queue.get()
+                if isinstance(item, BaseException):
+                    done = not isinstance(item, EngineDeadError)  # an add error left nothing to abort
+                    raise item
+                out = _to_output(item, ids, prompt)
+                if out.finished:
+                    done = True
+                yield out
+                if done:
+                    return
+        finally:
+            with self._lock:
+                self._streams.pop(request_id, None)
+            if not done and self._dead is None:
+                self._send(["abort", [request_id]])
+
+    def abort(self, request_ids: str | Sequence[str]) -> None:
+        """Abort requests by id (unknown ids are ignored); their blocks are freed in the engine."""
+        ids = [request_ids] if isinstance(request_ids, str) else list(request_ids)
+        self._send(["abort", ids])
+
+    def shutdown(self, *, timeout: float = 10.0) -> None:
+        """Ask the engine to abort what is left and exit; kill it if it has not after ``timeout`` s."""
+        if self._proc.is_alive():
+            self._send(["shutdown"])
+            self._proc.join(timeout)
+        self._kill()
+        self._outbox.put(None)
+        with contextlib.suppress(OSError):
+            self._conn.close()
+        self._dead = self._dead or "engine was shut down"

@@ -1,0 +1,216 @@
+"""The engine-core process: an :class:`EngineCore` loop that talks msgpack over a pipe.
+
+:class:`~blocks.engine.async_llm.AsyncLLM` starts :func:`run_engine_proc` in a child process
+(``multiprocessing`` "spawn" context) so the HTTP server, tokenization and JSON never hold the GIL
+the model loop needs. Every message is one msgpack-encoded list sent with ``send_bytes`` (never a
+pickle of our objects)::
+
+    API -> engine   ["add", {request_id, prompt_token_ids, params, prompt, priority, stream, arrival_time}]
+                    ["abort", [request_id, ...]]
+                    ["shutdown"]
+    engine -> API   ["ready", {max_model_len, vocab_size, eos_token_id, num_blocks, block_size, pid}]
+                    ["fatal", message]                     (start-up or step failure; the process exits)
+                    ["error", request_id, kind, message, extra]  (kind: "value" | "queue_full" | "internal";
+                                                           extra: [field, limit, value] for queue_full)
+                    ["outs", [delta, ...], stats]          (after every step and after aborts)
+
+A *delta* carries only what is new for a request since its last delta (see :func:`encode_delta`),
+so a stream costs O(new tokens) per step. Text that could still become a stop string is held back
+until it is final, so concatenated deltas always equal the finished text.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import traceback
+from typing import Any
+
+import msgpack
+
+__all__ = ["run_engine_proc", "pack", "unpack", "sampling_params_to_dict", "DeltaTracker"]
+
+
+def pack(message: list) -> bytes:
+    """msgpack-encode one message (a list)."""
+    return msgpack.packb(message, use_bin_type=True)
+
+
+def unpack(data: bytes) -> list:
+    """Decode one message; int map keys (``logit_bias``) are allowed."""
+    return msgpack.unpackb(data, raw=False, strict_map_key=False)
+
+
+def sampling_params_to_dict(params) -> dict[str, Any]:
+    """The constructor fields of a ``SamplingParams`` as a plain dict (msgpack-safe)."""
+    from dataclasses import fields
+
+    return {f.name: getattr(params, f.name) for f in fields(params) if f.init and f.name != "bad_words_token_ids"}
+
+
+def _encode_logprobs(entries) -> list:
+    """``[{token_id: Logprob}]`` -> ``[[[token_id, logprob, rank, decoded], ...], ...]`` (order kept)."""
+    return [None if e is None else [[t, lp.logprob, lp.rank, lp.decoded_token] for t, lp in e.items()]
+            for e in entries]
+
+
+class DeltaTracker:
+    """Remembers how much of each request's outputs was already sent, and encodes what is new.
+
+    A delta is ``[request_id, finished, completions, metrics, num_cached_tokens, prompt_logprobs]``
+    with completions ``[[index, text, token_ids, logprobs, cumulative_logprob, finish_reason,
+    stop_reason], ...]``. ``finish_reason`` is only reported once the whole request finished, so a
+    client sees every choice's last text before its finish.
+    """
+
+    def __init__(self) -> None:
+        self._sent: dict[str, dict[int, tuple[int, int]]] = {}
+        self._holdback: dict[str, int] = {}
+
+    def register(self, request_id: str, stop: list[str]) -> None:
+        self._sent[request_id] = {}
+        self._holdback[request_id] = max((len(s) for s in stop), default=1) - 1
+
+    def forget(self, request_id: str) -> None:
+        self._sent.pop(request_id, None)
+        self._holdback.pop(request_id, None)
+
+    def encode(self, out) -> list:
+        sent = self._sent.setdefault(out.request_id, {})
+        hold = 0 if out.finished else self._holdback.get(out.request_id, 0)
+        comps = []
+        for c in out.outputs:
+            t0, k0 = sent.get(c.index, (0, 0))
+            end = max(t0, len(c.text) - hold)
+            logprobs = None if c.logprobs is None else _encode_logprobs(c.logprobs[k0:])
+            comps.append([c.index, c.text[t0:end], list(c.token_ids[k0:]), logprobs, c.cumulative_logprob,
+                          c.finish_reason if out.finished else None, c.stop_reason if out.finished else None])
+            sent[c.index] = (end, len(c.token_ids))
+        m = out.metrics
+        metrics = None if m is None else [m.arrival_time, m.first_token_time, m.finished_time, m.num_preemptions]
+        prompt_lps = None
+        if out.finished and out.prompt_logprobs is not None:
+            prompt_lps = _encode_logprobs(out.prompt_logprobs)
+        if out.finished:
+            self.forget(out.request_id)
+        return [out.request_id, out.finished, comps, metrics, out.num_cached_tokens, prompt_lps]
+
+
+def _stats(core) -> dict[str, Any]:
+    kv = core.kv_manager
+    s = getattr(kv, "stats", None)
+    return {
+        "num_running": core.scheduler.num_running, "num_waiting": core.scheduler.num_waiting,
+        "kv_usage": float(kv.usage), "num_preemptions": core.scheduler.stats.num_preemptions,
+        "prefix_queries": int(getattr(s, "prefix_queries", 0)), "prefix_hits": int(getattr(s, "prefix_hits", 0)),
+        "num_unfinished": core.num_unfinished_requests,
+    }
+
+
+class _Loop:
+    """The child's main loop: drain messages, step while there is work, send deltas."""
+
+    def __init__(self, core, conn) -> None:
+        self.core = core
+        self.conn = conn
+        self.deltas = DeltaTracker()
+        self.running = True
+
+    def send(self, message: list) -> None:
+        self.conn.send_bytes(pack(message))
+
+    def handle(self, message: list) -> list:
+        """Apply one message; returns deltas of requests it finished (aborts)."""
+        from blocks.sample.params import SamplingParams
+        from blocks.sched.errors import QueueFullError
+
+        kind = message[0]
+        if kind == "add":
+            req = message[1]
+            rid = req["request_id"]
+            try:
+                params = SamplingParams(**req["params"])
+                self.core.add_request(rid, req["prompt_token_ids"], params, prompt=req.get("prompt"),
+                                      arrival_time=req.get("arrival_time"), priority=req.get("priority", 0),
+                                      stream=bool(req.get("stream")))
+                self.deltas.register(rid, params.stop)
+            except QueueFullError as exc:
+                self.send(["error", rid, "queue_full", str(exc), [exc.field, exc.limit, exc.value]])
+            except (ValueError, TypeError) as exc:
+                self.send(["error", rid, "value", str(exc), None])
+            except Exception as exc:  # noqa: BLE001 - one bad request must not kill the engine
+                self.send(["error", rid, "internal", f"{type(exc).__name__}: {exc}", None])
+            return []
+        if kind == "abort":
+            outs = []
+            for rid in message[1]:
+                out = self.core.abort_request(rid)
+                if out is not None:
+                    outs.append(self.deltas.encode(out))
+                self.deltas.forget(rid)
+            return outs or [None]  # [None]: stats changed, send them even without outputs
+        if kind == "shutdown":
+            self.running = False
+            return []
+        raise ValueError(f"unknown engine message {kind!r}")
+
+    def run(self) -> None:
+        while self.running:
+            busy = self.core.has_unfinished_requests()
+            finished: list = []
+            if self.conn.poll(0 if busy else None):
+                while self.running and self.conn.poll(0):
+                    finished.extend(self.handle(unpack(self.conn.recv_bytes())))
+            if not self.running:
+                break
+            if self.core.has_unfinished_requests():
+                finished.extend(self.deltas.encode(o) for o in self.core.step())
+            if finished:
+                self.send(["outs", [d for d in finished if d is not None], _stats(self.core)])
+        for rid in list(self.core._parents):  # shutdown: abort what is left, free its blocks
+            self.core.abort_request(rid)
+
+
+def run_engine_proc(conn, config_kwargs: dict[str, Any], model_path: str | None) -> None:
+    """Entry point of the engine process (``conn``: the child end of a duplex ``Pipe``).
+
+    Builds the tokenizer and :class:`EngineCore`, sends ``["ready", info]`` (or ``["fatal", msg]``)
+    and serves messages until ``["shutdown"]`` or the parent's end of the pipe closes.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the server, which shuts us down
+    try:
+        from blocks.engine.config import EngineConfig
+        from blocks.engine.core import EngineCore
+
+        config = EngineConfig(**config_kwargs)
+        if model_path is None:
+            from blocks.default_model_path import default_model_path
+
+            model_path = default_model_path()
+        tokenizer = None
+        if not config.skip_tokenizer_init:
+            from blocks.engine.llm import _load_tokenizer
+
+            tokenizer = _load_tokenizer(config.tokenizer or model_path)
+        core = EngineCore(config, model_path, tokenizer)
+    except BaseException as exc:  # noqa: BLE001 - report any start-up failure to the parent
+        conn.send_bytes(pack(["fatal", f"engine failed to start: {type(exc).__name__}: {exc}"]))
+        conn.close()
+        return
+    import os
+
+    conn.send_bytes(pack(["ready", {
+        "max_model_len": core.max_model_len, "vocab_size": core.vocab_size, "eos_token_id": core.eos_token_id,
+        "num_blocks": core.runner.num_blocks, "block_size": config.block_size, "pid": os.getpid(),
+        "model_path": model_path,
+    }]))
+    loop = _Loop(core, conn)
+    try:
+        loop.run()
+    except (EOFError, OSError, BrokenPipeError):
+        pass  # the server went away: exit quietly
+    except BaseException:  # noqa: BLE001
+        with contextlib.suppress(OSError):
+            conn.send_bytes(pack(["fatal", "engine step failed:\n" + traceback.format_exc()]))
+    finally:
+        conn.close()
