@@ -13,6 +13,8 @@ block table) and updates it from this object:
 * ``blocks_to_copy``: copy-on-write ``(src_block, dst_block)`` pairs to apply before the forward.
 * ``preempted_req_ids``: dropped this step; the runner forgets them (they come back as new).
 * ``finished_req_ids``: finished or aborted since the previous step; the runner forgets them.
+* ``block_replacements``: copy-on-write table edits, ``{request_id: [(table_index, new_block_id)]}``;
+  the runner overwrites those entries of its tables (the data is copied by ``blocks_to_copy``).
 """
 
 from __future__ import annotations
@@ -74,6 +76,7 @@ class SchedulerOutput:
         blocks_to_copy: copy-on-write ``(src, dst)`` block pairs.
         preempted_req_ids: requests preempted during this step.
         finished_req_ids: requests finished or aborted since the previous step.
+        block_replacements: copy-on-write edits of existing tables (see the module docstring).
     """
 
     step: int
@@ -84,6 +87,7 @@ class SchedulerOutput:
     blocks_to_copy: list[tuple[int, int]]
     preempted_req_ids: list[str]
     finished_req_ids: list[str]
+    block_replacements: dict[str, list[tuple[int, int]]] = field(default_factory=dict)
 
     @property
     def num_scheduled_reqs(self) -> int:

@@ -86,7 +86,7 @@ class Request:
         "output_token_ids", "all_token_ids", "num_prompt_tokens", "num_computed_tokens", "num_blocks",
         "num_slot_tokens",
         "status", "num_preemptions", "preemptions", "num_cached_tokens", "first_scheduled_step",
-        "first_token_time", "finish_time", "seq", "skips", "stop_ids", "prefix_hint",
+        "first_token_time", "finish_time", "seq", "skips", "stop_ids", "prefix_hint", "needs_cow_check",
         "__weakref__",
     )
 
@@ -147,6 +147,7 @@ class Request:
         self.finish_time: float | None = None
         self.seq = 0  # admission order, set by the scheduler (FCFS tie-break)
         self.skips = 0  # times a later request was admitted ahead of it (cache-aware policy)
+        self.needs_cow_check = False  # shares a partly filled block after a fork: ask the KV manager next step
         self.prefix_hint = (-(1 << 62), 0)  # (step, cached tokens) of the last lookup (cache-aware policy)
 
     @property

@@ -55,7 +55,7 @@ class Scheduler:
     Args:
         kv_cache_manager: a :class:`blocks.cache.manager.KVCacheManager` (or anything with its API:
             ``block_size``, ``num_free_blocks``, ``get_computed_blocks``, ``allocate_slots``, ``free``,
-            ``get_block_table``, ``take_copies``).
+            ``get_block_table``, ``take_copies``, ``take_replacements``; ``fork`` for ``fork_request``).
         config: limits (``SchedulerConfig()`` for vLLM's defaults).
         policy: ``"fcfs"``, ``"priority"``, ``"cache_aware"`` or a :class:`SchedulingPolicy`.
         stop_checker: optional ``f(request) -> RequestStatus | None`` called after each appended
@@ -92,6 +92,7 @@ class Scheduler:
         self.running: list[Request] = []
         self._waiting: list[tuple[tuple, Request]] = []  # heap; aborted entries are skipped lazily
         self.num_waiting = 0
+        self._forked: set[str] = set()  # forked requests not yet sent to the runner
         self.num_queued_tokens = 0
         self._finished_ids: list[str] = []
         self._seq = 0
@@ -177,6 +178,8 @@ class Scheduler:
         c_computed: list[int] = []
         preempted: list[str] = []
         running = self.running
+        forked = self._forked
+        fork_reqs: list[NewRequestData] = []
         i = 0
         while i < len(running) and budget > 0:
             req = running[i]
@@ -190,7 +193,8 @@ class Scheduler:
                 i += 1
                 continue
             new_blocks = _EMPTY
-            if c + n > req.num_blocks * bs:
+            if c + n > req.num_blocks * bs or req.needs_cow_check:
+                req.needs_cow_check = False
                 # the manager last heard of num_slot_tokens tokens (calls are skipped inside a block)
                 s = req.num_slot_tokens
                 new_blocks = kv.allocate_slots(
@@ -205,9 +209,13 @@ class Scheduler:
                     if idx < i:  # already scheduled this step: give its tokens back
                         i -= 1
                         budget += num_sched.pop(victim.request_id)
-                        j = c_ids.index(victim.request_id)
-                        computed = c_computed[j]
-                        del c_ids[j], c_blocks[j], c_computed[j]
+                        if victim.request_id in c_ids:
+                            j = c_ids.index(victim.request_id)
+                            computed = c_computed[j]
+                            del c_ids[j], c_blocks[j], c_computed[j]
+                        else:  # emitted as a forked request this step
+                            j = next(k for k, d in enumerate(fork_reqs) if d.request_id == victim.request_id)
+                            computed = fork_reqs.pop(j).num_computed_tokens
                     self._preempt(victim, PreemptionReason.OUT_OF_BLOCKS, preempted, computed)
                     if victim is req:
                         break
@@ -222,12 +230,17 @@ class Scheduler:
             num_sched[req.request_id] = n
             budget -= n
             req.num_computed_tokens = c + n
-            c_ids.append(req.request_id)
-            c_blocks.append(new_blocks)
-            c_computed.append(c)
+            if forked and req.request_id in forked:  # new to the runner: send its whole state
+                forked.discard(req.request_id)
+                fork_reqs.append(NewRequestData(req.request_id, list(req.all_token_ids), req.num_prompt_tokens,
+                                                list(kv.get_block_table(req.request_id)), c))
+            else:
+                c_ids.append(req.request_id)
+                c_blocks.append(new_blocks)
+                c_computed.append(c)
             i += 1
 
-        new_reqs: list[NewRequestData] = []
+        new_reqs: list[NewRequestData] = fork_reqs
         if not preempted and budget > 0 and self.num_waiting and len(running) < cfg.max_num_seqs:
             budget = self._admit(budget, num_sched, new_reqs)
 
@@ -241,6 +254,7 @@ class Scheduler:
             blocks_to_copy=kv.take_copies(),
             preempted_req_ids=preempted,
             finished_req_ids=finished,
+            block_replacements=kv.take_replacements(),
         )
         self.step += 1
         self.stats.num_steps += 1
@@ -385,9 +399,45 @@ class Scheduler:
                 out.append(req)
         return out
 
+    def fork_request(self, parent_id: str, child_id: str) -> Request:
+        """Start ``child_id`` as a running copy of the running request ``parent_id``.
+
+        The child gets the parent's tokens and progress and shares its KV blocks
+        (``kv_cache_manager.fork``); the partly filled last block is copied on the first write by
+        either of them (both ask the KV manager on their next step). The child is sent to the runner
+        as a new request on its next step. Used by beam search and parallel sampling.
+
+        Raises ValueError when the parent is not running or the child id is taken.
+        """
+        parent = self.requests.get(parent_id)
+        if parent is None or parent.status is not _RUNNING:
+            raise ValueError(f"fork_request: parent {parent_id!r} is not a running request")
+        if child_id in self.requests:
+            raise ValueError(f"fork_request: request_id {child_id!r} is already in use")
+        child = Request(
+            child_id, parent.prompt_token_ids, max_tokens=parent.max_tokens, arrival_time=parent.arrival_time,
+            priority=parent.priority, eos_token_id=parent.eos_token_id, stop_token_ids=parent.stop_token_ids,
+            min_tokens=parent.min_tokens, ignore_eos=parent.ignore_eos, cache_salt=parent.cache_salt,
+            lora_id=parent.lora_id,
+        )
+        self.kv.fork(parent_id, child_id)
+        child.output_token_ids = list(parent.output_token_ids)
+        child.all_token_ids = list(parent.all_token_ids)
+        for name in ("num_computed_tokens", "num_blocks", "num_slot_tokens", "num_cached_tokens",
+                     "first_scheduled_step", "first_token_time", "seq"):
+            setattr(child, name, getattr(parent, name))
+        child.status = _RUNNING
+        parent.needs_cow_check = child.needs_cow_check = True
+        self.requests[child_id] = child
+        self.running.append(child)
+        self._forked.add(child_id)
+        return child
+
     def _preempt(self, req: Request, reason: PreemptionReason, preempted: list[str], computed: int) -> None:
         # blocks registered for tokens this step would have computed are dropped from the prefix cache
         self.kv.free(req.request_id, num_computed_tokens=min(computed, req.num_slot_tokens))
+        self._forked.discard(req.request_id)
+        req.needs_cow_check = False
         req.status = _PREEMPTED
         req.num_computed_tokens = req.num_slot_tokens = 0
         req.num_blocks = 0
@@ -402,6 +452,7 @@ class Scheduler:
     def _finish(self, req: Request, status: RequestStatus) -> None:
         if req.status is _RUNNING:
             self.kv.free(req.request_id)
+        self._forked.discard(req.request_id)
         req.status = status
         req.num_blocks = 0
         del self.requests[req.request_id]

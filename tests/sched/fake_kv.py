@@ -111,3 +111,6 @@ class FakeKVCacheManager:
 
     def take_copies(self):
         return []
+
+    def take_replacements(self):
+        return {}

@@ -56,6 +56,10 @@ class FakeRunner:
             assert rid in self.tables, f"cached request {rid} unknown to the runner"
             assert self.computed[rid] == c, f"{rid}: runner computed {self.computed[rid]}, scheduler says {c}"
             self.tables[rid].extend(nb)
+        for rid, edits in out.block_replacements.items():  # copy-on-write: the table now names the copy
+            for index, block in edits:
+                if rid in self.tables:
+                    self.tables[rid][index] = block
         assert set(out.num_scheduled_tokens) == set(cached.req_ids) | {n.request_id for n in out.scheduled_new_reqs}
         assert sum(out.num_scheduled_tokens.values()) == out.total_num_scheduled_tokens
         # write phase: every scheduled token's KV goes to its slot
