@@ -101,6 +101,20 @@ def test_bench_allocate_slots_decode_step_on_demand(benchmark, num_seqs):
     kv.check_invariants()
 
 
+class _NoOpManager:
+    def allocate_slots(self, request_id, num_new_tokens, *, num_computed_tokens=0, token_ids=(),
+                       computed_blocks=(), extra_keys=()):
+        return []
+
+
+def test_bench_decode_step_loop_baseline_256(benchmark):
+    """The decode-step benchmark's own loop (token append, bookkeeping) against a no-op manager: subtract it
+    from ``test_bench_allocate_slots_decode_step[256]`` to get the manager's share."""
+    _, seqs, _ = _decode_setup(256)
+    benchmark.pedantic(_one_decode_step, args=(_NoOpManager(), seqs, 7), rounds=150, iterations=1, warmup_rounds=5)
+    benchmark.extra_info.update(step_us=round(benchmark.stats.stats.median * 1e6, 1))
+
+
 def test_bench_prefix_lookup_4096_tokens(benchmark):
     rng = random.Random(4096)
     kv = KVCacheManager(4096, 16, enable_prefix_caching=True)
