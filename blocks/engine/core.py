@@ -19,12 +19,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from blocks.cache.manager import KVCacheManager
+from blocks.engine.beam import BeamGroup, BeamSearchOutput
 from blocks.engine.config import EngineConfig
 from blocks.engine.detokenizer import IncrementalDetokenizer
 from blocks.engine.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from blocks.engine.runner import ModelRunner, SamplingInfo
 from blocks.sample.parallel import ParallelGroup, fork_parallel
-from blocks.sample.params import SamplingParams
+from blocks.sample.params import BeamSearchParams, SamplingParams
 from blocks.sched.config import SchedulerConfig
 from blocks.sched.request import Request, RequestStatus
 from blocks.sched.scheduler import Scheduler
@@ -115,10 +116,18 @@ class EngineCore:
         )
         self.last_stats = StepStats()
         self._token_text: dict[int, str] = {}
+        self._beam_groups: dict[str, BeamGroup] = {}
+        self._beam_of: dict[str, BeamGroup] = {}
+        self._beam_info = SamplingInfo(SamplingParams(), 0, beam=True)
 
     # ------------------------------------------------------------------ requests
     def _sampling_info(self, request_id: str) -> SamplingInfo:
-        return self._seqs[request_id].info
+        seq = self._seqs.get(request_id)
+        if seq is not None:
+            return seq.info
+        if request_id in self._beam_of:
+            return self._beam_info
+        raise KeyError(request_id)
 
     def validate_prompt(self, prompt_token_ids: Sequence[int]) -> list[int]:
         """Check a prompt's token ids; raises ``ValueError`` naming the problem."""
@@ -196,8 +205,48 @@ class EngineCore:
             self._drop_parent(parent, abort=True)
             raise
 
+    def add_beam_request(self, request_id: str, prompt_token_ids: Sequence[int], params: BeamSearchParams) -> None:
+        """Queue a beam search over one prompt (see :mod:`blocks.engine.beam`); it finishes with a
+        :class:`~blocks.engine.beam.BeamSearchOutput` from :meth:`step`."""
+        if request_id in self._parents or request_id in self._beam_groups:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        ids = self.validate_prompt(prompt_token_ids)
+        if len(ids) + params.max_tokens > self.max_model_len:
+            raise ValueError(f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds "
+                             f"max_model_len={self.max_model_len}")
+        eos = [] if self.eos_token_id is None else [self.eos_token_id, *self.extra_eos_ids]
+        group = BeamGroup(request_id, ids, params, eos)
+        rid = group.slot_to_rid[0]
+        self._beam_groups[request_id] = group
+        self._beam_of[rid] = group
+        self.scheduler.add_request(Request(rid, ids, max_tokens=params.max_tokens + 1, ignore_eos=True))
+
+    def _advance_beams(self, rows: dict) -> tuple[dict[str, int], list[BeamSearchOutput]]:
+        for rid, row in rows.items():
+            group = self._beam_of.get(rid)
+            if group is not None:
+                group.rows[rid] = row
+        tokens: dict[str, int] = {}
+        outputs = []
+        for gid, group in list(self._beam_groups.items()):
+            if not group.rows or not group.ready():
+                continue
+            new, freed, done = group.advance(self.scheduler, lambda child, g=group: self._beam_of.__setitem__(child, g))
+            tokens.update(new)
+            for rid in freed:
+                self._beam_of.pop(rid, None)
+            if done:
+                del self._beam_groups[gid]
+                outputs.append(group.output(self.tokenizer))
+        return tokens, outputs
+
     def abort_request(self, request_id: str) -> RequestOutput | None:
         """Abort a request (any state); its blocks are freed at once. Returns its final output."""
+        group = self._beam_groups.pop(request_id, None)
+        if group is not None:
+            for rid in group.abort_all(self.scheduler):
+                self._beam_of.pop(rid, None)
+            return None
         parent = self._parents.get(request_id)
         if parent is None:
             return None
@@ -217,22 +266,27 @@ class EngineCore:
         self._parents.pop(parent.request_id, None)
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self._parents)
+        return bool(self._parents) or bool(self._beam_groups)
 
     @property
     def num_unfinished_requests(self) -> int:
         return len(self._parents)
 
     # ------------------------------------------------------------------ the loop
-    def step(self) -> list[RequestOutput]:
+    def step(self) -> list[RequestOutput | BeamSearchOutput]:
         """Run one engine step; returns outputs of finished requests (and of streaming ones that advanced)."""
         sched_out = self.scheduler.schedule()
         result = self.runner.execute(sched_out)
         now = time.time()
-        finished = self.scheduler.update_from_output(result.sampled, now=now)
+        sampled, beam_outputs = result.sampled, []
+        if self._beam_groups:  # beam search picks the tokens of its sequences (and forks/frees them)
+            beam_tokens, beam_outputs = self._advance_beams(result.beam_logprobs)
+            self.runner.append_tokens(beam_tokens)
+            sampled = {**sampled, **beam_tokens}
+        finished = self.scheduler.update_from_output(sampled, now=now)
         outputs = self._update_requests(result, finished, now)
         self._record_stats(result.num_tokens)
-        return outputs
+        return outputs + beam_outputs
 
     def _check_stop_strings(self, req: Request) -> RequestStatus | None:
         seq = self._seqs.get(req.request_id)

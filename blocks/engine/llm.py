@@ -19,10 +19,11 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from blocks.engine.beam import BeamSearchOutput
 from blocks.engine.config import EngineConfig
 from blocks.engine.core import EngineCore
 from blocks.engine.outputs import RequestOutput
-from blocks.sample.params import SamplingParams
+from blocks.sample.params import BeamSearchParams, SamplingParams
 
 __all__ = ["LLM"]
 
@@ -130,6 +131,35 @@ class LLM:
             self.engine.add_request(rid, ids, p, prompt=text, priority=0 if priority is None else priority[i])
         return self._run(order, use_tqdm)
 
+    def beam_search(
+        self,
+        prompts: PromptType | Sequence[PromptType],
+        params: BeamSearchParams,
+        *,
+        use_tqdm: bool = False,
+    ) -> list[BeamSearchOutput]:
+        """Beam search over each prompt, inside the engine loop (all prompts' beams batched together).
+
+        Returns one :class:`~blocks.engine.beam.BeamSearchOutput` per prompt (vLLM's shape:
+        ``out.sequences[i].tokens`` holds prompt + generated tokens, best hypothesis first).
+        Unlike vLLM, ``temperature`` / ``top_k`` / ``top_p`` / ``min_p`` make the beams stochastic.
+        """
+        items = self._as_list(prompts)
+        encoded = []
+        for i, item in enumerate(items):
+            _, ids = self._to_token_ids(item)
+            try:
+                self.engine.validate_prompt(ids)
+            except ValueError as exc:
+                raise ValueError(f"prompt {i}: {exc}") from None
+            encoded.append(ids)
+        order = {}
+        for i, ids in enumerate(encoded):
+            rid = str(next(self._ids))
+            order[rid] = i
+            self.engine.add_beam_request(rid, ids, params)
+        return self._run(order, use_tqdm)
+
     def chat(
         self,
         messages: list[dict] | list[list[dict]],
@@ -166,12 +196,13 @@ class LLM:
                     if not out.finished or out.request_id not in order:
                         continue
                     results[order[out.request_id]] = out
-                    if bar is not None:
+                    if bar is not None and isinstance(out, RequestOutput):
                         in_tokens += len(out.prompt_token_ids)
                         out_tokens += sum(len(c.token_ids) for c in out.outputs)
                         elapsed = max(time.perf_counter() - start, 1e-9)
                         bar.set_postfix_str(f"input: {in_tokens / elapsed:.1f} toks/s, "
                                             f"output: {out_tokens / elapsed:.1f} toks/s")
+                    if bar is not None:
                         bar.update(1)
         except BaseException:
             for rid in order:  # leave the engine clean for the next call

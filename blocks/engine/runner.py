@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from blocks.attention.metadata import plan_attention
+from blocks.cache.block_copy import block_copy
 from blocks.cache.kv_tensors import allocate_kv_cache, layer_views
 from blocks.engine.config import DEFAULT_CPU_KV_CACHE_BYTES, EngineConfig
 from blocks.engine.cuda_graphs import DecodeGraphs
@@ -57,6 +58,7 @@ class SamplingInfo:
     num_prompt_tokens: int
     eos_token_id: int | None = None
     generator: RequestRng | None = None  # the random stream, kept across preemption
+    beam: bool = False  # a beam-search sequence: return its log-softmax row instead of sampling
 
 
 @dataclass
@@ -79,12 +81,15 @@ class StepResult:
         prompt_logprobs: request id -> list of ``{token id: (logprob, rank)}`` for prompt positions
             computed this step (position 0 excluded), for requests that asked for them.
         num_tokens: tokens computed this step.
+        beam_logprobs: request id -> ``[vocab]`` float32 log-softmax row (on the device) of each
+            beam-search sequence that completed its known tokens (beam search picks its token).
     """
 
     sampled: dict[str, int]
     logprobs: dict[str, tuple[float, int, dict[int, tuple[float, int]]]]
     prompt_logprobs: dict[str, list[dict[int, tuple[float, int]]]]
     num_tokens: int
+    beam_logprobs: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class ModelRunner:
@@ -232,6 +237,11 @@ class ModelRunner:
             if blocks:
                 st.block_ids.extend(blocks)
             st.num_computed = computed
+        for rid, edits in out.block_replacements.items():  # copy-on-write: the table names the copy
+            st = self.states.get(rid)
+            if st is not None:
+                for index, block in edits:
+                    st.block_ids[index] = block
 
     def _in_batch(self, rid: str) -> bool:
         try:
@@ -265,11 +275,8 @@ class ModelRunner:
             )
 
     def _copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
-        if not pairs:
-            return
-        src = torch.tensor([p[0] for p in pairs], dtype=torch.int64, device=self.device)
-        dst = torch.tensor([p[1] for p in pairs], dtype=torch.int64, device=self.device)
-        self.kv_cache[:, :, dst] = self.kv_cache[:, :, src]
+        if pairs:
+            block_copy(self.kv_cache, pairs)
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> StepResult:
@@ -284,6 +291,7 @@ class ModelRunner:
         positions: list[int] = []
         qlens, slens, tables = [], [], []
         sampling: list[str] = []
+        beams: list[str] = []
         last_row: dict[str, int] = {}
         prompt_lp: list[tuple[str, int, int, int]] = []  # (rid, first row, first position, count)
         for rid in order:
@@ -298,10 +306,10 @@ class ModelRunner:
             qlens.append(n)
             slens.append(end)
             tables.append(st.block_ids)
-            if end == len(st.token_ids):
-                sampling.append(rid)
-                last_row[rid] = row0 + n - 1
             info = self.sampling_info(rid)
+            if end == len(st.token_ids):
+                (beams if info.beam else sampling).append(rid)
+                last_row[rid] = row0 + n - 1
             if info.params.prompt_logprobs is not None and start < st.num_prompt - 1:
                 count = min(end, st.num_prompt - 1) - start
                 prompt_lp.append((rid, row0, start, count))
@@ -322,9 +330,14 @@ class ModelRunner:
         self.counters["kv_tokens_read"] += sum(slens)
 
         prompt_result = self._prompt_logprobs(hidden, prompt_lp)
+        beam_rows = {}
+        if beams:
+            rows = torch.tensor([last_row[r] for r in beams], dtype=torch.int64).to(device)
+            logprobs = torch.log_softmax(self.model.compute_logits(hidden, rows), dim=-1)
+            beam_rows = dict(zip(beams, logprobs))
         self._sync_sampling_rows(sampling)
         if not self.batch.req_ids:
-            return StepResult({}, {}, prompt_result, len(ids))
+            return StepResult({}, {}, prompt_result, len(ids), beam_rows)
         rows = torch.tensor([last_row[r] for r in self.batch.req_ids], dtype=torch.int64).to(device)
         logits = self.model.compute_logits(hidden, rows)
         sampler_out = self.sampler(logits, self.batch, inplace=True)
@@ -342,9 +355,16 @@ class ModelRunner:
             if lp is not None:
                 want = self.batch.params[i].logprobs
                 if want is not None:
-                    logprobs[rid] = (float(lp.token_logprobs[i]), int(lp.token_ranks[i]), lp.row(i, want))
+                    logprobs[rid] = (float(lp.token_logprobs[i]), int(lp.token_ranks[i]), lp.row(i, num_top=want))
         self.counters["host_s"] += (launched - step_start) + (time.perf_counter() - synced)
-        return StepResult(sampled, logprobs, prompt_result, len(ids))
+        return StepResult(sampled, logprobs, prompt_result, len(ids), beam_rows)
+
+    def append_tokens(self, tokens: dict[str, int]) -> None:
+        """Record tokens chosen outside the sampler (beam search) for requests the runner holds."""
+        for rid, tok in tokens.items():
+            st = self.states.get(rid)
+            if st is not None:
+                st.token_ids.append(tok)
 
     def _prompt_logprobs(self, hidden: torch.Tensor, spans: list[tuple[str, int, int, int]]):
         result = {}
@@ -357,7 +377,7 @@ class ModelRunner:
             lp = compute_logprobs(logits, targets, num)
             entries = []
             for j in range(count):
-                entry = lp.row(j, num)
+                entry = lp.row(j, num_top=num)
                 entry.setdefault(targets[j].item(), (float(lp.token_logprobs[j]), int(lp.token_ranks[j])))
                 entries.append(entry)
             result[rid] = entries
