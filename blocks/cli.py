@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("blocks.engine.generate_cli:add_parser", "Generate text for one-off prompts"),
     "bench": ("blocks.engine.bench:add_parser", "Benchmark the engine: latency or throughput (like vllm bench)"),
     "kv-cache": ("blocks.cache.cli:add_parser", "Size a paged KV cache for a model shape and a memory budget"),
+    "serve": ("serve.cli:add_parser", "Serve a model with an OpenAI-compatible HTTP API (like vllm serve)"),
 }
 
 

@@ -1,0 +1,47 @@
+"""The FastAPI app of ``blocks serve`` (OpenAI-compatible, vLLM's routes and fields).
+
+``build_app(state)`` wires the routes (:mod:`serve.completions`, :mod:`serve.chat`,
+:mod:`serve.misc_routes`), OpenAI-shaped errors (:mod:`serve.errors`) and the API key check:
+with ``state.api_key`` set, every route except ``/health``, ``/metrics`` and ``/version``
+needs ``Authorization: Bearer <key>`` (compared in constant time), else 401.
+"""
+
+from __future__ import annotations
+
+import hmac
+
+from fastapi import FastAPI, Request
+
+import blocks
+from serve import chat, completions, misc_routes
+from serve.errors import error_response, install_error_handlers
+from serve.state import ServerState
+
+__all__ = ["build_app", "OPEN_PATHS"]
+
+OPEN_PATHS = frozenset({"/health", "/metrics", "/version"})
+
+
+def build_app(state: ServerState, *, root_path: str = "") -> FastAPI:
+    """The app over ``state`` (its engine must already be running)."""
+    app = FastAPI(title="blocks OpenAI-compatible server", version=blocks.__version__, root_path=root_path)
+    app.state.server = state
+    install_error_handlers(app)
+    if state.api_key:
+        expected = f"Bearer {state.api_key}".encode()
+
+        @app.middleware("http")
+        async def _check_api_key(request: Request, call_next):
+            path = request.url.path
+            if root_path and path.startswith(root_path):
+                path = path[len(root_path):] or "/"
+            if request.method != "OPTIONS" and path not in OPEN_PATHS:
+                given = request.headers.get("authorization", "").encode()
+                if not hmac.compare_digest(given, expected):
+                    return error_response(401, "invalid or missing API key (send Authorization: Bearer <key>)")
+            return await call_next(request)
+
+    app.include_router(completions.router)
+    app.include_router(chat.router)
+    app.include_router(misc_routes.router)
+    return app

@@ -1,0 +1,189 @@
+"""``POST /v1/completions``: prompts as text, text lists, token ids or lists of them; SSE streaming.
+
+Each prompt becomes one engine request (``n`` choices each); choice ``index`` is
+``prompt_index * n + i`` like OpenAI. ``max_tokens`` defaults to 16 (capped by the context left),
+``echo`` prepends the prompt text, ``logprobs`` (int) gives OpenAI's ``tokens`` /
+``token_logprobs`` / ``top_logprobs`` / ``text_offset`` lists. ``suffix`` (fill-in-the-middle) is
+rejected with a 400 naming it.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from serve.errors import APIError
+from serve.protocol import CompletionRequest
+from serve.sampling import build_params, check_length, check_prompt_ids, check_request
+from serve.state import ServerState
+from serve.streams import (
+    SSE_DONE,
+    ChoiceState,
+    ClientDisconnected,
+    MergedStreams,
+    run_until_disconnected,
+    sse,
+    tracked,
+)
+
+__all__ = ["router", "completion_logprobs"]
+
+router = APIRouter()
+_DEFAULT_MAX_TOKENS = 16
+
+
+def completion_logprobs(token_ids: list[int], entries: list, *, offset: int) -> dict:
+    """OpenAI's completions ``logprobs`` object for ``token_ids`` (``entries``: one ``{id: Logprob}`` each)."""
+    tokens, values, tops, offsets = [], [], [], []
+    for tid, entry in zip(token_ids, entries):
+        chosen = entry.get(tid)
+        text = (chosen.decoded_token if chosen is not None else None) or ""
+        tokens.append(text)
+        values.append(None if chosen is None else chosen.logprob)
+        tops.append({(lp.decoded_token or ""): lp.logprob for lp in entry.values()})
+        offsets.append(offset)
+        offset += len(text)
+    return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}
+
+
+def _prompts(req: CompletionRequest, state: ServerState) -> list[tuple[str | None, list[int]]]:
+    p = req.prompt
+    if isinstance(p, str):
+        items: list = [p]
+    elif not p:
+        raise APIError(400, "prompt must not be empty", param="prompt")
+    elif all(isinstance(t, int) for t in p):
+        items = [list(p)]
+    else:
+        items = list(p)
+    out = []
+    for item in items:
+        if isinstance(item, str):
+            if not item:
+                raise APIError(400, "prompt must not be an empty string", param="prompt")
+            ids = state.tokenizer.encode(item, add_special_tokens=req.add_special_tokens)
+            text = item
+        else:
+            ids, text = list(item), None
+        if req.truncate_prompt_tokens is not None:
+            ids = ids[-req.truncate_prompt_tokens:]
+        check_prompt_ids(ids, state)
+        out.append((text, ids))
+    return out
+
+
+@router.post("/v1/completions")
+async def create_completion(req: CompletionRequest, raw: Request):
+    """OpenAI's completions endpoint (see the module docstring)."""
+    state: ServerState = raw.app.state.server
+    unknown = check_request(req, state)
+    if req.suffix is not None:
+        raise APIError(400, "suffix is not supported: this server does not do fill-in-the-middle; "
+                            "remove the suffix field", param="suffix")
+    if req.best_of is not None and req.best_of != req.n:
+        raise APIError(400, f"best_of must equal n (={req.n}) for now, got {req.best_of}", param="best_of")
+    if req.echo and req.logprobs is not None:
+        raise APIError(400, "echo together with logprobs is not supported yet", param="echo")
+    prompts = _prompts(req, state)
+    base = req.request_id or f"cmpl-{uuid.uuid4().hex}"
+    gens = []
+    for i, (text, ids) in enumerate(prompts):
+        wanted = req.max_tokens
+        if wanted is None:
+            wanted = min(_DEFAULT_MAX_TOKENS, max(state.max_model_len - len(ids), 1))
+        max_tokens = check_length(len(ids), wanted, state)
+        params = build_params(req, max_tokens=max_tokens, logprobs=req.logprobs, state=state)
+        gens.append(tracked(state, f"{base}-{i}", ids, params, prompt=text, priority=req.priority,
+                            stream=req.stream))
+    merged = MergedStreams(gens)
+    headers = {"x-blocks-ignored-fields": ",".join(unknown)} if unknown else None
+    ctx = _Ctx(base, int(time.time()), state.model_name, req, prompts)
+    if req.stream:
+        try:
+            await run_until_disconnected(raw, merged.start())
+        except ClientDisconnected:
+            return Response(status_code=499)
+        return StreamingResponse(_stream(ctx, merged), media_type="text/event-stream", headers=headers)
+    try:
+        choices = await run_until_disconnected(raw, _collect(ctx, merged))
+    except ClientDisconnected:
+        return Response(status_code=499)
+    finally:
+        await merged.aclose()
+    return JSONResponse(_response(ctx, choices), headers=headers)
+
+
+class _Ctx:
+    def __init__(self, rid: str, created: int, model: str, req: CompletionRequest, prompts) -> None:
+        self.rid, self.created, self.model, self.req, self.prompts = rid, created, model, req, prompts
+        self.n = req.n
+
+    def usage(self, choices: dict[int, ChoiceState]) -> dict:
+        prompt_tokens = sum(len(ids) for _, ids in self.prompts)
+        completion = sum(len(c.token_ids) for c in choices.values())
+        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
+                "total_tokens": prompt_tokens + completion}
+
+
+async def _collect(ctx: _Ctx, merged: MergedStreams) -> dict[int, ChoiceState]:
+    await merged.start()
+    choices = {i * ctx.n + j: ChoiceState() for i in range(len(ctx.prompts)) for j in range(ctx.n)}
+    async for i, out in merged:
+        for c in out.outputs:
+            choices[i * ctx.n + c.index].add(c)
+    return choices
+
+
+def _response(ctx: _Ctx, choices: dict[int, ChoiceState]) -> dict:
+    out = []
+    for idx in sorted(choices):
+        st = choices[idx]
+        prompt_text = ctx.prompts[idx // ctx.n][0]
+        text = (prompt_text or "") + st.text if ctx.req.echo else st.text
+        lps = None
+        if ctx.req.logprobs is not None and st.logprobs is not None:
+            lps = completion_logprobs(st.token_ids, st.logprobs, offset=0)
+        out.append({"index": idx, "text": text, "logprobs": lps, "finish_reason": st.finish_reason,
+                    "stop_reason": st.stop_reason})
+    return {"id": ctx.rid, "object": "text_completion", "created": ctx.created, "model": ctx.model,
+            "choices": out, "usage": ctx.usage(choices)}
+
+
+async def _stream(ctx: _Ctx, merged: MergedStreams):
+    opts = ctx.req.stream_options
+    include_usage = bool(opts and opts.include_usage)
+    choices = {i * ctx.n + j: ChoiceState() for i in range(len(ctx.prompts)) for j in range(ctx.n)}
+    echoed: set[int] = set()
+    try:
+        async for i, out in merged:
+            for c in out.outputs:
+                idx = i * ctx.n + c.index
+                st = choices[idx]
+                offset = len(st.text)
+                st.add(c)
+                text = c.text
+                if ctx.req.echo and idx not in echoed:
+                    echoed.add(idx)
+                    text = (ctx.prompts[i][0] or "") + text
+                want_lp = ctx.req.logprobs is not None and c.logprobs is not None and bool(c.token_ids)
+                if not text and c.finish_reason is None and not want_lp:
+                    continue  # nothing new yet (text held back until it cannot become a stop string)
+                chunk = {"id": ctx.rid, "object": "text_completion", "created": ctx.created, "model": ctx.model,
+                         "choices": [{"index": idx, "text": text,
+                                      "logprobs": completion_logprobs(c.token_ids, c.logprobs, offset=offset)
+                                      if want_lp else None,
+                                      "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}]}
+                if include_usage:
+                    chunk["usage"] = None
+                yield sse(chunk)
+        if include_usage:
+            yield sse({"id": ctx.rid, "object": "text_completion", "created": ctx.created, "model": ctx.model,
+                       "choices": [], "usage": ctx.usage(choices)})
+    except Exception as exc:  # noqa: BLE001 - the status line is gone: report in the stream
+        yield sse({"error": {"message": str(exc), "type": "InternalServerError", "param": None, "code": 500}})
+    finally:
+        await merged.aclose()
+    yield SSE_DONE

@@ -1,0 +1,157 @@
+"""Driving engine requests from routes: metrics, several prompts at once, disconnects, SSE framing.
+
+* :func:`tracked` wraps :meth:`AsyncLLM.generate` and records the request's metrics.
+* :class:`MergedStreams` runs one engine request per prompt concurrently, raising any request's
+  error *before* a response starts (so an invalid request or a full queue is a plain HTTP error,
+  never a broken stream), then yields ``(prompt_index, delta)`` in arrival order. Closing it aborts
+  every request still running.
+* :class:`ChoiceState` accumulates the deltas of one choice (non-streaming responses, usage).
+* :func:`run_until_disconnected` cancels a non-streaming request when its client goes away.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from dataclasses import dataclass, field
+
+from fastapi import Request
+
+__all__ = ["tracked", "MergedStreams", "ChoiceState", "run_until_disconnected", "sse", "SSE_DONE",
+           "ClientDisconnected"]
+
+SSE_DONE = b"data: [DONE]\n\n"
+
+
+def sse(payload: dict) -> bytes:
+    """One server-sent event carrying ``payload`` as compact JSON."""
+    return b"data: " + json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode() + b"\n\n"
+
+
+class ClientDisconnected(Exception):
+    """The client closed its connection before the response was ready."""
+
+
+async def tracked(state, request_id: str, prompt_ids: list[int], params, *, prompt: str | None, priority: int,
+                  stream: bool):
+    """``state.engine.generate(...)`` plus metrics (prompt/generation tokens, TTFT, E2E, finish reasons)."""
+    arrival = time.time()
+    metrics = state.metrics
+    first = True
+    generated = 0
+    async for out in state.engine.generate(request_id, prompt_ids, params, prompt=prompt, priority=priority,
+                                           stream=stream, arrival_time=arrival):
+        new = sum(len(c.token_ids) for c in out.outputs)
+        generated += new
+        if first:
+            ftt = out.metrics.first_token_time if out.metrics is not None else None
+            metrics.on_first_output(num_prompt_tokens=len(prompt_ids),
+                                    ttft_s=None if ftt is None else ftt - arrival)
+            first = False
+        metrics.on_tokens(new)
+        if out.finished:
+            m = out.metrics
+            end = m.finished_time if m is not None and m.finished_time else time.time()
+            decode = None if m is None or m.first_token_time is None else end - m.first_token_time
+            per_choice = generated / max(len(out.outputs), 1)
+            metrics.on_finished(finish_reasons=[c.finish_reason for c in out.outputs], e2e_s=end - arrival,
+                                decode_s=decode, num_generated=int(per_choice))
+        yield out
+
+
+class MergedStreams:
+    """Concurrent engine streams, one per prompt (see the module docstring).
+
+    Use ``await start()`` (raises the first error, nothing left running), then ``async for i, out``,
+    and always ``await aclose()`` (aborts unfinished requests).
+    """
+
+    def __init__(self, gens: list) -> None:
+        self.gens = gens
+        self._firsts: list = []
+        self._tasks: list[asyncio.Task] = []
+
+    async def start(self) -> None:
+        firsts = await asyncio.gather(*(anext(g) for g in self.gens), return_exceptions=True)
+        errors = [f for f in firsts if isinstance(f, BaseException)]
+        if errors:
+            await self.aclose()
+            raise errors[0]
+        self._firsts = firsts
+
+    async def __aiter__(self):
+        q: asyncio.Queue = asyncio.Queue()
+        live = 0
+        for i, first in enumerate(self._firsts):
+            yield i, first
+            if not first.finished:
+                live += 1
+                self._tasks.append(asyncio.ensure_future(self._pump(i, self.gens[i], q)))
+        while live:
+            i, item = await q.get()
+            if item is None:
+                live -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield i, item
+
+    @staticmethod
+    async def _pump(i: int, gen, q: asyncio.Queue) -> None:
+        try:
+            async for out in gen:
+                q.put_nowait((i, out))
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+            q.put_nowait((i, exc))
+            return
+        q.put_nowait((i, None))
+
+    async def aclose(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(BaseException):
+                await t
+        for g in self.gens:
+            with contextlib.suppress(BaseException):
+                await g.aclose()
+
+
+@dataclass
+class ChoiceState:
+    """Accumulated output of one choice."""
+
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+    def add(self, c) -> None:
+        self.text += c.text
+        self.token_ids.extend(c.token_ids)
+        if c.logprobs is not None:
+            self.logprobs = (self.logprobs or []) + list(c.logprobs)
+        if c.finish_reason is not None:
+            self.finish_reason, self.stop_reason = c.finish_reason, c.stop_reason
+
+
+async def run_until_disconnected(request: Request, coro, *, poll_s: float = 0.2):
+    """Await ``coro``; if the client disconnects first, cancel it and raise :class:`ClientDisconnected`."""
+    task = asyncio.ensure_future(coro)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=poll_s)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                raise ClientDisconnected()
+    finally:
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
