@@ -2,22 +2,34 @@
 
 One program walks whole rows (a persistent loop over rows). Per row:
 
-1. one pass for the max, the first argmax (the greedy answer) and ``Z = sum(exp((x - max) / T))``;
-2. top-k: a multi-pivot search over the logit range. Each pass counts, for ``NUM_PIVOTS`` pivots
-   spread evenly inside the live interval ``[lo, hi)``, how many logits are ``>=`` each pivot (and
-   their probability mass), then narrows the interval to the two neighbouring pivots that bracket
-   ``k``. It stops when the interval holds at most one logit, when exactly ``k`` logits are
-   ``>= lo``, or when the interval cannot be split any more (ties: all kept, as transformers does),
-   so ``logits >= lo`` is exactly the top-k set (after ``MAX_PASSES`` passes it is a superset);
-3. top-p: the same search on the mass, between the top-k threshold and the max, for
+1. one pass for the max, the first argmax (the greedy answer), the smallest finite logit and
+   ``Z = sum(exp((x - max) / T))``, keeping the per-lane maxima in registers;
+2. a lower bound ``low`` of the threshold from the lane maxima alone (they are a subset of the
+   row: if ``k`` of them, or mass ``top_p * Z``, lie above ``t``, so does the row), or the min-p
+   cut for min-p-only rows;
+3. one pass compacting the logits ``>= low`` (values and token ids) into the program's scratch of
+   ``candidates`` slots; when they fit, every later pass reads the scratch (a few KB) instead of
+   the 512 KB row, otherwise the row (same answer either way);
+4. top-k: a multi-pivot search over the logit range. Each pass counts, for ``NUM_PIVOTS`` pivots
+   spread evenly over the live interval ``[lo, hi)`` (the first at ``lo``), how many logits are
+   ``>=`` each pivot (and their probability mass), then narrows the interval to the two
+   neighbouring pivots that bracket ``k``. It stops when the interval holds at most one logit, when
+   exactly ``k`` logits are ``>= lo``, or when the interval cannot be split any more (ties: all kept,
+   as transformers does), so ``logits >= lo`` is exactly the top-k set (after ``MAX_PASSES``
+   passes, a superset);
+5. top-p: the same search on the mass, between the top-k threshold and the max, for
    ``top_p * Z_k`` (``Z_k`` = mass of the top-k survivors);
-4. min-p: ``max + T * log(min_p)`` in closed form;
-5. sampling (when ``DO_SAMPLE``): ``argmax((x - max) / T - log(E))`` over the kept logits with
-   ``E = -log(U)``, ``U`` from Philox keyed by a per-row 64-bit key (drawn on the host from the
-   request's own generator, so a seeded request is reproducible whatever the batch).
+6. min-p: ``max + T * log(min_p)`` in closed form;
+7. sampling (when ``DO_SAMPLE``): ``argmax((x - max) / T - log(E))`` over the kept logits with
+   ``E = -log(U)``, ``U`` from Philox keyed by a per-row 64-bit key and the token id (drawn on the
+   host from the request's own generator, so a seeded request is reproducible whatever the batch,
+   and compacted or not gives the same token).
 
-Each pass reads the row once; random logits need about four passes per search at vocabulary 128k
-(each pass divides the live interval by ``NUM_PIVOTS + 1``). Runs under ``TRITON_INTERPRET=1`` on CPU tensors (fp32) and compiled on CUDA.
+So a row whose candidates fit reads the logits twice from memory; a flat top-p-only row (no useful
+lane bound) reads them once per search pass, about four to six times at vocabulary 128k
+(each pass divides the live interval by ``NUM_PIVOTS``).
+
+Runs under ``TRITON_INTERPRET=1`` on CPU tensors (fp32) and compiled on CUDA.
 """
 
 from __future__ import annotations
@@ -27,6 +39,7 @@ import triton
 import triton.language as tl
 
 __all__ = ["triton_filter_and_sample"]
+
 
 @triton.jit
 def _search_pass(row_ptr, vocab, m, inv_t, lo, hi, piv_idx, offs, BLOCK: tl.constexpr, NUM_PIVOTS: tl.constexpr):
@@ -73,6 +86,28 @@ def _lane_bound(m_vec, lo, hi, need, m, inv_t, piv_idx, USE_MASS: tl.constexpr, 
 
 
 @triton.jit
+def _race_pass(val_ptr, idx_ptr, n, from_buf, thr, m, inv_t, seed, vocab, offs, BLOCK: tl.constexpr):
+    """Exponential race over ``n`` logits (a row, or the compacted candidates with their token ids)."""
+    best = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
+    best_i = tl.zeros([BLOCK], dtype=tl.int32)
+    for start in range(0, n, BLOCK):
+        j = start + offs
+        valid = j < n
+        x = tl.load(val_ptr + j, mask=valid, other=float("-inf"))
+        use_idx = (offs * 0 + from_buf) != 0
+        cols = tl.where(use_idx, tl.load(idx_ptr + j, mask=valid & use_idx, other=0), j)
+        keep = valid & (x >= thr)
+        u = tl.rand(seed, cols)
+        noise = -tl.log(tl.maximum(u, 1e-38))
+        score = tl.where(keep, (x - m) * inv_t - tl.log(tl.maximum(noise, 1e-38)), float("-inf"))
+        upd = score > best
+        best = tl.where(upd, score, best)
+        best_i = tl.where(upd, cols, best_i)
+    top = tl.max(best, axis=0)
+    return tl.min(tl.where(best == top, best_i, vocab), axis=0)
+
+
+@triton.jit
 def _filter_sample_kernel(
     logits_ptr,
     stride_row,
@@ -85,15 +120,20 @@ def _filter_sample_kernel(
     key_ptr,
     thr_ptr,
     out_ptr,
+    cand_val_ptr,
+    cand_idx_ptr,
     BLOCK: tl.constexpr,
     NUM_PIVOTS: tl.constexpr,
     MAX_PASSES: tl.constexpr,
     DO_SAMPLE: tl.constexpr,
+    CAP: tl.constexpr,
 ):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     offs = tl.arange(0, BLOCK)
     piv_idx = tl.arange(0, NUM_PIVOTS)
+    cval = cand_val_ptr + pid * CAP
+    cidx = cand_idx_ptr + pid * CAP
     for row in range(pid, num_rows, nprog):
         row_ptr = logits_ptr + (tl.zeros([], dtype=tl.int64) + row) * stride_row
         temp = tl.load(temp_ptr + row)
@@ -132,20 +172,53 @@ def _filter_sample_kernel(
         nfin = tl.sum(nfin_vec, axis=0)
         # An upper end with count 0 and mass 0: a little above the max.
         hi_top = m + tl.maximum(tl.abs(m) * 1e-6, 1e-6)
+        thr_min = tl.where(min_p > 0.0, m + tl.log(tl.maximum(min_p, 1e-30)) * temp, float("-inf"))
+        need_k = (greedy == 0) & (top_k > 0) & (top_k < nfin)
+        need_p = (greedy == 0) & (top_p < 1.0)
 
-        # Top-k search in value space: invariant count(>= lo) >= k > count(>= hi). The search starts
-        # from a lower bound given by the lane maxima, so it reads fewer passes.
-        lo = mn
-        if (greedy == 0) & (top_k > 0) & (top_k < nfin):
-            lo = _lane_bound(m_vec, mn, hi_top, top_k, m, inv_t, piv_idx, False, NUM_PIVOTS)
+        # A lower bound of every threshold searched below, from the lane maxima alone (no memory pass).
+        low = mn
+        if need_k:
+            low = _lane_bound(m_vec, mn, hi_top, top_k, m, inv_t, piv_idx, False, NUM_PIVOTS)
+        elif need_p:
+            low = _lane_bound(m_vec, mn, hi_top, top_p * z, m, inv_t, piv_idx, True, NUM_PIVOTS)
+        else:
+            low = tl.maximum(mn, thr_min)
+
+        # Pass 2 (CAP > 0): compact the logits >= low into this program's scratch. When they fit, every
+        # later pass reads them (a few KB, cache-resident) instead of the whole row.
+        src = row_ptr
+        n_src = vocab
+        from_buf = tl.zeros([], dtype=tl.int32)  # 1 when the candidates are read from the scratch
+        if CAP > 0:  # noqa: SIM102 (a compile-time branch around a runtime one)
+            if greedy == 0:
+                tl.debug_barrier()
+                n_cand = 0 * vocab
+                for start in range(0, vocab, BLOCK):
+                    cols = start + offs
+                    x = tl.load(row_ptr + cols, mask=cols < vocab, other=float("-inf"))
+                    sel = (cols < vocab) & (x >= low)
+                    pos = n_cand + tl.cumsum(sel.to(tl.int32), axis=0) - 1
+                    fits = sel & (pos < CAP)
+                    tl.store(cval + pos, x, mask=fits)
+                    tl.store(cidx + pos, cols, mask=fits)
+                    n_cand += tl.sum(sel.to(tl.int32), axis=0)
+                tl.debug_barrier()
+                if n_cand <= CAP:
+                    src = cval
+                    n_src = n_cand
+                    from_buf = tl.full([], 1, dtype=tl.int32)
+
+        # Top-k search in value space: invariant count(>= lo) >= k > count(>= hi).
+        lo = tl.where(need_k, low, mn)
         hi = hi_top
         cnt_lo = nfin
         cnt_hi = 0 * nfin
         mass_lo = z
-        done_k = greedy | (top_k <= 0) | (top_k >= nfin)
+        done_k = need_k == 0
         passes = 0
         while (done_k == 0) & (passes < MAX_PASSES):
-            pivots, cnt, mass = _search_pass(row_ptr, vocab, m, inv_t, lo, hi, piv_idx, offs, BLOCK, NUM_PIVOTS)
+            pivots, cnt, mass = _search_pass(src, n_src, m, inv_t, lo, hi, piv_idx, offs, BLOCK, NUM_PIVOTS)
             ok = cnt >= top_k
             lo = tl.max(tl.where(ok, pivots, lo), axis=0)
             hi = tl.min(tl.where(ok, hi, pivots), axis=0)
@@ -158,15 +231,16 @@ def _filter_sample_kernel(
 
         # Top-p search on the survivors: invariant mass(>= lo) >= target > mass(>= hi).
         target = top_p * mass_lo
-        if (greedy == 0) & (top_p < 1.0):
+        if need_p:
+            lo = tl.maximum(lo, low)
             lane_max = tl.where(m_vec >= lo, m_vec, float("-inf"))
             lo = _lane_bound(lane_max, lo, hi_top, target, m, inv_t, piv_idx, True, NUM_PIVOTS)
         hi = hi_top
         cnt_hi = 0 * nfin
-        done_p = greedy | (top_p >= 1.0)
+        done_p = need_p == 0
         passes = 0
         while (done_p == 0) & (passes < MAX_PASSES):
-            pivots, cnt, mass = _search_pass(row_ptr, vocab, m, inv_t, lo, hi, piv_idx, offs, BLOCK, NUM_PIVOTS)
+            pivots, cnt, mass = _search_pass(src, n_src, m, inv_t, lo, hi, piv_idx, offs, BLOCK, NUM_PIVOTS)
             ok = mass >= target
             lo = tl.max(tl.where(ok, pivots, lo), axis=0)
             hi = tl.min(tl.where(ok, hi, pivots), axis=0)
@@ -176,8 +250,7 @@ def _filter_sample_kernel(
             done_p = (cnt_lo - cnt_hi <= 1) | (splittable == 0)
             passes += 1
 
-        thr_min = tl.where(min_p > 0.0, m + tl.log(tl.maximum(min_p, 1e-30)) * temp, float("-inf"))
-        thr = tl.maximum(lo, thr_min)
+        thr = tl.maximum(tl.where(need_k | need_p, lo, float("-inf")), thr_min)
         thr = tl.where(greedy, float("-inf"), thr)
         tl.store(thr_ptr + row, thr)
 
@@ -185,21 +258,7 @@ def _filter_sample_kernel(
             token = amax.to(tl.int64)
             if temp > 0.0:
                 seed = tl.load(key_ptr + row)
-                best = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
-                best_i = tl.zeros([BLOCK], dtype=tl.int32)
-                for start in range(0, vocab, BLOCK):
-                    cols = start + offs
-                    valid = cols < vocab
-                    x = tl.load(row_ptr + cols, mask=valid, other=float("-inf"))
-                    keep = valid & (x >= thr)
-                    u = tl.rand(seed, cols)
-                    noise = -tl.log(tl.maximum(u, 1e-38))
-                    score = tl.where(keep, (x - m) * inv_t - tl.log(tl.maximum(noise, 1e-38)), float("-inf"))
-                    upd = score > best
-                    best = tl.where(upd, score, best)
-                    best_i = tl.where(upd, cols, best_i)
-                top = tl.max(best, axis=0)
-                token = tl.min(tl.where(best == top, best_i, vocab), axis=0).to(tl.int64)
+                token = _race_pass(src, cidx, n_src, from_buf, thr, m, inv_t, seed, vocab, offs, BLOCK).to(tl.int64)
             tl.store(out_ptr + row, token)
 
 
@@ -215,6 +274,7 @@ def triton_filter_and_sample(
     num_pivots: int = 16,
     num_programs: int | None = None,
     num_warps: int = 8,
+    candidates: int = 4096,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Thresholds of the top-k / top-p / min-p filter and, when ``keys`` is given, sampled tokens.
 
@@ -226,6 +286,7 @@ def triton_filter_and_sample(
         block, num_pivots: tile width (capped at the vocabulary's next power of two) and pivots per
             search pass (powers of two).
         num_programs: persistent programs (default: one per row, at most 4 per SM on CUDA).
+        candidates: scratch slots per program for the compacted logits (0 = always read whole rows).
 
     Returns:
         ``(threshold [num_rows] float32, tokens [num_rows] int64 or None)``; keep ``logits >= threshold``.
@@ -247,6 +308,11 @@ def triton_filter_and_sample(
         num_programs = num_rows
         if logits.is_cuda:
             num_programs = min(num_rows, 4 * torch.cuda.get_device_properties(logits.device).multi_processor_count)
+    if candidates < 0:
+        raise ValueError(f"candidates must be non-negative, got {candidates}.")
+    cap = triton.next_power_of_2(candidates) if candidates else 0
+    cand_val = torch.empty(num_programs * max(cap, 1), dtype=torch.float32, device=logits.device)
+    cand_idx = torch.empty(num_programs * max(cap, 1), dtype=torch.int32, device=logits.device)
     _filter_sample_kernel[(num_programs,)](
         logits,
         logits.stride(0),
@@ -259,10 +325,13 @@ def triton_filter_and_sample(
         key_arg,
         thr,
         out,
+        cand_val,
+        cand_idx,
         BLOCK=block,
         NUM_PIVOTS=num_pivots,
         MAX_PASSES=12,
         DO_SAMPLE=do_sample,
+        CAP=cap,
         num_warps=num_warps,
     )
     return thr, (out if do_sample else None)

@@ -62,3 +62,17 @@ def test_rejects_bad_inputs():
         triton_filter_and_sample(x.half(), *args)
     with pytest.raises(ValueError, match="unit stride"):
         triton_filter_and_sample(torch.randn(8, 2, device=DEV).t(), *args)
+
+
+def test_candidate_compaction_changes_nothing_but_the_reads():
+    # Same Philox noise per token id, so compacted (large scratch), partly compacted (a scratch too small
+    # for some rows) and whole-row runs must pick the same tokens and keep the same sets.
+    x, temp, top_k, top_p, min_p = (t.to(DEV) for t in _random_rows(10, 300, seed=11))
+    keys = torch.arange(7, 17, dtype=torch.int64, device=DEV)
+    runs = [
+        triton_filter_and_sample(x, temp, top_k, top_p, min_p, keys=keys, block=64, candidates=c)
+        for c in (0, 16, 4096)
+    ]
+    for thr, tokens in runs[1:]:
+        assert torch.equal(tokens, runs[0][1])
+        assert torch.equal(x >= thr[:, None], x >= runs[0][0][:, None])
