@@ -7,8 +7,8 @@ transformers' ``generate`` on the same workload (or a subset, batched with left 
 would) in the same process for the ratio.
 
 * ``latency``: one batch of ``--batch-size`` prompts of ``--input-len`` tokens generating
-  ``--output-len`` tokens; reports the prefill time, the decode time per step (from a run with one
-  output token subtracted) and the host time per step.
+  ``--output-len`` tokens; reports the prefill step's time, the median decode step's wall time
+  (engine step, sampling and detokenization included) and the host time per step.
 * ``throughput``: ``--num-prompts`` requests with prompt and output lengths uniform in the given
   ranges; reports requests/s, output tokens/s, total tokens/s and, from the bytes a step must move
   (weights once per step plus the KV cache read), the fraction of the memory-bandwidth floor.
@@ -65,9 +65,16 @@ def run_latency(args) -> dict[str, Any]:
     rng = random.Random(0)
     prompts = [[rng.randrange(vocab) for _ in range(args.input_len)] for _ in range(args.batch_size)]
     _timed_generate(llm, prompts, [min(args.output_len, 4)] * args.batch_size)  # warm-up (compile, graphs)
-    prefill = min(_timed_generate(llm, prompts, [1] * args.batch_size) for _ in range(args.num_iters))
-    full = min(_timed_generate(llm, prompts, [args.output_len] * args.batch_size) for _ in range(args.num_iters))
-    per_token = (full - prefill) / max(args.output_len - 1, 1)
+    times = llm.engine.step_times
+    prefill_steps, decode_steps, totals = [], [], []
+    for _ in range(args.num_iters):
+        times.clear()
+        totals.append(_timed_generate(llm, prompts, [args.output_len] * args.batch_size))
+        prefill_steps.append(times[0])  # the prefill step (it also samples the first token)
+        decode_steps.extend(list(times)[1:])
+    decode_steps.sort()
+    per_token = decode_steps[len(decode_steps) // 2] if decode_steps else float("nan")
+    prefill, full = min(prefill_steps), min(totals)
     model = llm.engine.runner.model
     result = {
         "model": args.model, "device": str(llm.engine.runner.device), "batch_size": args.batch_size,

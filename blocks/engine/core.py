@@ -15,6 +15,7 @@ seeds (see :mod:`blocks.sample.parallel`) and come back as one ``RequestOutput``
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -115,6 +116,7 @@ class EngineCore:
             stop_checker=self._check_stop_strings,
         )
         self.last_stats = StepStats()
+        self.step_times: deque[float] = deque(maxlen=65536)  # wall seconds of recent steps (benchmarks)
         self._token_text: dict[int, str] = {}
         self._beam_groups: dict[str, BeamGroup] = {}
         self._beam_of: dict[str, BeamGroup] = {}
@@ -275,6 +277,7 @@ class EngineCore:
     # ------------------------------------------------------------------ the loop
     def step(self) -> list[RequestOutput | BeamSearchOutput]:
         """Run one engine step; returns outputs of finished requests (and of streaming ones that advanced)."""
+        start = time.perf_counter()
         sched_out = self.scheduler.schedule()
         result = self.runner.execute(sched_out)
         now = time.time()
@@ -286,6 +289,7 @@ class EngineCore:
         finished = self.scheduler.update_from_output(sampled, now=now)
         outputs = self._update_requests(result, finished, now)
         self._record_stats(result.num_tokens)
+        self.step_times.append(time.perf_counter() - start)
         return outputs + beam_outputs
 
     def _check_stop_strings(self, req: Request) -> RequestStatus | None:
