@@ -13,7 +13,7 @@ if [ "${SKIP_TESTS:-0}" != "1" ]; then
     2>&1 | tee "$OUT/tests.log" | grep -E "passed|failed|FAILED|Error|s call" | tail -25
 fi
 rm -f "$OUT/bench.jsonl"
-BENCH_SAMPLE_SWEEP=${BENCH_SAMPLE_SWEEP:-1} BENCH_SAMPLE_OUT="$OUT/bench.jsonl" timeout "${BENCH_TIMEOUT:-150}" \
+BENCH_SAMPLE_SWEEP=${BENCH_SAMPLE_SWEEP:-1} BENCH_SAMPLE_OUT="$OUT/bench.jsonl" timeout "${BENCH_TIMEOUT:-200}" \
   python3 -m pytest -q -p no:cacheprovider -s benchmarks/test_bench_sample.py --benchmark-only -k cuda \
   > "$OUT/bench.log" 2>&1
 echo "bench exit $?"; grep -E "sweep|failed|Error|passed" "$OUT/bench.log" | tail -40

@@ -134,6 +134,7 @@ def test_bench_triton_kernel_cuda(benchmark):
             for b, p, w in [(1024, 16, 8), (2048, 8, 8), (1024, 8, 4), (512, 4, 4), (2048, 16, 16), (1024, 4, 8)]
             for g in (sms, 2 * sms, num_rows)
         ]
+        configs += [dict(candidates=0), dict(candidates=1024), dict(candidates=16384)]
     best = None
     for cfg in configs:
         seconds = _do_bench(lambda cfg=cfg: triton_filter_and_sample(*args, keys=keys, **cfg))

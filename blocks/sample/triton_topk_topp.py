@@ -191,7 +191,7 @@ def _filter_sample_kernel(
         n_src = vocab
         from_buf = tl.zeros([], dtype=tl.int32)  # 1 when the candidates are read from the scratch
         if CAP > 0:  # noqa: SIM102 (a compile-time branch around a runtime one)
-            if greedy == 0:
+            if (greedy == 0) & (low > mn):  # no bound (e.g. a flat top-p row): skip the useless pass
                 tl.debug_barrier()
                 n_cand = 0 * vocab
                 for start in range(0, vocab, BLOCK):
