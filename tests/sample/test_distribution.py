@@ -1,8 +1,9 @@
 """Empirical frequencies of many draws match the filtered, renormalised distribution."""
 
+import math
+
 import pytest
 import torch
-from scipy.stats import chi2
 
 from blocks.sample.batch import SamplingBatch
 from blocks.sample.params import SamplingParams
@@ -34,6 +35,14 @@ def _one_row(params, vocab, device):
     return one
 
 
+def chi2_quantile_9999(dof: int) -> float:
+    """The 0.9999 quantile of a chi-square with ``dof`` degrees of freedom by Wilson-Hilferty: at most 7%
+    above the exact value (dof 1), within 1.2% from dof 10. Avoids a scipy dependency."""
+    z = 3.719  # standard normal 0.9999 quantile
+    a = 2.0 / (9.0 * max(dof, 1))
+    return max(dof, 1) * (1.0 - a + z * math.sqrt(a)) ** 3
+
+
 def _check(counts, expected):
     n = counts.sum()
     kept = expected > 0
@@ -43,7 +52,7 @@ def _check(counts, expected):
     exp_counts = expected[kept] * n
     stat = float(((counts[kept] - exp_counts) ** 2 / exp_counts).sum())
     dof = int(kept.sum()) - 1
-    assert stat < chi2.ppf(0.9999, dof), f"chi-square {stat:.1f} for {dof} dof"
+    assert stat < chi2_quantile_9999(dof), f"chi-square {stat:.1f} for {dof} dof"
     return int(kept.sum())
 
 
