@@ -8,7 +8,9 @@ needs ``Authorization: Bearer <key>`` (compared in constant time), else 401.
 
 from __future__ import annotations
 
+import contextlib
 import hmac
+from collections.abc import Callable
 
 from fastapi import FastAPI, Request
 
@@ -22,9 +24,19 @@ __all__ = ["build_app", "OPEN_PATHS"]
 OPEN_PATHS = frozenset({"/health", "/metrics", "/version"})
 
 
-def build_app(state: ServerState, *, root_path: str = "") -> FastAPI:
-    """The app over ``state`` (its engine must already be running)."""
-    app = FastAPI(title="blocks OpenAI-compatible server", version=blocks.__version__, root_path=root_path)
+def build_app(state: ServerState, *, root_path: str = "", on_shutdown: Callable[[], None] | None = None) -> FastAPI:
+    """The app over ``state`` (its engine must already be running); ``on_shutdown`` runs when the server stops."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI):
+        try:
+            yield
+        finally:
+            if on_shutdown is not None:
+                on_shutdown()
+
+    app = FastAPI(title="blocks OpenAI-compatible server", version=blocks.__version__, root_path=root_path,
+                  lifespan=lifespan)
     app.state.server = state
     install_error_handlers(app)
     if state.api_key:

@@ -8,12 +8,14 @@ Examples::
 
 The engine core loads in a child process first (``--help`` lists every flag); then uvicorn serves
 the app. SIGTERM / Ctrl-C: uvicorn stops accepting connections, waits up to ``--shutdown-timeout``
-seconds for in-flight requests, then the engine aborts what is left and exits (no orphans).
+seconds for in-flight requests, then the engine aborts what is left and exits (no orphans); uvicorn
+then re-raises the signal, so the exit status is that of the signal (-15 for SIGTERM).
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 
 __all__ = ["add_parser", "run", "engine_kwargs"]
@@ -115,7 +117,11 @@ def run(args: argparse.Namespace) -> int:
             api_key=args.api_key or os.environ.get("BLOCKS_API_KEY") or None, max_logprobs=args.max_logprobs,
             chat_template=template, strict_fields=args.strict_fields,
         )
-        app = build_app(state, root_path=args.root_path)
+        def stop_engine() -> None:  # before uvicorn re-raises the SIGTERM it caught
+            engine.shutdown(timeout=args.shutdown_timeout)
+            logging.getLogger("blocks.serve").warning("blocks serve: engine stopped")
+
+        app = build_app(state, root_path=args.root_path, on_shutdown=stop_engine)
         server = uvicorn.Server(uvicorn.Config(
             app, host=args.host, port=args.port, log_level=args.uvicorn_log_level, root_path=args.root_path,
             timeout_graceful_shutdown=args.shutdown_timeout,

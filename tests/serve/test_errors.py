@@ -1,0 +1,116 @@
+"""Malformed and out-of-limit requests over raw httpx: OpenAI's error shape, the right status, the field named."""
+
+from __future__ import annotations
+
+import random
+
+import httpx
+import pytest
+
+
+def _post(server, path: str, body=None, *, content: bytes | None = None, headers: dict | None = None):
+    h = {**server.headers, **(headers or {})}
+    if content is not None:
+        return httpx.post(server.url + path, content=content, headers={**h, "content-type": "application/json"})
+    return httpx.post(server.url + path, json=body, headers=h, timeout=30)
+
+
+def _error(r, status: int, param: str | None = "any") -> dict:
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["code"] == status and err["message"]
+    if param != "any":
+        assert err["param"] == param, err
+    return err
+
+
+@pytest.mark.parametrize("raw", [b'{"prompt": "x",', b"not json", b"[1, 2", b'{"prompt": "\xff"}'])
+def test_malformed_json_is_400(server, raw):
+    _error(_post(server, "/v1/completions", content=raw), 400)
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"prompt": "x", "max_tokens": "many"}, "max_tokens"),
+    ({"prompt": "x", "temperature": "hot"}, "temperature"),
+    ({"prompt": 5}, None),
+    ({}, "prompt"),
+    ({"prompt": "x", "temperature": -1}, "temperature"),
+    ({"prompt": "x", "top_p": 0}, "top_p"),
+    ({"prompt": "x", "n": 0}, "n"),
+    ({"prompt": "x", "n": 100000}, "n"),
+    ({"prompt": "x", "logprobs": 21}, "logprobs"),
+    ({"prompt": "x", "stop": ["s"] * 65}, "stop"),
+    ({"prompt": ""}, "prompt"),
+    ({"prompt": []}, "prompt"),
+    ({"prompt": [1, 2, 100000]}, "prompt"),
+    ({"prompt": "x", "suffix": "y"}, "suffix"),
+    ({"prompt": "x", "response_format": {"type": "json_object"}}, "response_format"),
+    ({"prompt": "x", "response_format": {"type": "json_schema", "json_schema": {"name": "a"}}}, "response_format"),
+    ({"prompt": "x", "use_beam_search": True}, "use_beam_search"),
+    ({"prompt": "x", "max_tokens": 0}, "max_tokens"),
+])
+def test_invalid_completion_fields_are_400_naming_the_field(server, body, param):
+    err = _error(_post(server, "/v1/completions", body), 400)
+    if param is not None:
+        assert err["param"] == param or (err["param"] or "").startswith(param), err
+
+
+def test_prompt_plus_max_tokens_over_max_model_len(server):
+    rng = random.Random(0)
+    ids = [rng.randrange(1, 200) for _ in range(rng.randint(20, 60))]
+    ok = _post(server, "/v1/completions", {"prompt": ids, "max_tokens": 128 - len(ids), "temperature": 0})
+    assert ok.status_code == 200, ok.text
+    err = _error(_post(server, "/v1/completions", {"prompt": ids, "max_tokens": 129 - len(ids)}), 400, "max_tokens")
+    assert "128" in err["message"] and str(len(ids)) in err["message"]
+    _error(_post(server, "/v1/completions", {"prompt": [7] * 128, "max_tokens": 1}), 400, "prompt")
+    chat = {"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 500}
+    _error(_post(server, "/v1/chat/completions", chat), 400, "max_completion_tokens")
+
+
+def test_chat_specific_errors(server):
+    _error(_post(server, "/v1/chat/completions", {"messages": []}), 400, "messages")
+    image = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}
+    _error(_post(server, "/v1/chat/completions", image), 400, "messages.0.content")
+    _error(_post(server, "/v1/chat/completions", {"messages": [{"role": "user", "content": "a"}], "top_logprobs": 2}),
+           400, "top_logprobs")
+    _error(_post(server, "/v1/chat/completions", {"messages": "hello"}), 400, "messages")
+    ok = _post(server, "/v1/chat/completions", {"messages": [{"role": "user", "content": "a"}], "max_tokens": 2,
+                                                "response_format": {"type": "text"}})
+    assert ok.status_code == 200 and ok.json()["choices"][0]["message"]["role"] == "assistant"
+
+
+def test_api_key_required_except_health_and_metrics(server):
+    for headers in ({}, {"Authorization": "Bearer nope"}, {"Authorization": server.api_key}):
+        r = httpx.get(server.url + "/v1/models", headers=headers)
+        _error(r, 401)
+        r = httpx.post(server.url + "/v1/completions", json={"prompt": "x"}, headers=headers)
+        _error(r, 401)
+    assert httpx.get(server.url + "/health").status_code == 200
+    assert httpx.get(server.url + "/metrics").status_code == 200
+    assert httpx.get(server.url + "/v1/models", headers=server.headers).status_code == 200
+
+
+def test_unknown_model_route_and_method(server):
+    _error(_post(server, "/v1/completions", {"model": "nope", "prompt": "x"}), 404, "model")
+    _error(_post(server, "/v1/chat/completions", {"model": "nope", "messages": [{"role": "user", "content": "x"}]}),
+           404, "model")
+    _error(httpx.get(server.url + "/v1/nothing", headers=server.headers), 404)
+    _error(httpx.get(server.url + "/v1/completions", headers=server.headers), 405)
+
+
+def test_unknown_fields_are_listed_in_a_header(server):
+    r = _post(server, "/v1/completions", {"prompt": "x", "max_tokens": 2, "guided_json": {}, "zzz": 1})
+    assert r.status_code == 200
+    assert r.headers["x-blocks-ignored-fields"] == "guided_json,zzz"
+    assert "x-blocks-ignored-fields" not in _post(server, "/v1/completions", {"prompt": "x", "max_tokens": 2}).headers
+
+
+def test_detokenize_rejects_out_of_vocabulary_ids(server):
+    _error(_post(server, "/detokenize", {"tokens": [1, -3]}), 400, "tokens")
+    _error(_post(server, "/tokenize", {}), 400)
+
+
+def test_server_still_healthy_after_bad_input(server):
+    assert httpx.get(server.url + "/health").status_code == 200
+    r = _post(server, "/v1/completions", {"prompt": "The quick", "max_tokens": 3, "temperature": 0})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
