@@ -98,8 +98,10 @@ def _race_pass(val_ptr, idx_ptr, n, from_buf, thr, m, inv_t, seed, vocab, offs, 
         cols = tl.where(use_idx, tl.load(idx_ptr + j, mask=valid & use_idx, other=0), j)
         keep = valid & (x >= thr)
         u = tl.rand(seed, cols)
-        noise = -tl.log(tl.maximum(u, 1e-38))
-        score = tl.where(keep, (x - m) * inv_t - tl.log(tl.maximum(noise, 1e-38)), float("-inf"))
+        # 1e-30, not 1e-38: a literal below fp32's smallest normal (1.18e-38) is typed fp64 by older
+        # Triton (3.6), which turns the loop-carried ``best`` into fp64 and fails to compile
+        noise = -tl.log(tl.maximum(u, 1e-30))
+        score = tl.where(keep, (x - m) * inv_t - tl.log(tl.maximum(noise, 1e-30)), float("-inf"))
         upd = score > best
         best = tl.where(upd, score, best)
         best_i = tl.where(upd, cols, best_i)
