@@ -86,6 +86,18 @@ class LLM:
             raise ValueError("text prompts need a tokenizer (skip_tokenizer_init=True: pass prompt_token_ids)")
         return prompt, tok.encode(prompt)
 
+    def _encode_all(self, items: list) -> list[tuple[str | None, list[int]]]:
+        """Tokenize and validate every prompt before any is queued (a bad one runs nothing)."""
+        encoded = []
+        for i, item in enumerate(items):
+            text, ids = self._to_token_ids(item)
+            try:
+                self.engine.validate_prompt(ids)
+            except ValueError as exc:
+                raise ValueError(f"prompt {i}: {exc}") from None
+            encoded.append((text, ids))
+        return encoded
+
     @staticmethod
     def _as_list(prompts) -> list:
         if isinstance(prompts, (str, dict)):
@@ -116,14 +128,7 @@ class LLM:
             raise ValueError(f"got {len(params)} sampling_params for {len(items)} prompts")
         if priority is not None and len(priority) != len(items):
             raise ValueError(f"got {len(priority)} priorities for {len(items)} prompts")
-        encoded = []
-        for i, item in enumerate(items):
-            text, ids = self._to_token_ids(item)
-            try:
-                self.engine.validate_prompt(ids)
-            except ValueError as exc:
-                raise ValueError(f"prompt {i}: {exc}") from None
-            encoded.append((text, ids))
+        encoded = self._encode_all(items)
         order = {}
         for i, ((text, ids), p) in enumerate(zip(encoded, params)):
             rid = str(next(self._ids))
@@ -144,17 +149,9 @@ class LLM:
         ``out.sequences[i].tokens`` holds prompt + generated tokens, best hypothesis first).
         Unlike vLLM, ``temperature`` / ``top_k`` / ``top_p`` / ``min_p`` make the beams stochastic.
         """
-        items = self._as_list(prompts)
-        encoded = []
-        for i, item in enumerate(items):
-            _, ids = self._to_token_ids(item)
-            try:
-                self.engine.validate_prompt(ids)
-            except ValueError as exc:
-                raise ValueError(f"prompt {i}: {exc}") from None
-            encoded.append(ids)
+        encoded = self._encode_all(self._as_list(prompts))
         order = {}
-        for i, ids in enumerate(encoded):
+        for i, (_, ids) in enumerate(encoded):
             rid = str(next(self._ids))
             order[rid] = i
             self.engine.add_beam_request(rid, ids, params)
