@@ -16,16 +16,49 @@ from fastapi import FastAPI, Request
 
 import blocks
 from serve import chat, completions, misc_routes
-from serve.errors import error_response, install_error_handlers
+from serve.errors import APIError, error_response, install_error_handlers
 from serve.state import ServerState
 
-__all__ = ["build_app", "OPEN_PATHS"]
+__all__ = ["build_app", "OPEN_PATHS", "BodySizeLimit", "DEFAULT_MAX_BODY_BYTES"]
 
 OPEN_PATHS = frozenset({"/health", "/metrics", "/version"})
+DEFAULT_MAX_BODY_BYTES = 16 << 20
 
 
-def build_app(state: ServerState, *, root_path: str = "", on_shutdown: Callable[[], None] | None = None) -> FastAPI:
-    """The app over ``state`` (its engine must already be running); ``on_shutdown`` runs when the server stops."""
+class BodySizeLimit:
+    """ASGI middleware: a request body over ``max_bytes`` is refused with 413 (by its Content-Length, or
+    while a chunked body is read)."""
+
+    def __init__(self, app, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope.get("headers") or ()).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
+            response = error_response(413, f"request body is larger than the limit of {self.max_bytes} bytes")
+            return await response(scope, receive, send)
+        seen = 0
+
+        async def limited_receive():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.max_bytes:
+                raise APIError(413, f"request body is larger than the limit of {self.max_bytes} bytes")
+            return message
+
+        return await self.app(scope, limited_receive, send)
+
+
+def build_app(state: ServerState, *, root_path: str = "", on_shutdown: Callable[[], None] | None = None,
+              max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
+    """The app over ``state`` (its engine must already be running); ``on_shutdown`` runs when the server stops.
+
+    Request bodies over ``max_body_bytes`` get 413.
+    """
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI):
@@ -53,6 +86,7 @@ def build_app(state: ServerState, *, root_path: str = "", on_shutdown: Callable[
                     return error_response(401, "invalid or missing API key (send Authorization: Bearer <key>)")
             return await call_next(request)
 
+    app.add_middleware(BodySizeLimit, max_bytes=max_body_bytes)
     app.include_router(completions.router)
     app.include_router(chat.router)
     app.include_router(misc_routes.router)

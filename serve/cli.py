@@ -47,6 +47,8 @@ def add_parser(sp: argparse.ArgumentParser) -> None:
     g.add_argument("--strict-fields", action="store_true",
                    help="reject unknown request fields with 400 (default: accept and list them in the "
                         "x-blocks-ignored-fields response header)")
+    g.add_argument("--max-request-body-bytes", type=int, default=16 << 20,
+                   help="larger request bodies are refused with 413 (default: 16 MiB)")
     g.add_argument("--shutdown-timeout", type=float, default=10.0,
                    help="seconds to let in-flight requests finish on SIGTERM before aborting them (default: 10)")
     g.add_argument("--uvicorn-log-level", default="info",
@@ -121,7 +123,8 @@ def run(args: argparse.Namespace) -> int:
             engine.shutdown(timeout=args.shutdown_timeout)
             logging.getLogger("blocks.serve").warning("blocks serve: engine stopped")
 
-        app = build_app(state, root_path=args.root_path, on_shutdown=stop_engine)
+        app = build_app(state, root_path=args.root_path, on_shutdown=stop_engine,
+                        max_body_bytes=args.max_request_body_bytes)
         server = uvicorn.Server(uvicorn.Config(
             app, host=args.host, port=args.port, log_level=args.uvicorn_log_level, root_path=args.root_path,
             timeout_graceful_shutdown=args.shutdown_timeout,

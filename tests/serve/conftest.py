@@ -20,6 +20,7 @@ from tests.engine.conftest import save_tiny_tokenizer
 ROOT = Path(__file__).resolve().parents[2]
 API_KEY = "test-key-" + os.urandom(4).hex()
 MAX_MODEL_LEN = 128
+MAX_BODY = 1 << 20
 
 
 def free_port() -> int:
@@ -128,7 +129,7 @@ def tiny_model(tmp_path_factory) -> str:
 @pytest.fixture(scope="package")
 def server(tiny_model):
     """The shared server (API key on). Teardown checks a graceful SIGTERM: exit 0 and no engine left."""
-    srv = Server(tiny_model, api_key=API_KEY)
+    srv = Server(tiny_model, "--max-request-body-bytes", str(MAX_BODY), api_key=API_KEY)
     engines = engine_pids(srv.proc.pid)
     assert len(engines) == 1, f"expected one engine process, got {engines}"
     yield srv

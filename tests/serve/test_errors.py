@@ -114,3 +114,22 @@ def test_server_still_healthy_after_bad_input(server):
     assert httpx.get(server.url + "/health").status_code == 200
     r = _post(server, "/v1/completions", {"prompt": "The quick", "max_tokens": 3, "temperature": 0})
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
+
+
+def test_body_over_the_size_limit_is_refused(server):
+    from tests.serve.conftest import MAX_BODY
+
+    big = {"prompt": "fox " * (MAX_BODY // 4 + 10), "max_tokens": 1}
+    err = _error(_post(server, "/v1/completions", big), 413)
+    assert str(MAX_BODY) in err["message"]
+
+    def chunks():
+        yield b'{"prompt": "'
+        for _ in range(MAX_BODY // 4096 + 2):
+            yield b"a" * 4096
+        yield b'"}'
+
+    r = httpx.post(server.url + "/v1/completions", content=chunks(), headers={**server.headers,
+                                                                             "content-type": "application/json"})
+    assert r.status_code in (400, 413) and r.json()["error"]["code"] == r.status_code
+    assert httpx.get(server.url + "/health").status_code == 200
