@@ -79,11 +79,6 @@ class EngineConfig:
             raise ValueError(f"long_prefill_token_threshold must be >= 0, got {self.long_prefill_token_threshold}")
         if self.enable_lora:
             raise ValueError("enable_lora: LoRA adapters are not supported yet")
-        if self.tensor_parallel_size != 1:
-            raise ValueError(
-                f"tensor_parallel_size must be 1 for now (tensor-parallel workers are not built yet), "
-                f"got {self.tensor_parallel_size}"
-            )
 
     @classmethod
     def field_names(cls) -> set[str]:

@@ -267,6 +267,10 @@ class EngineCore:
             self._seqs.pop(seq.request_id, None)
         self._parents.pop(parent.request_id, None)
 
+    def close(self) -> None:
+        """Release the engine's processes (tensor-parallel workers); the engine is unusable afterwards."""
+        self.runner.close()
+
     def has_unfinished_requests(self) -> bool:
         return bool(self._parents) or bool(self._beam_groups)
 

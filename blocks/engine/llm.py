@@ -66,6 +66,10 @@ class LLM:
         self.engine = EngineCore(self.config, model, tokenizer)
         self._ids = itertools.count()
 
+    def shutdown(self) -> None:
+        """Stop tensor-parallel worker processes (also done at interpreter exit)."""
+        self.engine.close()
+
     def get_tokenizer(self):
         return self.engine.tokenizer
 

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 
 from blocks.attention.metadata import plan_attention
 from blocks.cache.block_copy import block_copy
@@ -29,8 +30,12 @@ from blocks.cache.kv_tensors import allocate_kv_cache, layer_views
 from blocks.engine.config import DEFAULT_CPU_KV_CACHE_BYTES, EngineConfig
 from blocks.engine.cuda_graphs import DecodeGraphs
 from blocks.engine.shapes import MODEL_SHAPES, shape_config
+from blocks.engine.step_inputs import StepInputs
+from blocks.engine.tp_workers import TPWorkers, broadcast_inputs
+from blocks.layers.tp import TP_SINGLE, TPInfo
 from blocks.models.base import CausalLM
 from blocks.models.loader import load_model
+from blocks.parallel.state import DistConfig, destroy_tensor_parallel, init_tensor_parallel
 from blocks.sample.batch import RequestRng, SamplingBatch
 from blocks.sample.logprobs import compute_logprobs
 from blocks.sample.params import SamplingParams
@@ -102,15 +107,37 @@ class ModelRunner:
     """
 
     def __init__(self, config: EngineConfig, model_path: str,
-                 sampling_info: Callable[[str], SamplingInfo]) -> None:
+                 sampling_info: Callable[[str], SamplingInfo] | None, *, tp: TPInfo | None = None) -> None:
         self.config = config
+        self.workers: TPWorkers | None = None
+        if tp is None and config.tensor_parallel_size > 1:  # rank 0: start ranks 1..N-1, then join them
+            self.workers = TPWorkers(config, model_path, config.tensor_parallel_size)
+            try:
+                tp = init_tensor_parallel(config.tensor_parallel_size, config=DistConfig(
+                    rank=0, world_size=config.tensor_parallel_size, master_port=self.workers.port))
+            except BaseException:
+                self.workers.shutdown(torch.device("cpu"))
+                raise
+        self.tp = tp or TP_SINGLE
+        try:
+            self._build(config, model_path, sampling_info)
+        except BaseException:
+            self.close()
+            raise
+
+    def _build(self, config: EngineConfig, model_path: str, sampling_info) -> None:
         self.device = resolve_device(config.device)
+        if self.tp.size > 1 and self.device.type == "cuda":
+            self.device = torch.device("cuda", self.tp.rank)
+            torch.cuda.set_device(self.device)
+        # gloo moves host tensors, NCCL device tensors
+        self.comm_device = self.device if self.device.type == "cuda" else torch.device("cpu")
         trust_config = None
         if config.load_format == "dummy" and model_path.lower() in MODEL_SHAPES:
             trust_config = shape_config(model_path)  # a named shape: random weights, no files
         self.model: CausalLM = load_model(
             model_path, dtype=config.dtype, device=self.device, load_format=config.load_format,
-            attn_backend=config.attention_backend, seed=config.seed or 0, trust_config=trust_config,
+            attn_backend=config.attention_backend, seed=config.seed or 0, trust_config=trust_config, tp=self.tp,
         )
         mc = self.model.config
         self.max_model_len = config.max_model_len or mc.max_position_embeddings
@@ -122,6 +149,10 @@ class ModelRunner:
         self.block_size = config.block_size
         self.kv_dtype = torch.float8_e4m3fn if config.kv_cache_dtype.startswith("fp8") else self.model.dtype
         self.num_blocks = self._num_kv_blocks()
+        if self.tp.size > 1:  # every rank holds the same block ids: take the smallest budget
+            n = torch.tensor([self.num_blocks], dtype=torch.int64, device=self.comm_device)
+            dist.all_reduce(n, op=dist.ReduceOp.MIN)
+            self.num_blocks = int(n.item())
         self.kv_cache = allocate_kv_cache(
             self.model.num_layers, self.num_blocks, self.block_size, self.model.num_kv_heads, self.model.head_dim,
             dtype=self.kv_dtype, device=self.device,
@@ -140,6 +171,14 @@ class ModelRunner:
                                        max_batch=min(config.max_num_seqs, 512), max_model_len=self.max_model_len)
             self.graphs.capture()
         self.reset_counters()
+
+    def close(self) -> None:
+        """Stop tensor-parallel workers and leave the process group (no-op on one rank)."""
+        if self.workers is not None:
+            self.workers.shutdown(getattr(self, "comm_device", torch.device("cpu")))
+            self.workers = None
+        if self.tp.size > 1:
+            destroy_tensor_parallel()
 
     def reset_counters(self) -> None:
         """Zero ``counters``: steps, tokens computed, KV tokens read (sum of context lengths), graph
@@ -313,33 +352,22 @@ class ModelRunner:
             if info.params.prompt_logprobs is not None and start < st.num_prompt - 1:
                 count = min(end, st.num_prompt - 1) - start
                 prompt_lp.append((rid, row0, start, count))
-        device = self.device
-        self._copy_blocks(out.blocks_to_copy)
-        graphs = self.graphs
-        if graphs is not None and len(ids) == len(order) and not prompt_lp and graphs.bucket_for(len(ids)):
-            hidden = graphs.run(ids, positions, slens, tables)
-            self.counters["graph_steps"] += 1
-        else:
-            md = plan_attention(qlens, slens, tables, self.block_size, device=device)
-            md = self.model.attn_backend.plan(md)
-            input_ids = torch.tensor(ids, dtype=torch.int64).to(device, non_blocking=True)
-            pos = torch.tensor(positions, dtype=torch.int64).to(device, non_blocking=True)
-            hidden = self.model(input_ids, pos, self.kv_caches, md)
-        self.counters["steps"] += 1
-        self.counters["tokens"] += len(ids)
-        self.counters["kv_tokens_read"] += sum(slens)
-
-        prompt_result = self._prompt_logprobs(hidden, prompt_lp)
-        beam_rows = {}
-        if beams:
-            rows = torch.tensor([last_row[r] for r in beams], dtype=torch.int64).to(device)
-            logprobs = torch.log_softmax(self.model.compute_logits(hidden, rows), dim=-1)
-            beam_rows = dict(zip(beams, logprobs))
         self._sync_sampling_rows(sampling)
+        sample_rows = [last_row[r] for r in self.batch.req_ids]
+        beam_rows = [last_row[r] for r in beams]
+        prompt_rows = [row0 + j for _, row0, _, count in prompt_lp for j in range(count)]
+        graphs = self.graphs
+        use_graph = bool(graphs is not None and len(ids) == len(order) and not prompt_lp
+                         and graphs.bucket_for(len(ids)))
+        inputs = StepInputs(ids, positions, qlens, slens, tables, list(out.blocks_to_copy),
+                            sample_rows + beam_rows + prompt_rows, use_graph)
+        all_logits = self.run_model(inputs)
+        ns, nb = len(sample_rows), len(beam_rows)
+        prompt_result = self._prompt_logprobs(all_logits[ns + nb:], prompt_lp)
+        beam_logprobs = dict(zip(beams, torch.log_softmax(all_logits[ns : ns + nb], dim=-1))) if beams else {}
         if not self.batch.req_ids:
-            return StepResult({}, {}, prompt_result, len(ids), beam_rows)
-        rows = torch.tensor([last_row[r] for r in self.batch.req_ids], dtype=torch.int64).to(device)
-        logits = self.model.compute_logits(hidden, rows)
+            return StepResult({}, {}, prompt_result, len(ids), beam_logprobs)
+        logits = all_logits[:ns]
         sampler_out = self.sampler(logits, self.batch, inplace=True)
         sampled_ids = sampler_out.sampled_token_ids
         launched = time.perf_counter()
@@ -357,7 +385,34 @@ class ModelRunner:
                 if want is not None:
                     logprobs[rid] = (float(lp.token_logprobs[i]), int(lp.token_ranks[i]), lp.row(i, num_top=want))
         self.counters["host_s"] += (launched - step_start) + (time.perf_counter() - synced)
-        return StepResult(sampled, logprobs, prompt_result, len(ids), beam_rows)
+        return StepResult(sampled, logprobs, prompt_result, len(ids), beam_logprobs)
+
+    def run_model(self, inputs: StepInputs) -> torch.Tensor:
+        """The forward of one step on this rank: block copies, the model (graph replay or eager) and the
+        LM head on ``inputs.logits_rows``; returns ``[len(logits_rows), vocab]`` float32. Rank 0 of a
+        tensor-parallel engine first broadcasts ``inputs`` so every rank runs the same step."""
+        if self.workers is not None:
+            self.workers.check_alive()
+            broadcast_inputs(inputs, self.comm_device)
+        self._copy_blocks(inputs.copies)
+        device = self.device
+        if inputs.use_graph:
+            hidden = self.graphs.run(inputs.token_ids, inputs.positions, inputs.seq_lens, inputs.block_tables)
+            self.counters["graph_steps"] += 1
+        else:
+            md = plan_attention(inputs.query_lens, inputs.seq_lens, inputs.block_tables, self.block_size,
+                                device=device)
+            md = self.model.attn_backend.plan(md)
+            input_ids = torch.tensor(inputs.token_ids, dtype=torch.int64).to(device, non_blocking=True)
+            pos = torch.tensor(inputs.positions, dtype=torch.int64).to(device, non_blocking=True)
+            hidden = self.model(input_ids, pos, self.kv_caches, md)
+        self.counters["steps"] += 1
+        self.counters["tokens"] += len(inputs.token_ids)
+        self.counters["kv_tokens_read"] += sum(inputs.seq_lens)
+        if not inputs.logits_rows:
+            return torch.empty(0, self.model.vocab_size, dtype=torch.float32, device=device)
+        rows = torch.tensor(inputs.logits_rows, dtype=torch.int64).to(device)
+        return self.model.compute_logits(hidden, rows)
 
     def append_tokens(self, tokens: dict[str, int]) -> None:
         """Record tokens chosen outside the sampler (beam search) for requests the runner holds."""
@@ -366,15 +421,17 @@ class ModelRunner:
             if st is not None:
                 st.token_ids.append(tok)
 
-    def _prompt_logprobs(self, hidden: torch.Tensor, spans: list[tuple[str, int, int, int]]):
+    def _prompt_logprobs(self, logits: torch.Tensor, spans: list[tuple[str, int, int, int]]):
+        """Prompt logprobs of this step's prompt rows (``logits`` holds the spans' rows back to back)."""
         result = {}
-        for rid, row0, start, count in spans:
+        offset = 0
+        for rid, _, start, count in spans:
             st = self.states[rid]
             num = self.sampling_info(rid).params.prompt_logprobs
-            rows = torch.arange(row0, row0 + count, device=self.device)
-            logits = self.model.compute_logits(hidden, rows)
+            rows = logits[offset : offset + count]
+            offset += count
             targets = torch.tensor(st.token_ids[start + 1 : start + 1 + count], dtype=torch.int64, device=self.device)
-            lp = compute_logprobs(logits, targets, num)
+            lp = compute_logprobs(rows, targets, num)
             entries = []
             for j in range(count):
                 entry = lp.row(j, num_top=num)

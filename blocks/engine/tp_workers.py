@@ -1,0 +1,103 @@
+"""Tensor-parallel workers: ranks 1..N-1 of the engine, one process each (one GPU each on CUDA).
+
+Rank 0 (the engine's own process) schedules and samples. Every step it broadcasts the step's
+:class:`~blocks.engine.step_inputs.StepInputs` as two int64 tensors; each worker rebuilds them and runs
+the same forward on its shard of the model (its own KV heads in its own cache); the row-parallel
+layers' all-reduce and the LM head's all-gather keep the ranks in lockstep. Workers never sample.
+
+Lifecycle: :class:`TPWorkers` spawns the processes (``spawn`` start method), which join the process
+group together with rank 0; :meth:`TPWorkers.check_alive` turns a dead worker into a clear error before
+rank 0 would block on it; :meth:`TPWorkers.shutdown` sends the stop command and joins (terminating
+stragglers), so no process is left behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing as mp
+import socket
+from dataclasses import asdict
+
+import torch
+import torch.distributed as dist
+
+from blocks.engine.config import EngineConfig
+from blocks.engine.step_inputs import CMD_STEP, CMD_STOP, HEADER_SIZE, StepInputs
+
+__all__ = ["TPWorkers", "broadcast_inputs", "free_port"]
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 for the process group's rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def broadcast_inputs(inputs: StepInputs | None, device: torch.device, *, command: int = CMD_STEP) -> StepInputs | None:
+    """Rank 0 sends ``inputs`` (or a command); other ranks pass ``None`` and receive them."""
+    if dist.get_rank() == 0:
+        header, payload = (inputs or StepInputs([], [], [], [], [])).to_tensors(command)
+        header, payload = header.to(device), payload.to(device)
+        dist.broadcast(header, 0)
+        dist.broadcast(payload, 0)
+        return inputs
+    header = torch.empty(HEADER_SIZE, dtype=torch.int64, device=device)
+    dist.broadcast(header, 0)
+    if int(header[6]) == CMD_STOP:
+        return None
+    payload = torch.empty(int(header[7]), dtype=torch.int64, device=device)
+    dist.broadcast(payload, 0)
+    return StepInputs.from_tensors(header, payload)
+
+
+def _worker_main(rank: int, world_size: int, port: int, model_path: str, config: dict) -> None:
+    from blocks.engine.runner import ModelRunner
+    from blocks.parallel.state import DistConfig, destroy_tensor_parallel, init_tensor_parallel
+
+    torch.set_num_threads(1)
+    tp = init_tensor_parallel(world_size, config=DistConfig(rank=rank, world_size=world_size, master_port=port))
+    runner = ModelRunner(EngineConfig(**config), model_path, sampling_info=None, tp=tp)
+    try:
+        while True:
+            inputs = broadcast_inputs(None, runner.comm_device)
+            if inputs is None:
+                break
+            runner.run_model(inputs)
+    finally:
+        destroy_tensor_parallel()
+
+
+class TPWorkers:
+    """Ranks 1..``world_size - 1`` as child processes (see the module docstring)."""
+
+    def __init__(self, config: EngineConfig, model_path: str, world_size: int) -> None:
+        self.port = free_port()
+        ctx = mp.get_context("spawn")
+        self.procs = [
+            ctx.Process(target=_worker_main, args=(rank, world_size, self.port, model_path, asdict(config)),
+                        name=f"blocks-tp-rank{rank}", daemon=True)
+            for rank in range(1, world_size)
+        ]
+        for p in self.procs:
+            p.start()
+
+    def check_alive(self) -> None:
+        """Raise ``RuntimeError`` naming the rank if a worker process has exited."""
+        for rank, p in enumerate(self.procs, start=1):
+            if not p.is_alive():
+                raise RuntimeError(
+                    f"tensor-parallel worker rank {rank} exited (code {p.exitcode}); the engine cannot continue"
+                )
+
+    def shutdown(self, device: torch.device, *, timeout_s: float = 30.0) -> None:
+        """Stop the workers (stop command if the group is up), join them, terminate stragglers."""
+        alive = all(p.is_alive() for p in self.procs)
+        if alive and dist.is_initialized():
+            with contextlib.suppress(RuntimeError):
+                broadcast_inputs(None, device, command=CMD_STOP)
+        for p in self.procs:
+            p.join(timeout_s)
+            if p.is_alive():
+                p.terminate()
+                p.join(5)
