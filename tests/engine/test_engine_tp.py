@@ -33,3 +33,16 @@ def test_heads_not_divisible_fails_at_startup(tmp_path):
     build_tiny_checkpoint("llama2", tmp_path)  # 4 heads
     with pytest.raises(ValueError, match="divisible by the tensor-parallel size 3"):
         LLM(str(tmp_path), tensor_parallel_size=3, skip_tokenizer_init=True, dtype="float32", device="cpu")
+
+
+def test_dead_worker_stops_the_engine_with_a_clear_error(tmp_path):
+    build_tiny_checkpoint("qwen3", tmp_path)
+    llm = LLM(str(tmp_path), tensor_parallel_size=2, skip_tokenizer_init=True, dtype="float32", device="cpu")
+    proc = llm.engine.runner.workers.procs[0]
+    proc.kill()
+    proc.join(10)
+    params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+    with pytest.raises(RuntimeError, match="worker rank 1 exited"):
+        llm.generate({"prompt_token_ids": [1, 2, 3]}, params, use_tqdm=False)
+    llm.shutdown()
+    assert not proc.is_alive()
