@@ -418,7 +418,7 @@ def parse_args(argv=None):
     p.add_argument("--out", type=Path, required=True, help="output folder (Hugging Face format)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads (part of reproducibility)")
-    p.add_argument("--steps", type=int, default=3600)
+    p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--examples", type=int, default=200_000, help="generated training examples")
