@@ -1,0 +1,162 @@
+"""A load generator for a running OpenAI-compatible server (the core of a future ``blocks bench serve``).
+
+Sends ``--num-prompts`` streaming completions of random token-id prompts (``--input-len`` tokens,
+ids below ``--id-range`` so any vocabulary fits; ``ignore_eos`` so each produces ``--output-len``
+tokens), at ``--request-rate`` requests/s (Poisson arrivals; ``inf`` = all at once) with at most
+``--max-concurrency`` in flight, and reports throughput and TTFT / TPOT / ITL / E2E percentiles, like
+``vllm bench serve``::
+
+    python -m serve.bench --base-url http://127.0.0.1:8000 --num-prompts 500 --max-concurrency 500
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import httpx
+
+__all__ = ["RequestResult", "run_benchmark", "summarize", "main"]
+
+
+@dataclass
+class RequestResult:
+    """One request: success, prompt/output token counts, TTFT, inter-token gaps and end-to-end time (s)."""
+
+    ok: bool
+    prompt_tokens: int = 0
+    output_tokens: int = 0
+    ttft: float = 0.0
+    itl: list[float] = field(default_factory=list)
+    e2e: float = 0.0
+    text: str = ""
+    error: str = ""
+
+
+async def _one(client: httpx.AsyncClient, url: str, body: dict, headers: dict) -> RequestResult:
+    start = time.perf_counter()
+    res = RequestResult(ok=False)
+    last = None
+    try:
+        async with client.stream("POST", url, json=body, headers=headers) as r:
+            if r.status_code != 200:
+                res.error = f"HTTP {r.status_code}: {(await r.aread())[:200]!r}"
+                return res
+            async for line in r.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                now = time.perf_counter()
+                if chunk.get("usage"):
+                    res.prompt_tokens = chunk["usage"]["prompt_tokens"]
+                    res.output_tokens = chunk["usage"]["completion_tokens"]
+                for choice in chunk.get("choices", []):
+                    if last is None:
+                        res.ttft = now - start
+                    else:
+                        res.itl.append(now - last)
+                    last = now
+                    res.text += choice.get("text", "")
+        res.e2e = time.perf_counter() - start
+        res.ok = res.output_tokens > 0
+        if not res.ok:
+            res.error = "no usage chunk"
+    except httpx.HTTPError as exc:
+        res.error = f"{type(exc).__name__}: {exc}"
+    return res
+
+
+async def run_benchmark(*, base_url: str, model: str | None, num_prompts: int, input_len: int, output_len: int,
+                        max_concurrency: int, request_rate: float, id_range: int = 100, seed: int = 0,
+                        api_key: str | None = None) -> tuple[list[RequestResult], float]:
+    """Run the load; returns the per-request results and the wall time (s)."""
+    rng = random.Random(seed)
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    url = base_url.rstrip("/") + "/completions"
+    sem = asyncio.Semaphore(max_concurrency)
+    limits = httpx.Limits(max_connections=max_concurrency, max_keepalive_connections=max_concurrency)
+
+    async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=limits) as client:
+        async def guarded(body: dict) -> RequestResult:
+            async with sem:
+                return await _one(client, url, body, headers)
+
+        tasks = []
+        start = time.perf_counter()
+        for _ in range(num_prompts):
+            body = {"prompt": [rng.randrange(1, id_range) for _ in range(input_len)], "max_tokens": output_len,
+                    "ignore_eos": True, "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+            if model:
+                body["model"] = model
+            tasks.append(asyncio.ensure_future(guarded(body)))
+            if request_rate != float("inf"):
+                await asyncio.sleep(rng.expovariate(request_rate))
+        results = await asyncio.gather(*tasks)
+        return results, time.perf_counter() - start
+
+
+def _pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(q / 100 * (len(values) - 1))))]
+
+
+def summarize(results: list[RequestResult], wall_s: float) -> dict:
+    """Throughput and latency percentiles (milliseconds) of successful requests."""
+    ok = [r for r in results if r.ok]
+    out_tokens = sum(r.output_tokens for r in ok)
+    in_tokens = sum(r.prompt_tokens for r in ok)
+    tpot = [(r.e2e - r.ttft) / (r.output_tokens - 1) for r in ok if r.output_tokens > 1]
+    itl = [x for r in ok for x in r.itl]
+    summary = {"completed": len(ok), "failed": len(results) - len(ok), "duration_s": wall_s,
+               "request_throughput": len(ok) / wall_s, "output_tokens_per_s": out_tokens / wall_s,
+               "total_tokens_per_s": (in_tokens + out_tokens) / wall_s}
+    for name, values in (("ttft", [r.ttft for r in ok]), ("tpot", tpot), ("itl", itl), ("e2e", [r.e2e for r in ok])):
+        ms = [v * 1000 for v in values]
+        summary[f"mean_{name}_ms"] = statistics.fmean(ms) if ms else float("nan")
+        for q in (50, 90, 99):
+            summary[f"p{q}_{name}_ms"] = _pct(ms, q)
+    errors = [r.error for r in results if not r.ok]
+    if errors:
+        summary["first_error"] = errors[0]
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m serve.bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--base-url", default="http://127.0.0.1:8000/v1")
+    p.add_argument("--model", default=None)
+    p.add_argument("--api-key", default=None)
+    p.add_argument("--num-prompts", type=int, default=200)
+    p.add_argument("--input-len", type=int, default=32)
+    p.add_argument("--output-len", type=int, default=32)
+    p.add_argument("--max-concurrency", type=int, default=64)
+    p.add_argument("--request-rate", type=float, default=float("inf"), help="requests/s (default: inf)")
+    p.add_argument("--id-range", type=int, default=100, help="prompt token ids are drawn from [1, id_range)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output-json", default=None)
+    args = p.parse_args(argv)
+    for name in ("num_prompts", "input_len", "output_len", "max_concurrency", "id_range"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    results, wall = asyncio.run(run_benchmark(
+        base_url=args.base_url, model=args.model, num_prompts=args.num_prompts, input_len=args.input_len,
+        output_len=args.output_len, max_concurrency=args.max_concurrency, request_rate=args.request_rate,
+        id_range=args.id_range, seed=args.seed, api_key=args.api_key))
+    summary = summarize(results, wall)
+    for key, value in summary.items():
+        print(f"{key:>24}: {value:.2f}" if isinstance(value, float) else f"{key:>24}: {value}")
+    if args.output_json:
+        with open(args.output_json, "w") as f:
+            json.dump(summary, f, indent=2)
+    return 0 if summary["failed"] == 0 else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
