@@ -27,8 +27,9 @@ import torch.distributed as dist
 from blocks.attention.metadata import plan_attention
 from blocks.cache.block_copy import block_copy
 from blocks.cache.kv_tensors import allocate_kv_cache, layer_views
-from blocks.engine.config import DEFAULT_CPU_KV_CACHE_BYTES, EngineConfig
+from blocks.engine.config import EngineConfig
 from blocks.engine.cuda_graphs import DecodeGraphs
+from blocks.engine.kv_sizing import num_kv_blocks
 from blocks.engine.shapes import MODEL_SHAPES, shape_config
 from blocks.engine.step_inputs import StepInputs
 from blocks.engine.tp_workers import TPWorkers, broadcast_inputs
@@ -203,60 +204,8 @@ class ModelRunner:
         return m.num_layers * 2 * self.block_size * m.num_kv_heads * m.head_dim * elem
 
     def _num_kv_blocks(self) -> int:
-        per_block = self.bytes_per_block
-        blocks_per_seq = -(-self.max_model_len // self.block_size)
-        needed_max = self.config.max_num_seqs * blocks_per_seq + 1  # never more than every seq at full length
-        budget = self.config.kv_cache_memory_bytes
-        if budget is None:
-            budget = self._cuda_kv_budget() if self.device.type == "cuda" else DEFAULT_CPU_KV_CACHE_BYTES
-        num_blocks = min(budget // per_block, needed_max)
-        if num_blocks < blocks_per_seq + 1:
-            need = (blocks_per_seq + 1) * per_block
-            raise ValueError(
-                f"the KV cache budget ({budget / 2**30:.2f} GiB) holds {num_blocks} blocks of {self.block_size} "
-                f"tokens but one sequence of max_model_len={self.max_model_len} needs {blocks_per_seq + 1} "
-                f"({need / 2**30:.2f} GiB): raise gpu_memory_utilization or kv_cache_memory_bytes, or lower "
-                f"max_model_len"
-            )
-        return int(num_blocks)
-
-    def _cuda_kv_budget(self) -> int:
-        """Bytes left for the KV cache after a profiled max-size forward (CUDA only)."""
-        torch.cuda.synchronize(self.device)
-        torch.cuda.reset_peak_memory_stats(self.device)
-        self._profile_forward()
-        torch.cuda.synchronize(self.device)
-        peak = torch.cuda.max_memory_allocated(self.device)
-        free, total = torch.cuda.mem_get_info(self.device)
-        non_torch = (total - free) - torch.cuda.memory_reserved(self.device)
-        budget = int(total * self.config.gpu_memory_utilization) - peak - max(non_torch, 0)
-        torch.cuda.empty_cache()
-        if budget <= 0:
-            raise ValueError(
-                f"no memory is left for the KV cache: the model and a max-size step peak at {peak / 2**30:.2f} GiB "
-                f"of {total / 2**30:.2f} GiB with gpu_memory_utilization={self.config.gpu_memory_utilization}: "
-                f"raise gpu_memory_utilization or lower max_num_batched_tokens / max_num_seqs"
-            )
-        return budget
-
-    @torch.inference_mode()
-    def _profile_forward(self) -> None:
-        num_tokens = min(self.config.max_num_batched_tokens or 8192, self.max_model_len * self.config.max_num_seqs)
-        seq = min(num_tokens, self.max_model_len)
-        num_seqs = max(1, num_tokens // seq)
-        blocks = -(-seq // self.block_size)
-        m = self.model
-        kv = allocate_kv_cache(m.num_layers, num_seqs * blocks + 1, self.block_size, m.num_kv_heads, m.head_dim,
-                               dtype=self.kv_dtype, device=self.device)
-        tables = [list(range(1 + i * blocks, 1 + (i + 1) * blocks)) for i in range(num_seqs)]
-        md = m.attn_backend.plan(plan_attention([seq] * num_seqs, [seq] * num_seqs, tables, self.block_size,
-                                                device=self.device))
-        ids = torch.zeros(seq * num_seqs, dtype=torch.int64, device=self.device)
-        pos = torch.arange(seq, device=self.device).repeat(num_seqs)
-        hidden = m(ids, pos, layer_views(kv), md)
-        rows = torch.arange(min(self.config.max_num_seqs, hidden.shape[0]), device=self.device)
-        m.compute_logits(hidden, rows)
-        del kv, hidden
+        return num_kv_blocks(self.model, self.config, max_model_len=self.max_model_len,
+                             bytes_per_block=self.bytes_per_block, kv_dtype=self.kv_dtype, device=self.device)
 
     # ------------------------------------------------------------------ per step
     def _update_states(self, out: SchedulerOutput) -> None:
