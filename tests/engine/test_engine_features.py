@@ -133,3 +133,14 @@ def test_unknown_argument_and_bad_sampling_values_are_named():
         LLM("unused", block_size=7)
     with pytest.raises(ValueError, match="temperature"):
         SamplingParams(temperature=-1)
+
+
+def test_seeded_sampling_is_reproducible_across_batches(llm):
+    prompts = [[5, 6, 7, 8, 9, i] for i in range(7)]
+    seeded = SamplingParams(temperature=1.0, top_p=0.9, top_k=50, seed=1234, max_tokens=12, ignore_eos=True)
+    alone = llm.generate({"prompt_token_ids": prompts[5]}, seeded, use_tqdm=False)[0].outputs[0].token_ids
+    others = [SamplingParams(temperature=0.8, max_tokens=12, ignore_eos=True)] * 6
+    mixed = llm.generate([{"prompt_token_ids": p} for p in prompts], others[:5] + [seeded] + others[5:],
+                         use_tqdm=False)
+    assert mixed[5].outputs[0].token_ids == alone
+    assert len(set(alone)) > 1  # really sampled, not a constant
