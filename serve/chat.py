@@ -121,6 +121,7 @@ async def create_chat_completion(req: ChatCompletionRequest, raw: Request):
         try:
             await run_until_disconnected(raw, merged.start())
         except ClientDisconnected:
+            await merged.aclose()
             return Response(status_code=499)
         return StreamingResponse(_stream(req, meta, len(ids), merged), media_type="text/event-stream",
                                  headers=headers)

@@ -112,7 +112,11 @@ def run(args: argparse.Namespace) -> int:
     if template is not None and os.path.isfile(template):
         with open(template, encoding="utf-8") as f:
             template = f.read()
-    engine = AsyncLLM(config)
+    try:
+        engine = AsyncLLM(config)
+    except RuntimeError as exc:
+        print(f"blocks serve: {exc}")
+        return 1
     try:
         state = ServerState(
             engine, served_model_names=args.served_model_name or [args.model or _DEFAULT_NAME],

@@ -105,6 +105,7 @@ async def create_completion(req: CompletionRequest, raw: Request):
         try:
             await run_until_disconnected(raw, merged.start())
         except ClientDisconnected:
+            await merged.aclose()
             return Response(status_code=499)
         return StreamingResponse(_stream(ctx, merged), media_type="text/event-stream", headers=headers)
     try:
