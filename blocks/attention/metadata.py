@@ -16,9 +16,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
-__all__ = ["AttentionMetadata", "plan_attention", "compute_slot_mapping"]
+__all__ = ["AttentionMetadata", "plan_attention", "plan_attention_arrays", "compute_slot_mapping"]
 
 
 @dataclass
@@ -154,5 +155,55 @@ def plan_attention(
         max_query_len=max(query_lens, default=0),
         max_seq_len=max(seq_lens, default=0),
         num_decode_tokens=num_decode,
+        block_size=block_size,
+    )
+
+
+def plan_attention_arrays(
+    query_lens: np.ndarray,
+    seq_lens: np.ndarray,
+    block_table: np.ndarray,
+    block_size: int,
+    *,
+    device: torch.device | str = "cpu",
+) -> AttentionMetadata:
+    """:func:`plan_attention` for a batch already held in arrays (the engine's hot path, no per-token
+    Python): ``query_lens [num_seqs]``, ``seq_lens [num_seqs]`` and ``block_table [num_seqs, width]``
+    (rows padded with any block id past each sequence's last block). Same result and checks."""
+    qlens = np.asarray(query_lens, dtype=np.int64)
+    slens = np.asarray(seq_lens, dtype=np.int64)
+    table = np.asarray(block_table)
+    num_seqs = qlens.shape[0]
+    if slens.shape != (num_seqs,) or table.ndim != 2 or table.shape[0] != num_seqs:
+        raise ValueError(
+            f"query_lens [{num_seqs}], seq_lens {list(slens.shape)} and block_table {list(table.shape)} must "
+            f"describe the same sequences"
+        )
+    if block_size <= 0:
+        raise ValueError(f"block_size must be positive, got {block_size}")
+    if num_seqs and ((qlens < 0).any() or (slens < qlens).any()):
+        i = int(np.flatnonzero((qlens < 0) | (slens < qlens))[0])
+        raise ValueError(f"sequence {i}: need 0 <= query_len ({qlens[i]}) <= seq_len ({slens[i]})")
+    width = max(table.shape[1], 1)
+    if num_seqs and (slens > table.shape[1] * block_size).any():
+        i = int(np.flatnonzero(slens > table.shape[1] * block_size)[0])
+        raise ValueError(f"sequence {i}: block table of {table.shape[1]} blocks cannot hold seq_len {slens[i]} "
+                         f"(block_size={block_size})")
+    starts = np.zeros(num_seqs + 1, dtype=np.int64)
+    np.cumsum(qlens, out=starts[1:])
+    num_tokens = int(starts[-1])
+    seq_of_token = np.repeat(np.arange(num_seqs), qlens)
+    pos = np.arange(num_tokens, dtype=np.int64) - starts[:-1][seq_of_token] + (slens - qlens)[seq_of_token]
+    slots = table[seq_of_token, pos // block_size].astype(np.int64) * block_size + pos % block_size
+    padded = np.zeros((num_seqs, width), dtype=np.int32)
+    padded[:, : table.shape[1]] = table
+    return AttentionMetadata(
+        query_start_loc=torch.from_numpy(starts.astype(np.int32)).to(device),
+        seq_lens=torch.from_numpy(slens.astype(np.int32)).to(device),
+        block_table=torch.from_numpy(padded).to(device),
+        slot_mapping=torch.from_numpy(slots).to(device),
+        max_query_len=int(qlens.max()) if num_seqs else 0,
+        max_seq_len=int(slens.max()) if num_seqs else 0,
+        num_decode_tokens=int((qlens == 1).sum()),
         block_size=block_size,
     )

@@ -21,10 +21,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
-from blocks.attention.metadata import plan_attention
+from blocks.attention.metadata import plan_attention_arrays
 from blocks.cache.block_copy import block_copy
 from blocks.cache.kv_tensors import allocate_kv_cache, layer_views
 from blocks.engine.config import EngineConfig
@@ -74,7 +75,7 @@ class _ReqState:
     num_computed: int
     num_prompt: int
     generator: RequestRng | None = None  # the random stream, kept across preemption
-    prompt_logprobs: list = field(default_factory=list)
+    row: int = -1  # this request's row of the runner's persistent block table
 
 
 @dataclass
@@ -166,6 +167,11 @@ class ModelRunner:
         )
         self.sampling_info = sampling_info
         self.states: dict[str, _ReqState] = {}
+        # persistent [rows, max blocks per sequence] block table, one row per live request, updated
+        # incrementally; a step gathers its rows instead of rebuilding tables from lists
+        rows = config.max_num_seqs
+        self._table = np.zeros((rows, -(-self.max_model_len // self.block_size)), dtype=np.int32)
+        self._free_rows = list(range(rows - 1, -1, -1))
         self.graphs: DecodeGraphs | None = None
         if self.device.type == "cuda" and not config.enforce_eager:
             self.graphs = DecodeGraphs(self.model, self.kv_caches, block_size=self.block_size,
@@ -209,20 +215,27 @@ class ModelRunner:
 
     # ------------------------------------------------------------------ per step
     def _update_states(self, out: SchedulerOutput) -> None:
+        """Apply the scheduler's changes to the per-request state and the block table (O(changes))."""
         for rid in (*out.finished_req_ids, *out.preempted_req_ids):
             self._forget(rid)
+        table = self._table
         for new in out.scheduled_new_reqs:
             self._forget(new.request_id)
             info = self.sampling_info(new.request_id)
-            self.states[new.request_id] = _ReqState(
+            st = _ReqState(
                 token_ids=list(new.token_ids), block_ids=list(new.block_ids),
                 num_computed=new.num_computed_tokens, num_prompt=new.num_prompt_tokens,
-                generator=info.generator,
+                generator=info.generator, row=self._take_row(),
             )
+            table = self._table  # may have grown
+            table[st.row, : len(st.block_ids)] = st.block_ids
+            self.states[new.request_id] = st
         cached = out.scheduled_cached_reqs
         for rid, blocks, computed in zip(cached.req_ids, cached.new_block_ids, cached.num_computed_tokens):
             st = self.states[rid]
             if blocks:
+                n = len(st.block_ids)
+                table[st.row, n : n + len(blocks)] = blocks
                 st.block_ids.extend(blocks)
             st.num_computed = computed
         for rid, edits in out.block_replacements.items():  # copy-on-write: the table names the copy
@@ -230,6 +243,14 @@ class ModelRunner:
             if st is not None:
                 for index, block in edits:
                     st.block_ids[index] = block
+                    table[st.row, index] = block
+
+    def _take_row(self) -> int:
+        if not self._free_rows:  # more live sequences than rows (beam forks): double the table
+            old = self._table.shape[0]
+            self._table = np.concatenate([self._table, np.zeros_like(self._table)])
+            self._free_rows = list(range(2 * old - 1, old - 1, -1))
+        return self._free_rows.pop()
 
     def _in_batch(self, rid: str) -> bool:
         try:
@@ -240,6 +261,8 @@ class ModelRunner:
 
     def _forget(self, rid: str) -> None:
         st = self.states.pop(rid, None)
+        if st is not None:
+            self._free_rows.append(st.row)
         gen = self.batch.remove_request(rid) if self._in_batch(rid) else (st.generator if st else None)
         if gen is not None:
             with contextlib.suppress(KeyError):  # a preempted request resumes its random stream
@@ -277,7 +300,7 @@ class ModelRunner:
         order = sorted(num_sched, key=lambda r: num_sched[r] != 1)  # decode rows first (stable)
         ids: list[int] = []
         positions: list[int] = []
-        qlens, slens, tables = [], [], []
+        qlens, slens, rows = [], [], []
         sampling: list[str] = []
         beams: list[str] = []
         last_row: dict[str, int] = {}
@@ -293,7 +316,7 @@ class ModelRunner:
             positions.extend(range(start, end))
             qlens.append(n)
             slens.append(end)
-            tables.append(st.block_ids)
+            rows.append(st.row)
             info = self.sampling_info(rid)
             if end == len(st.token_ids):
                 (beams if info.beam else sampling).append(rid)
@@ -308,6 +331,8 @@ class ModelRunner:
         graphs = self.graphs
         use_graph = bool(graphs is not None and len(ids) == len(order) and not prompt_lp
                          and graphs.bucket_for(len(ids)))
+        width = -(-max(slens) // self.block_size)
+        tables = self._table[np.asarray(rows), :width]
         inputs = StepInputs(ids, positions, qlens, slens, tables, list(out.blocks_to_copy),
                             sample_rows + beam_rows + prompt_rows, use_graph)
         all_logits = self.run_model(inputs)
@@ -349,8 +374,8 @@ class ModelRunner:
             hidden = self.graphs.run(inputs.token_ids, inputs.positions, inputs.seq_lens, inputs.block_tables)
             self.counters["graph_steps"] += 1
         else:
-            md = plan_attention(inputs.query_lens, inputs.seq_lens, inputs.block_tables, self.block_size,
-                                device=device)
+            md = plan_attention_arrays(np.asarray(inputs.query_lens), np.asarray(inputs.seq_lens),
+                                       np.asarray(inputs.block_tables), self.block_size, device=device)
             md = self.model.attn_backend.plan(md)
             input_ids = torch.tensor(inputs.token_ids, dtype=torch.int64).to(device, non_blocking=True)
             pos = torch.tensor(inputs.positions, dtype=torch.int64).to(device, non_blocking=True)

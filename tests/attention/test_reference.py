@@ -2,11 +2,12 @@
 
 import random
 
+import numpy as np
 import pytest
 import torch
 
 from blocks.attention import reference
-from blocks.attention.metadata import plan_attention
+from blocks.attention.metadata import plan_attention, plan_attention_arrays
 from blocks.cache.kv_tensors import allocate_kv_cache, layer_views
 
 
@@ -81,3 +82,29 @@ def test_fp8_cache_round_trip_within_e4m3_precision():
     reference.reshape_and_cache(k, k, key_cache, value_cache, torch.tensor([0, 1, 6]), k_scale=scale, v_scale=scale)
     back = key_cache.view(8, 2, 8)[[0, 1, 6]].float() * scale
     torch.testing.assert_close(back, k, atol=0.02, rtol=0.07)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_plan_attention_arrays_equals_plan_attention(seed):
+    rng = random.Random(seed)
+    block_size = rng.choice([1, 4, 16])
+    num_seqs = rng.randint(1, 9)
+    qlens, slens, tables = [], [], []
+    for _ in range(num_seqs):
+        sl = rng.randint(0, 70)
+        qlens.append(rng.randint(0, sl) if sl else 0)
+        slens.append(sl)
+        tables.append([rng.randrange(1, 500) for _ in range(-(-sl // block_size))])
+    width = max(len(t) for t in tables) + rng.randint(0, 3)
+    array = np.zeros((num_seqs, max(width, 1)), dtype=np.int32)
+    for i, t in enumerate(tables):
+        array[i, : len(t)] = t
+    want = plan_attention(qlens, slens, tables, block_size, max_blocks_per_seq=max(width, 1))
+    got = plan_attention_arrays(np.array(qlens), np.array(slens), array, block_size)
+    for name in ("query_start_loc", "seq_lens", "block_table", "slot_mapping"):
+        a, b = getattr(got, name), getattr(want, name)
+        assert a.dtype == b.dtype and torch.equal(a, b), name
+    assert (got.max_query_len, got.max_seq_len, got.num_decode_tokens) == (
+        want.max_query_len, want.max_seq_len, want.num_decode_tokens)
+    with pytest.raises(ValueError, match="cannot hold seq_len"):
+        plan_attention_arrays(np.array([1]), np.array([block_size * 2 + 1]), np.ones((1, 2), np.int32), block_size)

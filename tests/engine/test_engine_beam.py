@@ -62,3 +62,14 @@ def test_beams_share_the_prompt_blocks(llm):
     # leaves 3 + 4 (each beam's own last block) = 7
     assert max(peak) <= 7
     assert engine.kv_manager.stats.cow_copies > 0
+
+
+def test_more_beams_than_max_num_seqs(tiny_llama):
+    path, _ = tiny_llama
+    small = LLM(path, dtype="float32", device="cpu", max_model_len=64, max_num_seqs=2, enable_prefix_caching=False)
+    wide = LLM(path, dtype="float32", device="cpu", max_model_len=64, enable_prefix_caching=False)
+    params = BeamSearchParams(beam_width=5, max_tokens=6)
+    prompt = {"prompt_token_ids": PROMPTS[0]}
+    best = small.beam_search(prompt, params)[0].sequences[0].tokens
+    assert best == wide.beam_search(prompt, params)[0].sequences[0].tokens
+    assert small.engine.runner._table.shape[0] > 2  # the runner's block table grew for the forks
