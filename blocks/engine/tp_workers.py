@@ -5,7 +5,7 @@ Rank 0 (the engine's own process) schedules and samples. Every step it broadcast
 the same forward on its shard of the model (its own KV heads in its own cache); the row-parallel
 layers' all-reduce and the LM head's all-gather keep the ranks in lockstep. Workers never sample.
 
-Lifecycle: :class:`TPWorkers` spawns the processes (``spawn`` start method), which join the process
+Lifecycle: :class:`TPWorkers` starts the processes (``python -m blocks.engine.tp_workers``), which join the process
 group together with rank 0; :meth:`TPWorkers.check_alive` turns a dead worker into a clear error before
 rank 0 would block on it; :meth:`TPWorkers.shutdown` sends the stop command and joins (terminating
 stragglers), so no process is left behind.
@@ -14,8 +14,12 @@ stragglers), so no process is left behind.
 from __future__ import annotations
 
 import contextlib
-import multiprocessing as mp
+import json
+import os
+import signal
 import socket
+import subprocess
+import sys
 from dataclasses import asdict
 
 import torch
@@ -51,10 +55,23 @@ def broadcast_inputs(inputs: StepInputs | None, device: torch.device, *, command
     return StepInputs.from_tensors(header, payload)
 
 
-def _worker_main(rank: int, world_size: int, port: int, model_path: str, config: dict) -> None:
+def _die_with_parent() -> None:
+    """Ask Linux to SIGTERM this worker when the engine process dies (no orphans, even after a SIGKILL)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _worker_main(rank: int, world_size: int, port: int, model_path: str, config: dict, parent_pid: int) -> None:
     from blocks.engine.runner import ModelRunner
     from blocks.parallel.state import DistConfig, destroy_tensor_parallel, init_tensor_parallel
 
+    _die_with_parent()
+    if os.getppid() != parent_pid:  # the engine died before we could ask for the signal
+        return
     torch.set_num_threads(1)
     tp = init_tensor_parallel(world_size, config=DistConfig(rank=rank, world_size=world_size, master_port=port))
     runner = ModelRunner(EngineConfig(**config), model_path, sampling_info=None, tp=tp)
@@ -69,35 +86,44 @@ def _worker_main(rank: int, world_size: int, port: int, model_path: str, config:
 
 
 class TPWorkers:
-    """Ranks 1..``world_size - 1`` as child processes (see the module docstring)."""
+    """Ranks 1..``world_size - 1`` as child processes (see the module docstring).
+
+    Workers are started with ``subprocess`` (``python -m blocks.engine.tp_workers``, arguments as JSON), so
+    an engine that itself runs in a daemonic process (the server's engine core) can start them too.
+    """
 
     def __init__(self, config: EngineConfig, model_path: str, world_size: int) -> None:
         self.port = free_port()
-        ctx = mp.get_context("spawn")
+        args = {"world_size": world_size, "port": self.port, "model_path": model_path, "config": asdict(config),
+                "parent_pid": os.getpid()}
         self.procs = [
-            ctx.Process(target=_worker_main, args=(rank, world_size, self.port, model_path, asdict(config)),
-                        name=f"blocks-tp-rank{rank}", daemon=True)
+            subprocess.Popen([sys.executable, "-m", "blocks.engine.tp_workers", json.dumps({**args, "rank": rank})])
             for rank in range(1, world_size)
         ]
-        for p in self.procs:
-            p.start()
 
     def check_alive(self) -> None:
         """Raise ``RuntimeError`` naming the rank if a worker process has exited."""
         for rank, p in enumerate(self.procs, start=1):
-            if not p.is_alive():
+            code = p.poll()
+            if code is not None:
                 raise RuntimeError(
-                    f"tensor-parallel worker rank {rank} exited (code {p.exitcode}); the engine cannot continue"
+                    f"tensor-parallel worker rank {rank} exited (code {code}); the engine cannot continue"
                 )
 
     def shutdown(self, device: torch.device, *, timeout_s: float = 30.0) -> None:
-        """Stop the workers (stop command if the group is up), join them, terminate stragglers."""
-        alive = all(p.is_alive() for p in self.procs)
+        """Stop the workers (stop command if the group is up), wait for them, kill stragglers."""
+        alive = all(p.poll() is None for p in self.procs)
         if alive and dist.is_initialized():
             with contextlib.suppress(RuntimeError):
                 broadcast_inputs(None, device, command=CMD_STOP)
         for p in self.procs:
-            p.join(timeout_s)
-            if p.is_alive():
-                p.terminate()
-                p.join(5)
+            try:
+                p.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(5)
+
+
+if __name__ == "__main__":
+    _a = json.loads(sys.argv[1])
+    _worker_main(_a["rank"], _a["world_size"], _a["port"], _a["model_path"], _a["config"], _a["parent_pid"])

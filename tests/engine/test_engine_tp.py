@@ -23,10 +23,10 @@ def test_tp2_greedy_equals_tp1(tmp_path, family):
         assert got == want
         assert llm.beam_search(prompts[2], beam)[0].sequences[0].tokens == want_beam
         procs = llm.engine.runner.workers.procs
-        assert all(p.is_alive() for p in procs)
+        assert all(p.poll() is None for p in procs)
     finally:
         llm.shutdown()
-    assert not any(p.is_alive() for p in procs)
+    assert all(p.poll() is not None for p in procs)
 
 
 def test_heads_not_divisible_fails_at_startup(tmp_path):
@@ -40,9 +40,33 @@ def test_dead_worker_stops_the_engine_with_a_clear_error(tmp_path):
     llm = LLM(str(tmp_path), tensor_parallel_size=2, skip_tokenizer_init=True, dtype="float32", device="cpu")
     proc = llm.engine.runner.workers.procs[0]
     proc.kill()
-    proc.join(10)
+    proc.wait(10)
     params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
     with pytest.raises(RuntimeError, match="worker rank 1 exited"):
         llm.generate({"prompt_token_ids": [1, 2, 3]}, params, use_tqdm=False)
     llm.shutdown()
-    assert not proc.is_alive()
+    assert proc.poll() is not None
+
+
+def _generate_in_daemon(path: str, queue) -> None:
+    llm = LLM(path, tensor_parallel_size=2, skip_tokenizer_init=True, dtype="float32", device="cpu")
+    params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+    queue.put(llm.generate({"prompt_token_ids": [1, 2, 3]}, params, use_tqdm=False)[0].outputs[0].token_ids)
+    llm.shutdown()
+
+
+def test_tp_engine_inside_a_daemonic_process(tmp_path):
+    """The server runs the engine core in a daemonic process; its TP workers must still start."""
+    import multiprocessing as mp
+
+    build_tiny_checkpoint("llama3", tmp_path)
+    want = LLM(str(tmp_path), skip_tokenizer_init=True, dtype="float32", device="cpu").generate(
+        {"prompt_token_ids": [1, 2, 3]}, SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True),
+        use_tqdm=False)[0].outputs[0].token_ids
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_generate_in_daemon, args=(str(tmp_path), queue), daemon=True)
+    proc.start()
+    got = queue.get(timeout=120)
+    proc.join(60)
+    assert got == want and proc.exitcode == 0
