@@ -79,3 +79,18 @@ def test_sampling_params_round_trip_through_msgpack():
                             logit_bias={5: 2.5}, seed=11, max_tokens=7, logprobs=2)
     again = SamplingParams(**unpack(pack([sampling_params_to_dict(params)]))[0])
     assert again == params
+
+
+@pytest.mark.parametrize("field, value", [("allowed_token_ids", [1, 256]), ("logit_bias", {999: 1.0}),
+                                          ("stop_token_ids", [4096])])
+def test_engine_proc_refuses_out_of_vocabulary_ids_at_add(llm, field, value):
+    """Such ids used to pass add_request and crash the engine's next step (found by the fuzz test)."""
+    from blocks.engine.engine_proc import _Loop
+
+    sent = []
+    loop = _Loop(llm.engine, conn=None)
+    loop.send = sent.append
+    params = sampling_params_to_dict(SamplingParams(max_tokens=2, **{field: value}))
+    loop.handle(["add", {"request_id": "bad", "prompt_token_ids": [1, 2], "params": params}])
+    assert sent and sent[0][:3] == ["error", "bad", "value"] and field in sent[0][3]
+    assert not llm.engine.has_unfinished_requests()

@@ -48,6 +48,9 @@ def test_malformed_json_is_400(server, raw):
     ({"prompt": "x", "response_format": {"type": "json_schema", "json_schema": {"name": "a"}}}, "response_format"),
     ({"prompt": "x", "use_beam_search": True}, "use_beam_search"),
     ({"prompt": "x", "max_tokens": 0}, "max_tokens"),
+    ({"prompt": "x", "allowed_token_ids": [3, 256]}, "allowed_token_ids"),
+    ({"prompt": "x", "logit_bias": {"300": 1.0}}, "logit_bias"),
+    ({"prompt": "x", "stop_token_ids": [10**6]}, "stop_token_ids"),
 ])
 def test_invalid_completion_fields_are_400_naming_the_field(server, body, param):
     err = _error(_post(server, "/v1/completions", body), 400)
