@@ -19,7 +19,8 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["AttentionMetadata", "plan_attention", "plan_attention_arrays", "compute_slot_mapping"]
+__all__ = ["AttentionMetadata", "plan_attention", "plan_attention_arrays", "plan_arrays", "metadata_from_tensors",
+           "compute_slot_mapping"]
 
 
 @dataclass
@@ -159,17 +160,16 @@ def plan_attention(
     )
 
 
-def plan_attention_arrays(
+def plan_arrays(
     query_lens: np.ndarray,
     seq_lens: np.ndarray,
     block_table: np.ndarray,
     block_size: int,
-    *,
-    device: torch.device | str = "cpu",
-) -> AttentionMetadata:
-    """:func:`plan_attention` for a batch already held in arrays (the engine's hot path, no per-token
-    Python): ``query_lens [num_seqs]``, ``seq_lens [num_seqs]`` and ``block_table [num_seqs, width]``
-    (rows padded with any block id past each sequence's last block). Same result and checks."""
+) -> dict[str, np.ndarray]:
+    """The metadata's arrays, on the host, for a batch held in arrays: ``query_start_loc`` (int32),
+    ``seq_lens`` (int32), ``block_table`` (int32, ``[num_seqs, max(width, 1)]``) and ``slot_mapping``
+    (int64). ``block_table [num_seqs, width]`` rows may be padded with any block id past each sequence's
+    last block. Vectorized (no per-token Python); same checks as :func:`plan_attention`."""
     qlens = np.asarray(query_lens, dtype=np.int64)
     slens = np.asarray(seq_lens, dtype=np.int64)
     table = np.asarray(block_table)
@@ -184,7 +184,6 @@ def plan_attention_arrays(
     if num_seqs and ((qlens < 0).any() or (slens < qlens).any()):
         i = int(np.flatnonzero((qlens < 0) | (slens < qlens))[0])
         raise ValueError(f"sequence {i}: need 0 <= query_len ({qlens[i]}) <= seq_len ({slens[i]})")
-    width = max(table.shape[1], 1)
     if num_seqs and (slens > table.shape[1] * block_size).any():
         i = int(np.flatnonzero(slens > table.shape[1] * block_size)[0])
         raise ValueError(f"sequence {i}: block table of {table.shape[1]} blocks cannot hold seq_len {slens[i]} "
@@ -195,15 +194,34 @@ def plan_attention_arrays(
     seq_of_token = np.repeat(np.arange(num_seqs), qlens)
     pos = np.arange(num_tokens, dtype=np.int64) - starts[:-1][seq_of_token] + (slens - qlens)[seq_of_token]
     slots = table[seq_of_token, pos // block_size].astype(np.int64) * block_size + pos % block_size
-    padded = np.zeros((num_seqs, width), dtype=np.int32)
+    padded = np.zeros((num_seqs, max(table.shape[1], 1)), dtype=np.int32)
     padded[:, : table.shape[1]] = table
+    return {"query_start_loc": starts.astype(np.int32), "seq_lens": slens.astype(np.int32),
+            "block_table": padded, "slot_mapping": slots}
+
+
+def metadata_from_tensors(tensors: dict[str, torch.Tensor], *, max_query_len: int, max_seq_len: int,
+                          num_decode_tokens: int, block_size: int) -> AttentionMetadata:
+    """Wrap the four tensors made from :func:`plan_arrays` (on any device) as metadata."""
     return AttentionMetadata(
-        query_start_loc=torch.from_numpy(starts.astype(np.int32)).to(device),
-        seq_lens=torch.from_numpy(slens.astype(np.int32)).to(device),
-        block_table=torch.from_numpy(padded).to(device),
-        slot_mapping=torch.from_numpy(slots).to(device),
-        max_query_len=int(qlens.max()) if num_seqs else 0,
-        max_seq_len=int(slens.max()) if num_seqs else 0,
-        num_decode_tokens=int((qlens == 1).sum()),
-        block_size=block_size,
+        query_start_loc=tensors["query_start_loc"], seq_lens=tensors["seq_lens"], block_table=tensors["block_table"],
+        slot_mapping=tensors["slot_mapping"], max_query_len=max_query_len, max_seq_len=max_seq_len,
+        num_decode_tokens=num_decode_tokens, block_size=block_size,
     )
+
+
+def plan_attention_arrays(
+    query_lens: np.ndarray,
+    seq_lens: np.ndarray,
+    block_table: np.ndarray,
+    block_size: int,
+    *,
+    device: torch.device | str = "cpu",
+) -> AttentionMetadata:
+    """:func:`plan_attention` for a batch already held in arrays (see :func:`plan_arrays`)."""
+    arrays = plan_arrays(query_lens, seq_lens, block_table, block_size)
+    tensors = {k: torch.from_numpy(v).to(device) for k, v in arrays.items()}
+    qlens, slens = np.asarray(query_lens), arrays["seq_lens"]
+    return metadata_from_tensors(tensors, max_query_len=int(qlens.max()) if qlens.size else 0,
+                                 max_seq_len=int(slens.max()) if slens.size else 0,
+                                 num_decode_tokens=int((qlens == 1).sum()), block_size=block_size)

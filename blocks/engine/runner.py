@@ -25,13 +25,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from blocks.attention.metadata import plan_attention_arrays
+from blocks.attention.metadata import metadata_from_tensors, plan_arrays
 from blocks.cache.block_copy import block_copy
 from blocks.cache.kv_tensors import allocate_kv_cache, layer_views
 from blocks.engine.config import EngineConfig
 from blocks.engine.cuda_graphs import DecodeGraphs
 from blocks.engine.kv_sizing import num_kv_blocks
 from blocks.engine.shapes import MODEL_SHAPES, shape_config
+from blocks.engine.staging import InputStager
 from blocks.engine.step_inputs import StepInputs
 from blocks.engine.tp_workers import TPWorkers, broadcast_inputs
 from blocks.layers.tp import TP_SINGLE, TPInfo
@@ -160,6 +161,7 @@ class ModelRunner:
             dtype=self.kv_dtype, device=self.device,
         )
         self.kv_caches = layer_views(self.kv_cache)
+        self.stager = InputStager(self.device)
         self.sampler = Sampler(backend=config.sampler_backend, seed=config.seed)
         self.batch = SamplingBatch(
             max_num_rows=config.max_num_seqs, vocab_size=mc.vocab_size, max_len=self.max_model_len,
@@ -374,11 +376,17 @@ class ModelRunner:
             hidden = self.graphs.run(inputs.token_ids, inputs.positions, inputs.seq_lens, inputs.block_tables)
             self.counters["graph_steps"] += 1
         else:
-            md = plan_attention_arrays(np.asarray(inputs.query_lens), np.asarray(inputs.seq_lens),
-                                       np.asarray(inputs.block_tables), self.block_size, device=device)
+            qlens = np.asarray(inputs.query_lens)
+            arrays = plan_arrays(qlens, np.asarray(inputs.seq_lens), np.asarray(inputs.block_tables), self.block_size)
+            (input_ids, pos, slots), (qsl, seq_lens, table) = self.stager.stage(
+                [np.asarray(inputs.token_ids, dtype=np.int64), np.asarray(inputs.positions, dtype=np.int64),
+                 arrays["slot_mapping"]],
+                [arrays["query_start_loc"], arrays["seq_lens"], arrays["block_table"]])
+            md = metadata_from_tensors(
+                {"query_start_loc": qsl, "seq_lens": seq_lens, "block_table": table, "slot_mapping": slots},
+                max_query_len=int(qlens.max()), max_seq_len=max(inputs.seq_lens),
+                num_decode_tokens=int((qlens == 1).sum()), block_size=self.block_size)
             md = self.model.attn_backend.plan(md)
-            input_ids = torch.tensor(inputs.token_ids, dtype=torch.int64).to(device, non_blocking=True)
-            pos = torch.tensor(inputs.positions, dtype=torch.int64).to(device, non_blocking=True)
             hidden = self.model(input_ids, pos, self.kv_caches, md)
         self.counters["steps"] += 1
         self.counters["tokens"] += len(inputs.token_ids)
