@@ -167,6 +167,10 @@ class EngineCore:
             raise ValueError(
                 f"prompt_logprobs must be <= max_logprobs={self.config.max_logprobs}, got {params.prompt_logprobs}"
             )
+        for name in ("allowed_token_ids", "logit_bias", "stop_token_ids"):  # would fail later, inside a step
+            bad = next((int(t) for t in getattr(params, name) or () if not 0 <= int(t) < self.vocab_size), None)
+            if bad is not None:
+                raise ValueError(f"{name} token ids must be in [0, {self.vocab_size}) (the vocabulary), got {bad}")
         if params.bad_words and self.tokenizer is not None and params.bad_words_token_ids is None:
             params.bad_words_token_ids = [self.tokenizer.encode(w, add_special_tokens=False) for w in params.bad_words]
         now = time.time() if arrival_time is None else arrival_time

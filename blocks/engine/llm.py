@@ -90,6 +90,21 @@ class LLM:
             raise ValueError("text prompts need a tokenizer (skip_tokenizer_init=True: pass prompt_token_ids)")
         return prompt, tok.encode(prompt)
 
+    def _add_all(self, add, count: int) -> dict[str, int]:
+        """Queue ``count`` requests with ``add(index, request_id)``; if one is refused, the ones already
+        queued are aborted before the error propagates (the engine is left as it was)."""
+        order: dict[str, int] = {}
+        try:
+            for i in range(count):
+                rid = str(next(self._ids))
+                add(i, rid)
+                order[rid] = i
+        except BaseException:
+            for rid in order:
+                self.engine.abort_request(rid)
+            raise
+        return order
+
     def _encode_all(self, items: list) -> list[tuple[str | None, list[int]]]:
         """Tokenize and validate every prompt before any is queued (a bad one runs nothing)."""
         encoded = []
@@ -133,11 +148,9 @@ class LLM:
         if priority is not None and len(priority) != len(items):
             raise ValueError(f"got {len(priority)} priorities for {len(items)} prompts")
         encoded = self._encode_all(items)
-        order = {}
-        for i, ((text, ids), p) in enumerate(zip(encoded, params)):
-            rid = str(next(self._ids))
-            order[rid] = i
-            self.engine.add_request(rid, ids, p, prompt=text, priority=0 if priority is None else priority[i])
+        order = self._add_all(lambda i, rid: self.engine.add_request(
+            rid, encoded[i][1], params[i], prompt=encoded[i][0], priority=0 if priority is None else priority[i]),
+            len(encoded))
         return self._run(order, use_tqdm)
 
     def beam_search(
@@ -154,11 +167,7 @@ class LLM:
         Unlike vLLM, ``temperature`` / ``top_k`` / ``top_p`` / ``min_p`` make the beams stochastic.
         """
         encoded = self._encode_all(self._as_list(prompts))
-        order = {}
-        for i, (_, ids) in enumerate(encoded):
-            rid = str(next(self._ids))
-            order[rid] = i
-            self.engine.add_beam_request(rid, ids, params)
+        order = self._add_all(lambda i, rid: self.engine.add_beam_request(rid, encoded[i][1], params), len(encoded))
         return self._run(order, use_tqdm)
 
     def chat(

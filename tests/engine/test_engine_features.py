@@ -144,3 +144,15 @@ def test_seeded_sampling_is_reproducible_across_batches(llm):
                          use_tqdm=False)
     assert mixed[5].outputs[0].token_ids == alone
     assert len(set(alone)) > 1  # really sampled, not a constant
+
+
+@pytest.mark.parametrize("field,value", [("allowed_token_ids", [1, 99999]), ("logit_bias", {99999: 1.0}),
+                                         ("stop_token_ids", [99999])])
+def test_out_of_vocabulary_token_params_are_refused(llm, field, value):
+    params = SamplingParams(max_tokens=3, **{field: value}, **GREEDY)
+    good = SamplingParams(max_tokens=3, **GREEDY)
+    with pytest.raises(ValueError, match=field):  # the good first request must not stay queued
+        llm.generate([{"prompt_token_ids": [1, 2]}] * 2, [good, params], use_tqdm=False)
+    assert not llm.engine.has_unfinished_requests()
+    assert len(llm.generate({"prompt_token_ids": [1, 2]}, SamplingParams(max_tokens=2, **GREEDY),
+                            use_tqdm=False)[0].outputs[0].token_ids) == 2
