@@ -67,13 +67,13 @@ def _check(server, path: str, body: dict) -> None:
         assert r.text.rstrip().endswith("data: [DONE]") and '"error"' not in r.text, r.text[-300:]
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
 @given(body=completion)
 def test_fuzz_completions(server, body):
     _check(server, "/v1/completions", body)
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
 @given(body=chat)
 def test_fuzz_chat(server, body):
     _check(server, "/v1/chat/completions", body)
