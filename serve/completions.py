@@ -2,8 +2,9 @@
 
 Each prompt becomes one engine request (``n`` choices each); choice ``index`` is
 ``prompt_index * n + i`` like OpenAI. ``max_tokens`` defaults to 16 (capped by the context left),
-``echo`` prepends the prompt text, ``logprobs`` (int) gives OpenAI's ``tokens`` /
-``token_logprobs`` / ``top_logprobs`` / ``text_offset`` lists. ``suffix`` (fill-in-the-middle) is
+``echo`` prepends the prompt text (with ``logprobs``, the prompt tokens' logprobs too; not yet when
+streaming), ``logprobs`` (int) gives OpenAI's ``tokens`` / ``token_logprobs`` / ``top_logprobs`` /
+``text_offset`` lists. ``suffix`` (fill-in-the-middle) is
 rejected with a 400 naming it.
 """
 
@@ -85,8 +86,9 @@ async def create_completion(req: CompletionRequest, raw: Request):
                             "remove the suffix field", param="suffix")
     if req.best_of is not None and req.best_of != req.n:
         raise APIError(400, f"best_of must equal n (={req.n}) for now, got {req.best_of}", param="best_of")
-    if req.echo and req.logprobs is not None:
-        raise APIError(400, "echo together with logprobs is not supported yet", param="echo")
+    echo_logprobs = req.echo and req.logprobs is not None
+    if echo_logprobs and req.stream:
+        raise APIError(400, "echo together with logprobs is not supported for streaming yet", param="echo")
     prompts = _prompts(req, state)
     base = req.request_id or f"cmpl-{uuid.uuid4().hex}"
     gens = []
@@ -96,11 +98,13 @@ async def create_completion(req: CompletionRequest, raw: Request):
             wanted = min(_DEFAULT_MAX_TOKENS, max(state.max_model_len - len(ids), 1))
         max_tokens = check_length(len(ids), wanted, state)
         params = build_params(req, max_tokens=max_tokens, logprobs=req.logprobs, state=state)
+        if echo_logprobs:  # the prompt's own logprobs are needed for the echoed tokens
+            params = params.clone(prompt_logprobs=max(req.logprobs, req.prompt_logprobs or 0))
         gens.append(tracked(state, f"{base}-{i}", ids, params, prompt=text, priority=req.priority,
                             stream=req.stream))
     merged = MergedStreams(gens)
     headers = {"x-blocks-ignored-fields": ",".join(unknown)} if unknown else None
-    ctx = _Ctx(base, int(time.time()), state.model_name, req, prompts)
+    ctx = _Ctx(base, int(time.time()), state.model_name, req, prompts, state.tokenizer if echo_logprobs else None)
     if req.stream:
         try:
             await run_until_disconnected(raw, merged.start())
@@ -118,9 +122,11 @@ async def create_completion(req: CompletionRequest, raw: Request):
 
 
 class _Ctx:
-    def __init__(self, rid: str, created: int, model: str, req: CompletionRequest, prompts) -> None:
+    def __init__(self, rid: str, created: int, model: str, req: CompletionRequest, prompts, tokenizer) -> None:
         self.rid, self.created, self.model, self.req, self.prompts = rid, created, model, req, prompts
         self.n = req.n
+        self.tokenizer = tokenizer  # set when echoed prompt tokens need logprobs
+        self.prompt_logprobs: dict[int, list] = {}
 
     def usage(self, choices: dict[int, ChoiceState]) -> dict:
         prompt_tokens = sum(len(ids) for _, ids in self.prompts)
@@ -135,7 +141,20 @@ async def _collect(ctx: _Ctx, merged: MergedStreams) -> dict[int, ChoiceState]:
     async for i, out in merged:
         for c in out.outputs:
             choices[i * ctx.n + c.index].add(c)
+        if out.prompt_logprobs is not None:
+            ctx.prompt_logprobs[i] = out.prompt_logprobs
     return choices
+
+
+def _prompt_logprobs(ctx: _Ctx, i: int, *, top: int) -> dict:
+    """The echoed prompt's part of a completions ``logprobs`` object (the first token has no logprob)."""
+    ids = ctx.prompts[i][1]
+    entries = ctx.prompt_logprobs.get(i) or [None] * len(ids)
+    first = ctx.tokenizer.decode([ids[0]])
+    rest = completion_logprobs(ids[1:], [e or {} for e in entries[1:]], offset=len(first))
+    rest["top_logprobs"] = [dict(sorted(t.items(), key=lambda kv: -kv[1])[: top + 1]) for t in rest["top_logprobs"]]
+    return {"tokens": [first] + rest["tokens"], "token_logprobs": [None] + rest["token_logprobs"],
+            "top_logprobs": [None] + rest["top_logprobs"], "text_offset": [0] + rest["text_offset"]}
 
 
 def _response(ctx: _Ctx, choices: dict[int, ChoiceState]) -> dict:
@@ -146,7 +165,10 @@ def _response(ctx: _Ctx, choices: dict[int, ChoiceState]) -> dict:
         text = (prompt_text or "") + st.text if ctx.req.echo else st.text
         lps = None
         if ctx.req.logprobs is not None and st.logprobs is not None:
-            lps = completion_logprobs(st.token_ids, st.logprobs, offset=0)
+            lps = completion_logprobs(st.token_ids, st.logprobs, offset=len(prompt_text or "") if ctx.req.echo else 0)
+            if ctx.req.echo:
+                head = _prompt_logprobs(ctx, idx // ctx.n, top=ctx.req.logprobs)
+                lps = {key: head[key] + lps[key] for key in lps}
         out.append({"index": idx, "text": text, "logprobs": lps, "finish_reason": st.finish_reason,
                     "stop_reason": st.stop_reason})
     return {"id": ctx.rid, "object": "text_completion", "created": ctx.created, "model": ctx.model,

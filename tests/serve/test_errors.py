@@ -48,6 +48,7 @@ def test_malformed_json_is_400(server, raw):
     ({"prompt": "x", "response_format": {"type": "json_schema", "json_schema": {"name": "a"}}}, "response_format"),
     ({"prompt": "x", "use_beam_search": True}, "use_beam_search"),
     ({"prompt": "x", "max_tokens": 0}, "max_tokens"),
+    ({"prompt": "x", "echo": True, "logprobs": 1, "stream": True}, "echo"),
     ({"prompt": "x", "allowed_token_ids": [3, 256]}, "allowed_token_ids"),
     ({"prompt": "x", "logit_bias": {"300": 1.0}}, "logit_bias"),
     ({"prompt": "x", "stop_token_ids": [10**6]}, "stop_token_ids"),

@@ -123,6 +123,23 @@ def test_completion_logprobs(client):
     assert lp.text_offset == sorted(lp.text_offset) and lp.text_offset[0] == 0
 
 
+def test_echo_with_logprobs_covers_prompt_and_output(client, server):
+    rng = random.Random(12)
+    prompt = _prompt(rng, 4)
+    n_prompt = len(_tokenize(server, prompt))
+    out = client.completions.create(model="tiny", prompt=prompt, max_tokens=3, temperature=0, logprobs=1, echo=True,
+                                    extra_body={"ignore_eos": True})
+    choice = out.choices[0]
+    plain = client.completions.create(model="tiny", prompt=prompt, max_tokens=3, temperature=0,
+                                      extra_body={"ignore_eos": True}).choices[0].text
+    assert choice.text == prompt + plain
+    lp = choice.logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.text_offset) == n_prompt + 3
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert all(v <= 0 for v in lp.token_logprobs[1:])
+    assert lp.text_offset == sorted(lp.text_offset)
+
+
 def test_chat_nonstream_and_stream_agree(client):
     messages = [{"role": "system", "content": "be brief"},
                 {"role": "user", "content": [{"type": "text", "text": "hello"}, {"type": "text", "text": "fox"}]}]
