@@ -18,7 +18,7 @@ import argparse
 import logging
 import os
 
-__all__ = ["add_parser", "run", "engine_kwargs"]
+__all__ = ["add_parser", "run", "engine_kwargs", "resolve_api_key"]
 
 _DEFAULT_NAME = "blocks-default"
 
@@ -80,6 +80,11 @@ def add_parser(sp: argparse.ArgumentParser) -> None:
     sp.set_defaults(func=run)
 
 
+def resolve_api_key(flag: str | None) -> str | None:
+    """``--api-key``, else the ``BLOCKS_API_KEY`` environment variable, else ``None`` (no key); empty = none."""
+    return flag or os.environ.get("BLOCKS_API_KEY") or None
+
+
 def engine_kwargs(args: argparse.Namespace) -> dict:
     """``EngineConfig`` keyword arguments from parsed flags."""
     return dict(
@@ -120,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         state = ServerState(
             engine, served_model_names=args.served_model_name or [args.model or _DEFAULT_NAME],
-            api_key=args.api_key or os.environ.get("BLOCKS_API_KEY") or None, max_logprobs=args.max_logprobs,
+            api_key=resolve_api_key(args.api_key), max_logprobs=args.max_logprobs,
             chat_template=template, strict_fields=args.strict_fields,
         )
         def stop_engine() -> None:  # before uvicorn re-raises the SIGTERM it caught

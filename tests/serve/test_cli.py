@@ -34,3 +34,14 @@ def test_help_documents_every_flag():
 def test_invalid_engine_flags_exit_2_naming_the_field(argv, word, capsys):
     assert main(["serve", "unused-model", *argv]) == 2
     assert word in capsys.readouterr().out
+
+
+def test_api_key_comes_from_the_flag_then_the_environment(monkeypatch):
+    from serve.cli import resolve_api_key
+
+    monkeypatch.delenv("BLOCKS_API_KEY", raising=False)
+    assert resolve_api_key(None) is None
+    monkeypatch.setenv("BLOCKS_API_KEY", "from-env")
+    assert resolve_api_key(None) == "from-env" and resolve_api_key("flag") == "flag"
+    monkeypatch.setenv("BLOCKS_API_KEY", "")
+    assert resolve_api_key(None) is None
