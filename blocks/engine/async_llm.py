@@ -24,6 +24,7 @@ stream raises :class:`EngineDeadError` and :meth:`is_alive` turns false.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import multiprocessing
 import queue
@@ -99,9 +100,10 @@ class AsyncLLM:
         ctx = multiprocessing.get_context("spawn")
         self._conn, child = ctx.Pipe(duplex=True)
         kwargs = asdict(config)
-        self._proc = ctx.Process(target=run_engine_proc, args=(child, kwargs, config.model),
-                                 name="blocks-engine", daemon=True)
+        # not a daemon: the engine spawns its own tensor-parallel workers; atexit (and pipe EOF) end it
+        self._proc = ctx.Process(target=run_engine_proc, args=(child, kwargs, config.model), name="blocks-engine")
         self._proc.start()
+        atexit.register(self.shutdown)
         child.close()
         self._dead: str | None = None
         self._streams: dict[str, _Stream] = {}
@@ -259,7 +261,8 @@ class AsyncLLM:
 
     def shutdown(self, *, timeout: float = 10.0) -> None:
         """Ask the engine to abort what is left and exit; kill it if it has not after ``timeout`` s."""
-        if self._proc.is_alive():
+        atexit.unregister(self.shutdown)
+        if self._proc.is_alive() and self._dead is None:
             self._send(["shutdown"])
             self._proc.join(timeout)
         self._kill()

@@ -223,4 +223,6 @@ def run_engine_proc(conn, config_kwargs: dict[str, Any], model_path: str | None)
         with contextlib.suppress(OSError):
             conn.send_bytes(pack(["fatal", "engine step failed:\n" + traceback.format_exc()]))
     finally:
+        with contextlib.suppress(Exception):
+            core.close()  # tensor-parallel workers, if any
         conn.close()

@@ -29,7 +29,7 @@ def test_help_documents_every_flag():
     (["--block-size", "7"], "block_size"),
     (["--max-num-seqs", "0"], "max_num_seqs"),
     (["--gpu-memory-utilization", "1.5"], "gpu_memory_utilization"),
-    (["--tensor-parallel-size", "2"], "tensor_parallel_size"),
+    (["--max-model-len", "0"], "max_model_len"),
 ])
 def test_invalid_engine_flags_exit_2_naming_the_field(argv, word, capsys):
     assert main(["serve", "unused-model", *argv]) == 2
