@@ -42,7 +42,11 @@ def main(argv: list[str] | None = None) -> int:
     if argv is not None:
         sys.argv = [sys.argv[0], *argv]
     parser = build_parser()
-    args = parser.parse_args(sys.argv[1:])
+    args, extra = parser.parse_known_args(sys.argv[1:])
+    if extra:
+        if not getattr(args, "pass_through", False):  # only pass-through commands take unknown flags
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.serve_args = list(getattr(args, "serve_args", [])) + extra
     if not getattr(args, "func", None):
         parser.print_help()
         return 0 if args.command is None else 2

@@ -9,6 +9,8 @@ would) in the same process for the ratio.
 * ``latency``: one batch of ``--batch-size`` prompts of ``--input-len`` tokens generating
   ``--output-len`` tokens; reports the prefill step's time, the median decode step's wall time
   (engine step, sampling and detokenization included) and the host time per step.
+* ``serve``: the HTTP load generator of :mod:`serve.bench` against a running ``blocks serve`` (random
+  prompts at a request rate or a max concurrency; throughput and TTFT/TPOT/ITL percentiles).
 * ``throughput``: ``--num-prompts`` requests with prompt and output lengths uniform in the given
   ranges; reports requests/s, output tokens/s, total tokens/s and, from the bytes a step must move
   (weights once per step plus the KV cache read), the fraction of the memory-bandwidth floor.
@@ -184,7 +186,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def add_parser(parser: argparse.ArgumentParser) -> None:
-    sub = parser.add_subparsers(dest="bench", metavar="{latency,throughput}", required=True)
+    sub = parser.add_subparsers(dest="bench", metavar="{latency,throughput,serve}", required=True)
     lat = sub.add_parser("latency", help="prefill and per-token decode latency of one batch")
     _common(lat)
     lat.add_argument("--batch-size", type=int, default=1)
@@ -202,6 +204,16 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
     thr.add_argument("--bandwidth-tbps", type=float, default=None,
                      help="memory bandwidth (TB/s) for the floor, e.g. 3.0 measured on an H100")
     thr.set_defaults(func=_main, runner=run_throughput)
+    srv = sub.add_parser("serve", help="load generator against a running `blocks serve` (TTFT/TPOT/ITL)",
+                         add_help=False)
+    srv.set_defaults(func=_serve_main, pass_through=True)
+
+
+def _serve_main(args) -> int:
+    # the load generator lives with the server (it speaks HTTP); imported only when this command runs
+    from serve.bench import main as serve_bench_main
+
+    return serve_bench_main(getattr(args, "serve_args", []))  # every flag passes through (see --help)
 
 
 def _main(args) -> int:

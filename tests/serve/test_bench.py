@@ -20,3 +20,16 @@ def test_load_generator_reports_consistent_numbers(server):
     bad = asyncio.run(run_benchmark(base_url=server.base_url, model="tiny", num_prompts=2, input_len=3,
                                     output_len=2, max_concurrency=2, request_rate=float("inf"), api_key="wrong"))
     assert summarize(*bad)["failed"] == 2
+
+
+def test_blocks_bench_serve_cli_passes_through(server, tmp_path):
+    import json
+
+    from blocks.cli import main
+
+    out = tmp_path / "serve.json"
+    rc = main(["bench", "serve", "--base-url", server.base_url, "--model", "tiny", "--num-prompts", "3",
+               "--input-len", "4", "--output-len", "3", "--max-concurrency", "2", "--api-key", server.api_key,
+               "--output-json", str(out)])
+    assert rc == 0
+    assert json.loads(out.read_text())["completed"] == 3
