@@ -73,6 +73,8 @@ class ServerMetrics:
                              ["model_name"], buckets=_LATENCY_BUCKETS, registry=r)
         self.tpot = Histogram("blocks:time_per_output_token_seconds", "Mean time between a request's tokens.",
                               ["model_name"], buckets=_TPOT_BUCKETS, registry=r)
+        for metric in (self.prompt_tokens, self.generation_tokens, self.ttft, self.e2e, self.tpot):
+            metric.labels(model_name)  # exported at 0 from the start, as scrapers expect
 
     def on_first_output(self, *, num_prompt_tokens: int, ttft_s: float | None) -> None:
         """A request produced its first output (its prompt was processed)."""
