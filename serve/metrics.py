@@ -73,14 +73,28 @@ class ServerMetrics:
                              ["model_name"], buckets=_LATENCY_BUCKETS, registry=r)
         self.tpot = Histogram("blocks:time_per_output_token_seconds", "Mean time between a request's tokens.",
                               ["model_name"], buckets=_TPOT_BUCKETS, registry=r)
-        for metric in (self.prompt_tokens, self.generation_tokens, self.ttft, self.e2e, self.tpot):
+        self.itl = Histogram("blocks:inter_token_latency_seconds", "Time between consecutive output tokens.",
+                             ["model_name"], buckets=_TPOT_BUCKETS, registry=r)
+        self.queue_time = Histogram("blocks:request_queue_time_seconds", "Time from arrival to first scheduling.",
+                                    ["model_name"], buckets=_LATENCY_BUCKETS, registry=r)
+        for metric in (self.prompt_tokens, self.generation_tokens, self.ttft, self.e2e, self.tpot, self.itl,
+                       self.queue_time):
             metric.labels(model_name)  # exported at 0 from the start, as scrapers expect
 
-    def on_first_output(self, *, num_prompt_tokens: int, ttft_s: float | None) -> None:
+    def on_first_output(self, *, num_prompt_tokens: int, ttft_s: float | None, queue_s: float | None = None) -> None:
         """A request produced its first output (its prompt was processed)."""
         self.prompt_tokens.labels(self.model_name).inc(num_prompt_tokens)
         if ttft_s is not None:
             self.ttft.labels(self.model_name).observe(max(ttft_s, 0.0))
+        if queue_s is not None:
+            self.queue_time.labels(self.model_name).observe(max(queue_s, 0.0))
+
+    def on_inter_token(self, gap_s: float, num_tokens: int) -> None:
+        """``num_tokens`` tokens arrived ``gap_s`` after the previous ones: one interval per token."""
+        per_token = max(gap_s, 0.0) / max(num_tokens, 1)
+        hist = self.itl.labels(self.model_name)
+        for _ in range(min(num_tokens, 4096)):
+            hist.observe(per_token)
 
     def on_tokens(self, num_tokens: int) -> None:
         if num_tokens:

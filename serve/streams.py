@@ -41,15 +41,24 @@ async def tracked(state, request_id: str, prompt_ids: list[int], params, *, prom
     metrics = state.metrics
     first = True
     generated = 0
+    last = arrival
     async for out in state.engine.generate(request_id, prompt_ids, params, prompt=prompt, priority=priority,
                                            stream=stream, arrival_time=arrival):
         new = sum(len(c.token_ids) for c in out.outputs)
         generated += new
+        now = time.time()
         if first:
-            ftt = out.metrics.first_token_time if out.metrics is not None else None
-            metrics.on_first_output(num_prompt_tokens=len(prompt_ids),
-                                    ttft_s=None if ftt is None else ftt - arrival)
+            m = out.metrics
+            ftt = m.first_token_time if m is not None else None
+            metrics.on_first_output(num_prompt_tokens=len(prompt_ids), ttft_s=None if ftt is None else ftt - arrival,
+                                    queue_s=None if m is None or m.time_in_queue is None else m.time_in_queue)
             first = False
+            # a non-streamed answer arrives whole: its tokens after the first are spaced evenly over the wait
+            if new > 1 and ftt is not None:
+                metrics.on_inter_token(now - ftt, new - len(out.outputs))
+        elif new:
+            metrics.on_inter_token(now - last, new)
+        last = now
         metrics.on_tokens(new)
         if out.finished:
             m = out.metrics

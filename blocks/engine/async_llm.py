@@ -67,7 +67,9 @@ def _to_output(delta: list, prompt_token_ids: list[int], prompt: str | None) -> 
     m = None
     if metrics is not None:
         m = RequestMetrics(arrival_time=metrics[0], first_token_time=metrics[1], finished_time=metrics[2],
-                           num_preemptions=metrics[3])
+                           num_preemptions=metrics[3], first_scheduled_time=metrics[4])
+        if m.first_scheduled_time is not None:
+            m.time_in_queue = m.first_scheduled_time - m.arrival_time
     return RequestOutput(request_id=rid, prompt=prompt, prompt_token_ids=prompt_token_ids,
                          prompt_logprobs=None if prompt_lps is None else _decode_logprobs(prompt_lps),
                          outputs=outputs, finished=finished, metrics=m, num_cached_tokens=cached)

@@ -287,6 +287,8 @@ class EngineCore:
         """Run one engine step; returns outputs of finished requests (and of streaming ones that advanced)."""
         start = time.perf_counter()
         sched_out = self.scheduler.schedule()
+        if sched_out.scheduled_new_reqs:
+            self._mark_scheduled(sched_out.scheduled_new_reqs)
         result = self.runner.execute(sched_out)
         now = time.time()
         sampled, beam_outputs = result.sampled, []
@@ -299,6 +301,18 @@ class EngineCore:
         self._record_stats(result.num_tokens)
         self.step_times.append(time.perf_counter() - start)
         return outputs + beam_outputs
+
+    def _mark_scheduled(self, new_reqs) -> None:
+        """Queue time: the first time any sequence of a request is scheduled."""
+        now = time.time()
+        for data in new_reqs:
+            seq = self._seqs.get(data.request_id)
+            if seq is None:
+                continue
+            m = self._parent_of(seq).metrics
+            if m.first_scheduled_time is None:
+                m.first_scheduled_time = now
+                m.time_in_queue = now - m.arrival_time
 
     def _check_stop_strings(self, req: Request) -> RequestStatus | None:
         seq = self._seqs.get(req.request_id)

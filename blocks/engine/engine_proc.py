@@ -87,7 +87,8 @@ class DeltaTracker:
                           c.finish_reason if out.finished else None, c.stop_reason if out.finished else None])
             sent[c.index] = (end, len(c.token_ids))
         m = out.metrics
-        metrics = None if m is None else [m.arrival_time, m.first_token_time, m.finished_time, m.num_preemptions]
+        metrics = None if m is None else [m.arrival_time, m.first_token_time, m.finished_time, m.num_preemptions,
+                                          m.first_scheduled_time]
         prompt_lps = None
         if out.finished and out.prompt_logprobs is not None:
             prompt_lps = _encode_logprobs(out.prompt_logprobs)

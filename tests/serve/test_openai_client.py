@@ -202,11 +202,21 @@ def test_metrics_count_tokens_of_a_request(client, server):
     out = client.completions.create(model="tiny", prompt="quick brown fox", max_tokens=7, temperature=0,
                                     extra_body={"ignore_eos": True})
     after = server.metrics()
-    assert after["blocks:prompt_tokens_total"] - before["blocks:prompt_tokens_total"] == out.usage.prompt_tokens
-    assert after["blocks:generation_tokens_total"] - before["blocks:generation_tokens_total"] == 7
-    assert after["blocks:request_success_total"] - before["blocks:request_success_total"] == 1
-    assert after["blocks:e2e_request_latency_seconds_count"] == before["blocks:e2e_request_latency_seconds_count"] + 1
-    assert after["blocks:time_to_first_token_seconds_count"] > before["blocks:time_to_first_token_seconds_count"]
+
+    def grew(name, since=before, now=None):
+        return (now or after).get(name, 0.0) - since.get(name, 0.0)
+
+    assert grew("blocks:prompt_tokens_total") == out.usage.prompt_tokens
+    assert grew("blocks:generation_tokens_total") == 7
+    assert grew("blocks:request_success_total") == 1
+    assert grew("blocks:e2e_request_latency_seconds_count") == 1
+    assert grew("blocks:time_to_first_token_seconds_count") == 1
+    assert grew("blocks:request_queue_time_seconds_count") == 1
+    assert grew("blocks:inter_token_latency_seconds_count") == 6  # 7 tokens: 6 intervals after the first
+    stream = client.completions.create(model="tiny", prompt="quick brown fox", max_tokens=5, temperature=0,
+                                       stream=True, extra_body={"ignore_eos": True})
+    assert "".join(c.choices[0].text for c in stream if c.choices)
+    assert grew("blocks:inter_token_latency_seconds_count", since=after, now=server.metrics()) == 4
 
 
 def test_tokenize_detokenize_round_trip(server):
