@@ -318,6 +318,8 @@ class EngineCore:
         seq = self._seqs.get(req.request_id)
         if seq is None or seq.detok is None or not seq.params.stop:
             return None
+        # vLLM: stop strings count only once min_tokens outputs exist (text before that never stops it)
+        seq.detok.stop_enabled = len(req.output_token_ids) >= seq.params.min_tokens
         update = seq.detok.add_tokens(req.output_token_ids[len(seq.detok.output_token_ids):])
         if update.stop_string is not None:
             seq.stop_reason = update.stop_string

@@ -72,6 +72,7 @@ class IncrementalDetokenizer:
         self._read_offset = 0
         self._emitted = 0  # characters of ``text`` already handed out as new_text
         self._holdback = max((len(s) for s in self.stop), default=1) - 1
+        self.stop_enabled = True  # False while the request is under min_tokens: stop strings do not count yet
 
     def _decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), **self._decode_kwargs)
@@ -92,7 +93,7 @@ class IncrementalDetokenizer:
             self._prefix_offset = self._read_offset
             self._read_offset = len(ids)
             self.text += grown
-            if self.stop:
+            if self.stop and self.stop_enabled:
                 self._check_stop(len(grown))
         return DetokenizerUpdate(self._take(final=self.stop_string is not None), self.stop_string)
 

@@ -156,3 +156,15 @@ def test_out_of_vocabulary_token_params_are_refused(llm, field, value):
     assert not llm.engine.has_unfinished_requests()
     assert len(llm.generate({"prompt_token_ids": [1, 2]}, SamplingParams(max_tokens=2, **GREEDY),
                             use_tqdm=False)[0].outputs[0].token_ids) == 2
+
+
+def test_stop_strings_wait_for_min_tokens(llm):
+    prompt = "The quick brown fox"
+    free = llm.generate(prompt, SamplingParams(max_tokens=24, **GREEDY), use_tqdm=False)[0].outputs[0]
+    stop = free.text[:3]  # matches in the very first tokens
+    early = llm.generate(prompt, SamplingParams(max_tokens=24, stop=[stop], **GREEDY), use_tqdm=False)[0].outputs[0]
+    assert early.finish_reason == "stop" and len(early.token_ids) < 6
+    held = llm.generate(prompt, SamplingParams(max_tokens=24, stop=[stop], min_tokens=6, **GREEDY),
+                        use_tqdm=False)[0].outputs[0]
+    assert len(held.token_ids) >= 6  # the early match did not count
+    assert held.text.startswith(free.text[:3]) or held.finish_reason == "length"
