@@ -351,15 +351,16 @@ class ModelRunner:
         synced = time.perf_counter()
         self.batch.append_tokens(sampled_ids, host_token_ids=host)
         sampled = {}
+        req_ids = self.batch.req_ids
+        for rid, tok in zip(req_ids, host):
+            sampled[rid] = tok
+            self.states[rid].token_ids.append(tok)
         logprobs = {}
         lp = sampler_out.logprobs
-        for i, rid in enumerate(self.batch.req_ids):
-            sampled[rid] = host[i]
-            self.states[rid].token_ids.append(host[i])
-            if lp is not None:
-                want = self.batch.params[i].logprobs
-                if want is not None:
-                    logprobs[rid] = (float(lp.token_logprobs[i]), int(lp.token_ranks[i]), lp.row(i, num_top=want))
+        if lp is not None:  # one host read for all rows that asked for logprobs
+            asked = [(i, p.logprobs) for i, p in enumerate(self.batch.params) if p.logprobs is not None]
+            entries = lp.to_host([i for i, _ in asked], [n for _, n in asked])
+            logprobs = {req_ids[i]: e for (i, _), e in zip(asked, entries)}
         self.counters["host_s"] += (launched - step_start) + (time.perf_counter() - synced)
         return StepResult(sampled, logprobs, prompt_result, len(ids), beam_logprobs)
 
@@ -415,9 +416,9 @@ class ModelRunner:
             targets = torch.tensor(st.token_ids[start + 1 : start + 1 + count], dtype=torch.int64, device=self.device)
             lp = compute_logprobs(rows, targets, num)
             entries = []
-            for j in range(count):
-                entry = lp.row(j, num_top=num)
-                entry.setdefault(targets[j].item(), (float(lp.token_logprobs[j]), int(lp.token_ranks[j])))
-                entries.append(entry)
+            for target, (value, rank, top) in zip(st.token_ids[start + 1 : start + 1 + count],
+                                                  lp.to_host(list(range(count)), [num] * count)):
+                top.setdefault(target, (value, rank))
+                entries.append(top)
             result[rid] = entries
         return result

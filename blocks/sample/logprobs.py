@@ -31,9 +31,17 @@ class LogprobsTensors:
     def row(self, i: int, *, num_top: int | None = None) -> dict[int, tuple[float, int]]:
         """Host dict ``token id -> (logprob, rank)`` for row ``i``: top ``num_top`` entries (host sync)."""
         n = self.topk_ids.shape[1] if num_top is None else num_top
-        ids = self.topk_ids[i, :n].tolist()
-        vals = self.topk_logprobs[i, :n].tolist()
-        return {t: (v, r + 1) for r, (t, v) in enumerate(zip(ids, vals))}
+        return self.to_host([i], [n])[0][2]
+
+    def to_host(self, rows: list[int], num_tops: list[int]) -> list[tuple[float, int, dict[int, tuple[float, int]]]]:
+        """``(chosen logprob, chosen rank, {token id: (logprob, rank)} of the top num_tops[k])`` for each of
+        ``rows``, with one host read per tensor (not one per row)."""
+        values, ranks = self.token_logprobs.tolist(), self.token_ranks.tolist()
+        top_ids, top_vals = self.topk_ids.tolist(), self.topk_logprobs.tolist()
+        return [
+            (values[i], ranks[i], {t: (v, r + 1) for r, (t, v) in enumerate(zip(top_ids[i][:n], top_vals[i][:n]))})
+            for i, n in zip(rows, num_tops)
+        ]
 
 
 def compute_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, num_top: int) -> LogprobsTensors:
