@@ -72,10 +72,9 @@ class SamplingInfo:
 @dataclass
 class _ReqState:
     token_ids: list[int]
-    block_ids: list[int]
+    num_blocks: int  # its block ids are ``runner._table[row, :num_blocks]``
     num_computed: int
     num_prompt: int
-    generator: RequestRng | None = None  # the random stream, kept across preemption
     row: int = -1  # this request's row of the runner's persistent block table
 
 
@@ -223,28 +222,24 @@ class ModelRunner:
         table = self._table
         for new in out.scheduled_new_reqs:
             self._forget(new.request_id)
-            info = self.sampling_info(new.request_id)
             st = _ReqState(
-                token_ids=list(new.token_ids), block_ids=list(new.block_ids),
-                num_computed=new.num_computed_tokens, num_prompt=new.num_prompt_tokens,
-                generator=info.generator, row=self._take_row(),
+                token_ids=list(new.token_ids), num_blocks=len(new.block_ids),
+                num_computed=new.num_computed_tokens, num_prompt=new.num_prompt_tokens, row=self._take_row(),
             )
             table = self._table  # may have grown
-            table[st.row, : len(st.block_ids)] = st.block_ids
+            table[st.row, : st.num_blocks] = new.block_ids
             self.states[new.request_id] = st
         cached = out.scheduled_cached_reqs
         for rid, blocks, computed in zip(cached.req_ids, cached.new_block_ids, cached.num_computed_tokens):
             st = self.states[rid]
             if blocks:
-                n = len(st.block_ids)
-                table[st.row, n : n + len(blocks)] = blocks
-                st.block_ids.extend(blocks)
+                table[st.row, st.num_blocks : st.num_blocks + len(blocks)] = blocks
+                st.num_blocks += len(blocks)
             st.num_computed = computed
         for rid, edits in out.block_replacements.items():  # copy-on-write: the table names the copy
             st = self.states.get(rid)
             if st is not None:
                 for index, block in edits:
-                    st.block_ids[index] = block
                     table[st.row, index] = block
 
     def _take_row(self) -> int:
@@ -265,18 +260,21 @@ class ModelRunner:
         st = self.states.pop(rid, None)
         if st is not None:
             self._free_rows.append(st.row)
-        gen = self.batch.remove_request(rid) if self._in_batch(rid) else (st.generator if st else None)
-        if gen is not None:
-            with contextlib.suppress(KeyError):  # a preempted request resumes its random stream
-                self.sampling_info(rid).generator = gen
+        if self._in_batch(rid):
+            self._leave_batch(rid)
+
+    def _leave_batch(self, rid: str) -> None:
+        """Drop ``rid``'s sampling row, keeping its random stream in its ``SamplingInfo`` (the one place the
+        stream lives between rows: a preempted or paused request resumes it)."""
+        rng = self.batch.remove_request(rid)
+        with contextlib.suppress(KeyError):  # finished: nobody resumes it
+            self.sampling_info(rid).generator = rng
 
     def _sync_sampling_rows(self, sampling: list[str]) -> None:
         wanted = set(sampling)
         for rid in list(self.batch.req_ids):
-            if rid not in wanted:  # running but not sampling this step: keep its stream
-                gen = self.batch.remove_request(rid)
-                if rid in self.states:
-                    self.states[rid].generator = gen
+            if rid not in wanted:  # running but not sampling this step
+                self._leave_batch(rid)
         for rid in sampling:
             if self._in_batch(rid):
                 continue
@@ -284,7 +282,7 @@ class ModelRunner:
             info = self.sampling_info(rid)
             self.batch.add_request(
                 rid, info.params, st.token_ids[: st.num_prompt], output_token_ids=st.token_ids[st.num_prompt:],
-                eos_token_id=info.eos_token_id, rng=st.generator,
+                eos_token_id=info.eos_token_id, rng=info.generator,
             )
 
     def _copy_blocks(self, pairs: list[tuple[int, int]]) -> None:

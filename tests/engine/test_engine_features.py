@@ -168,3 +168,16 @@ def test_stop_strings_wait_for_min_tokens(llm):
                         use_tqdm=False)[0].outputs[0]
     assert len(held.token_ids) >= 6  # the early match did not count
     assert held.text.startswith(free.text[:3]) or held.finish_reason == "length"
+
+
+def test_seeded_requests_resume_their_random_stream_after_preemption(tiny_llama, llm):
+    path, _ = tiny_llama
+    per_block = llm.engine.runner.bytes_per_block
+    tight = LLM(path, dtype="float32", device="cpu", max_model_len=64, enable_prefix_caching=False,
+                kv_cache_memory_bytes=12 * per_block)
+    roomy = LLM(path, dtype="float32", device="cpu", max_model_len=64, enable_prefix_caching=False)
+    prompts = [{"prompt_token_ids": [3 + i, 7, 11, 13, 17, 19, 23, 29, 31, 37]} for i in range(6)]
+    params = [SamplingParams(temperature=1.0, seed=100 + i, max_tokens=30, ignore_eos=True) for i in range(6)]
+    got = [o.outputs[0].token_ids for o in tight.generate(prompts, params, use_tqdm=False)]
+    assert tight.engine.scheduler.stats.num_preemptions > 0
+    assert got == [o.outputs[0].token_ids for o in roomy.generate(prompts, params, use_tqdm=False)]
