@@ -36,7 +36,7 @@ __all__ = ["EngineCore", "StepStats"]
 
 @dataclass
 class StepStats:
-    """Counters of the last step (for logs, progress bars and metrics)."""
+    """Engine counters (for logs, progress bars and metrics), see :meth:`EngineCore.stats`."""
 
     num_tokens: int = 0
     num_running: int = 0
@@ -45,6 +45,7 @@ class StepStats:
     num_preemptions: int = 0
     prefix_queries: int = 0
     prefix_hits: int = 0
+    num_unfinished: int = 0
 
 
 @dataclass
@@ -52,6 +53,7 @@ class _Sequence:
     """Engine-side state of one sequence (a request, or one child of an ``n > 1`` request)."""
 
     request_id: str
+    parent_id: str
     index: int
     params: SamplingParams
     info: SamplingInfo
@@ -115,7 +117,7 @@ class EngineCore:
             policy=config.scheduling_policy,
             stop_checker=self._check_stop_strings,
         )
-        self.last_stats = StepStats()
+        self._last_num_tokens = 0
         self.step_times: deque[float] = deque(maxlen=65536)  # wall seconds of recent steps (benchmarks)
         self._token_text: dict[int, str] = {}
         self._beam_groups: dict[str, BeamGroup] = {}
@@ -196,7 +198,7 @@ class EngineCore:
                     spaces_between_special_tokens=params.spaces_between_special_tokens,
                 )
             seq = _Sequence(
-                seq_id, index, seq_params,
+                seq_id, request_id, index, seq_params,
                 SamplingInfo(seq_params, len(ids), eos_token_id=self.eos_token_id), sched_req, detok,
                 [] if params.logprobs is not None else None, 0.0 if params.logprobs is not None else None,
             )
@@ -275,6 +277,10 @@ class EngineCore:
         """Release the engine's processes (tensor-parallel workers); the engine is unusable afterwards."""
         self.runner.close()
 
+    def unfinished_request_ids(self) -> list[str]:
+        """Ids of the requests (and beam searches) not finished yet."""
+        return [*self._parents, *self._beam_groups]
+
     def has_unfinished_requests(self) -> bool:
         return bool(self._parents) or bool(self._beam_groups)
 
@@ -298,7 +304,7 @@ class EngineCore:
             sampled = {**sampled, **beam_tokens}
         finished = self.scheduler.update_from_output(sampled, now=now)
         outputs = self._update_requests(result, finished, now)
-        self._record_stats(result.num_tokens)
+        self._last_num_tokens = result.num_tokens
         self.step_times.append(time.perf_counter() - start)
         return outputs + beam_outputs
 
@@ -370,11 +376,7 @@ class EngineCore:
         return outputs
 
     def _parent_of(self, seq: _Sequence) -> _Parent:
-        rid = seq.request_id
-        parent = self._parents.get(rid)
-        if parent is None:  # a child "i_parent"
-            parent = self._parents[rid.split("_", 1)[1]]
-        return parent
+        return self._parents[seq.parent_id]
 
     def _token_str(self, token: int) -> str | None:
         if self.tokenizer is None:
@@ -411,12 +413,12 @@ class EngineCore:
             metrics=parent.metrics, num_cached_tokens=max(first.num_cached_tokens, 0),
         )
 
-    def _record_stats(self, num_tokens: int) -> None:
+    def stats(self) -> StepStats:
+        """Counters now (the last step's tokens; running, waiting, KV usage; totals since start)."""
         kv = self.kv_manager
-        stats = kv.stats
-        self.last_stats = StepStats(
-            num_tokens=num_tokens, num_running=self.scheduler.num_running,
-            num_waiting=self.scheduler.num_waiting,
-            kv_usage=kv.usage, num_preemptions=self.scheduler.stats.num_preemptions,
-            prefix_queries=getattr(stats, "prefix_queries", 0), prefix_hits=getattr(stats, "prefix_hits", 0),
+        return StepStats(
+            num_tokens=self._last_num_tokens, num_running=self.scheduler.num_running,
+            num_waiting=self.scheduler.num_waiting, kv_usage=float(kv.usage),
+            num_preemptions=self.scheduler.stats.num_preemptions, prefix_queries=kv.stats.prefix_queries,
+            prefix_hits=kv.stats.prefix_hits, num_unfinished=self.num_unfinished_requests,
         )

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import signal
 import traceback
+from dataclasses import asdict
 from typing import Any
 
 import msgpack
@@ -97,17 +98,6 @@ class DeltaTracker:
         return [out.request_id, out.finished, comps, metrics, out.num_cached_tokens, prompt_lps]
 
 
-def _stats(core) -> dict[str, Any]:
-    kv = core.kv_manager
-    s = getattr(kv, "stats", None)
-    return {
-        "num_running": core.scheduler.num_running, "num_waiting": core.scheduler.num_waiting,
-        "kv_usage": float(kv.usage), "num_preemptions": core.scheduler.stats.num_preemptions,
-        "prefix_queries": int(getattr(s, "prefix_queries", 0)), "prefix_hits": int(getattr(s, "prefix_hits", 0)),
-        "num_unfinished": core.num_unfinished_requests,
-    }
-
-
 class _Loop:
     """The child's main loop: drain messages, step while there is work, send deltas."""
 
@@ -167,8 +157,8 @@ class _Loop:
             if self.core.has_unfinished_requests():
                 finished.extend(self.deltas.encode(o) for o in self.core.step())
             if finished:
-                self.send(["outs", [d for d in finished if d is not None], _stats(self.core)])
-        for rid in list(self.core._parents):  # shutdown: abort what is left, free its blocks
+                self.send(["outs", [d for d in finished if d is not None], asdict(self.core.stats())])
+        for rid in self.core.unfinished_request_ids():  # shutdown: abort what is left, free its blocks
             self.core.abort_request(rid)
 
 

@@ -215,7 +215,7 @@ class LLM:
                     if bar is not None:
                         bar.update(1)
         except BaseException:
-            for rid in order:  # leave the engine clean for the next call
+            for rid in order:  # leave the engine clean for the next call (already finished ones: no-op)
                 self.engine.abort_request(rid)
             raise
         finally:
