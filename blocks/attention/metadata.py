@@ -19,8 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["AttentionMetadata", "plan_attention", "plan_attention_arrays", "plan_arrays", "metadata_from_tensors",
-           "compute_slot_mapping"]
+__all__ = ["AttentionMetadata", "plan_attention", "plan_attention_arrays", "plan_arrays", "metadata_from_tensors"]
 
 
 @dataclass
@@ -75,25 +74,6 @@ class AttentionMetadata:
         )
 
 
-def compute_slot_mapping(
-    block_ids: Sequence[int], block_size: int, start: int, count: int
-) -> list[int]:
-    """Slots of token positions ``start .. start + count - 1`` of one sequence.
-
-    ``block_ids`` is the sequence's block table; position ``p`` lives in block
-    ``block_ids[p // block_size]`` at offset ``p % block_size``.
-    """
-    if start + count > len(block_ids) * block_size:
-        raise ValueError(
-            f"block_ids hold {len(block_ids) * block_size} slots (block_size={block_size}) "
-            f"but positions up to {start + count} are needed"
-        )
-    out = []
-    for p in range(start, start + count):
-        out.append(block_ids[p // block_size] * block_size + p % block_size)
-    return out
-
-
 def plan_attention(
     query_lens: Sequence[int],
     seq_lens: Sequence[int],
@@ -123,41 +103,23 @@ def plan_attention(
             f"query_lens ({len(query_lens)}), seq_lens ({len(seq_lens)}) and block_tables "
             f"({len(block_tables)}) must have one entry per sequence"
         )
-    if block_size <= 0:
-        raise ValueError(f"block_size must be positive, got {block_size}")
     width = max((len(t) for t in block_tables), default=0)
     if max_blocks_per_seq is not None:
         if max_blocks_per_seq < width:
             raise ValueError(f"max_blocks_per_seq={max_blocks_per_seq} < widest block table {width}")
         width = max_blocks_per_seq
-    width = max(width, 1)
-    starts = [0]
-    slots: list[int] = []
-    table = torch.zeros((len(seq_lens), width), dtype=torch.int32)
-    num_decode = 0
-    for i, (ql, sl, blocks) in enumerate(zip(query_lens, seq_lens, block_tables)):
-        if ql < 0 or sl < ql:
-            raise ValueError(f"sequence {i}: need 0 <= query_len ({ql}) <= seq_len ({sl})")
-        if sl > len(blocks) * block_size:
-            raise ValueError(
-                f"sequence {i}: block table of {len(blocks)} blocks cannot hold seq_len {sl} "
-                f"(block_size={block_size})"
-            )
-        if blocks:
-            table[i, : len(blocks)] = torch.tensor(list(blocks), dtype=torch.int32)
-        slots.extend(compute_slot_mapping(blocks, block_size, sl - ql, ql))
-        starts.append(starts[-1] + ql)
-        num_decode += ql == 1
-    return AttentionMetadata(
-        query_start_loc=torch.tensor(starts, dtype=torch.int32, device=device),
-        seq_lens=torch.tensor(list(seq_lens), dtype=torch.int32, device=device),
-        block_table=table.to(device),
-        slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
-        max_query_len=max(query_lens, default=0),
-        max_seq_len=max(seq_lens, default=0),
-        num_decode_tokens=num_decode,
-        block_size=block_size,
-    )
+    table = np.zeros((len(block_tables), max(width, 1)), dtype=np.int32)
+    for i, blocks in enumerate(block_tables):
+        table[i, : len(blocks)] = blocks
+    # a row shorter than the widest is padded with block 0: bound each sequence by its own table
+    lens = np.array([len(t) for t in block_tables], dtype=np.int64)
+    over = np.flatnonzero(np.asarray(seq_lens, dtype=np.int64) > lens * block_size) if block_size > 0 else []
+    if len(over):
+        i = int(over[0])
+        raise ValueError(f"sequence {i}: block table of {lens[i]} blocks cannot hold seq_len {seq_lens[i]} "
+                         f"(block_size={block_size})")
+    return plan_attention_arrays(np.asarray(query_lens, dtype=np.int64), np.asarray(seq_lens, dtype=np.int64),
+                                 table, block_size, device=device)
 
 
 def plan_arrays(

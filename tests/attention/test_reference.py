@@ -104,6 +104,11 @@ def test_plan_attention_arrays_equals_plan_attention(seed):
     for name in ("query_start_loc", "seq_lens", "block_table", "slot_mapping"):
         a, b = getattr(got, name), getattr(want, name)
         assert a.dtype == b.dtype and torch.equal(a, b), name
+    # the slots, computed here one token at a time (the definition)
+    slots = [t[p // block_size] * block_size + p % block_size
+             for ql, sl, t in zip(qlens, slens, tables) for p in range(sl - ql, sl)]
+    assert got.slot_mapping.tolist() == slots
+    assert got.query_start_loc.tolist() == [sum(qlens[:i]) for i in range(num_seqs + 1)]
     assert (got.max_query_len, got.max_seq_len, got.num_decode_tokens) == (
         want.max_query_len, want.max_seq_len, want.num_decode_tokens)
     with pytest.raises(ValueError, match="cannot hold seq_len"):
