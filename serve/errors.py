@@ -17,6 +17,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from blocks.engine.async_llm import EngineDeadError
 from blocks.sched.errors import QueueFullError
+from serve.protocol import ChatCompletionRequest, CompletionRequest
 
 __all__ = ["APIError", "error_response", "install_error_handlers", "RETRY_AFTER_S"]
 
@@ -38,6 +39,9 @@ class APIError(Exception):
         self.message = message
         self.param = param
         self.headers = headers
+
+
+_REQUEST_FIELDS = set(CompletionRequest.model_fields) | set(ChatCompletionRequest.model_fields)
 
 
 def error_response(status: int, message: str, *, param: str | None = None, headers: dict | None = None):
@@ -74,7 +78,10 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(ValueError)
     async def _value(_: Request, exc: ValueError):
-        return error_response(400, str(exc))
+        # the engine's and SamplingParams' messages start with the field they reject
+        message = str(exc)
+        word = message.split(" ", 1)[0]
+        return error_response(400, message, param=word if word in _REQUEST_FIELDS else None)
 
     @app.exception_handler(QueueFullError)
     async def _queue_full(_: Request, exc: QueueFullError):
