@@ -97,18 +97,14 @@ class DecodeGraphs:
         return None
 
     def run(self, token_ids: list[int], positions: list[int], seq_lens: list[int],
-            block_tables: np.ndarray | list[list[int]]) -> torch.Tensor:
+            block_tables: np.ndarray) -> torch.Tensor:
         """Replay the graph for a decode batch; returns ``hidden [num_seqs, H]`` (a view, valid until
         the next replay). Slots are derived from positions and block tables."""
         n = len(token_ids)
         bs = self.bucket_for(n)
         bsz = self.block_size
         table = np.zeros((bs, self.width), dtype=np.int32)
-        if isinstance(block_tables, np.ndarray):
-            table[:n, : block_tables.shape[1]] = block_tables
-        else:
-            for i, blocks in enumerate(block_tables):
-                table[i, : len(blocks)] = blocks
+        table[:n, : block_tables.shape[1]] = block_tables
         pos = np.asarray(positions, dtype=np.int64)
         slots = np.full(bs, -1, dtype=np.int64)
         slots[:n] = table[np.arange(n), pos // bsz].astype(np.int64) * bsz + pos % bsz

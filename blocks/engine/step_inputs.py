@@ -25,7 +25,7 @@ class StepInputs:
     Attributes:
         token_ids, positions: ``[num_tokens]`` flattened tokens (decode rows first).
         query_lens, seq_lens: per sequence, new tokens and context length after the step.
-        block_tables: ``[num_seqs, width]`` array (or per-sequence lists) of physical block ids; entries
+        block_tables: ``[num_seqs, width]`` array of physical block ids; entries
             past a sequence's last block are ignored (``seq_lens`` bound the reads).
         copies: copy-on-write ``(src, dst)`` block pairs to apply before the forward.
         logits_rows: rows of the hidden states that need logits, in the order the caller wants them.
@@ -36,7 +36,7 @@ class StepInputs:
     positions: list[int]
     query_lens: list[int]
     seq_lens: list[int]
-    block_tables: np.ndarray | list[list[int]]
+    block_tables: np.ndarray
     copies: list[tuple[int, int]] = field(default_factory=list)
     logits_rows: list[int] = field(default_factory=list)
     use_graph: bool = False
@@ -44,13 +44,8 @@ class StepInputs:
     def to_tensors(self, command: int = CMD_STEP) -> tuple[torch.Tensor, torch.Tensor]:
         """``(header [HEADER_SIZE], payload [n])`` int64 host tensors."""
         num_seqs = len(self.seq_lens)
-        if isinstance(self.block_tables, np.ndarray):
-            table = self.block_tables.astype(np.int64, copy=False).reshape(num_seqs, -1)
-        else:
-            width = max((len(t) for t in self.block_tables), default=0)
-            table = np.zeros((num_seqs, width), dtype=np.int64)
-            for i, t in enumerate(self.block_tables):
-                table[i, : len(t)] = t
+        table = np.asarray(self.block_tables, dtype=np.int64)
+        table = table.reshape(num_seqs, table.size // num_seqs if num_seqs else 0)
         width = table.shape[1]
         parts = [np.asarray(x, dtype=np.int64).ravel() for x in (
             self.token_ids, self.positions, self.query_lens, self.seq_lens, table,

@@ -22,6 +22,7 @@ import subprocess
 import sys
 from dataclasses import asdict
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -41,7 +42,7 @@ def free_port() -> int:
 def broadcast_inputs(inputs: StepInputs | None, device: torch.device, *, command: int = CMD_STEP) -> StepInputs | None:
     """Rank 0 sends ``inputs`` (or a command); other ranks pass ``None`` and receive them."""
     if dist.get_rank() == 0:
-        header, payload = (inputs or StepInputs([], [], [], [], [])).to_tensors(command)
+        header, payload = (inputs or StepInputs([], [], [], [], np.zeros((0, 0), np.int32))).to_tensors(command)
         header, payload = header.to(device), payload.to(device)
         dist.broadcast(header, 0)
         dist.broadcast(payload, 0)
