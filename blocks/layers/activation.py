@@ -11,15 +11,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from blocks.layers.fused import use_fused
+
 __all__ = ["SiluAndMul", "get_act_fn", "ACT_NAMES"]
 
 
 class SiluAndMul(nn.Module):
-    """``[..., 2 d] -> [..., d]``: ``silu(x[..., :d]) * x[..., d:]`` (gate first, then up)."""
+    """``[..., 2 d] -> [..., d]``: ``silu(x[..., :d]) * x[..., d:]`` (gate first, then up); one fused
+    Triton kernel on CUDA (:func:`blocks.layers.triton_fused.silu_and_mul`)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] % 2:
             raise ValueError(f"SiluAndMul needs an even last dim, got shape {tuple(x.shape)}")
+        if use_fused(x) and x.stride(-1) == 1:
+            from blocks.layers.triton_fused import silu_and_mul
+
+            shape = x.shape
+            return silu_and_mul(x.reshape(-1, shape[-1])).view(*shape[:-1], shape[-1] // 2)
         d = x.shape[-1] // 2
         return F.silu(x[..., :d]) * x[..., d:]
 

@@ -23,9 +23,11 @@ Scalings (``rope_type`` of the Hugging Face ``rope_scaling`` / ``rope_parameters
   blended with ``s = (original_max_position_embeddings / wavelength - low_freq_factor) /
   (high_freq_factor - low_freq_factor)`` as ``(1 - s) * inv_freq / factor + s * inv_freq``.
 
-Angles are computed in float32 from the positions on every call (``T * r / 2`` multiplies and two
-transcendental ops, negligible next to attention), so there is no cache to outgrow. ``cos`` and
-``sin`` are cast to the input dtype before they are applied, like transformers does.
+Angles are computed in float32 from the positions of each forward (``T * r / 2`` multiplies and two
+transcendental ops, once per model forward, shared by all layers through :meth:`cos_sin` and
+:meth:`rotate`), so there is no cache to outgrow. ``cos`` and ``sin`` are cast to the input dtype
+before they are applied, like transformers does. On CUDA, :meth:`rotate` is one fused Triton kernel
+that rotates queries and keys in place (:func:`blocks.layers.triton_fused.rotary_inplace`).
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from blocks.layers.fused import use_fused
 
 __all__ = ["RotaryEmbedding", "ROPE_TYPES", "rope_inv_freq"]
 
@@ -144,6 +148,20 @@ class RotaryEmbedding(nn.Module):
                 f"query {tuple(query.shape)}, key {tuple(key.shape)}"
             )
         cos, sin = self.cos_sin(positions)
+        return self._rotate(query, cos, sin), self._rotate(key, cos, sin)
+
+    def rotate(self, query: torch.Tensor, key: torch.Tensor, cos: torch.Tensor,
+               sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotate with precomputed ``(cos, sin) = self.cos_sin(positions)`` (one computation per forward
+        for all layers). Shapes as :meth:`forward`, 2-D ``[T, heads * head_dim]`` rows. On CUDA the
+        rotation happens **in place** on ``query`` and ``key`` (views of a fused QKV output are fine)
+        and they are returned; elsewhere new tensors are returned."""
+        if (use_fused(query) and query.dim() == 2 and key.dim() == 2 and query.stride(1) == 1
+                and key.stride(1) == 1):
+            from blocks.layers.triton_fused import rotary_inplace
+
+            rotary_inplace(query, key, cos, sin, head_dim=self.head_dim, is_neox_style=self.is_neox_style)
+            return query, key
         return self._rotate(query, cos, sin), self._rotate(key, cos, sin)
 
     def extra_repr(self) -> str:

@@ -73,14 +73,16 @@ class LlamaAttention(nn.Module):
                               backend=backend, sliding_window=config.sliding_windows[layer_idx])
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, kv_cache: tuple[torch.Tensor, torch.Tensor],
-                metadata: AttentionMetadata) -> torch.Tensor:
+                metadata: AttentionMetadata, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """``rope``: ``rotary_emb.cos_sin(positions)``, computed once per forward by the model (or here)."""
         q, k, v = self.qkv_proj.split(self.qkv_proj(hidden))
         if self.q_norm is not None:
             t, hd = q.shape[0], self.attn.head_dim
             q = self.q_norm(q.reshape(t, -1, hd)).reshape(t, -1)
             k = self.k_norm(k.reshape(t, -1, hd)).reshape(t, -1)
-        q, k = self.rotary_emb(positions, q, k)
-        return self.o_proj(self.attn(q, k, v.contiguous(), kv_cache, metadata))
+        cos, sin = rope if rope is not None else self.rotary_emb.cos_sin(positions)
+        q, k = self.rotary_emb.rotate(q, k, cos, sin)
+        return self.o_proj(self.attn(q, k, v, kv_cache, metadata))
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -95,13 +97,13 @@ class LlamaDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.norm_eps, params_dtype=dtype)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.norm_eps, params_dtype=dtype)
 
-    def forward(self, positions, hidden, residual, kv_cache, metadata):
+    def forward(self, positions, hidden, residual, kv_cache, metadata, rope=None):
         if residual is None:
             residual = hidden
             hidden = self.input_layernorm(hidden)
         else:
             hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(positions, hidden, kv_cache, metadata)
+        hidden = self.self_attn(positions, hidden, kv_cache, metadata, rope)
         hidden, residual = self.post_attention_layernorm(hidden, residual)
         return self.mlp(hidden), residual
 
@@ -124,8 +126,9 @@ class LlamaModel(nn.Module):
     def forward(self, input_ids, positions, kv_caches, metadata) -> torch.Tensor:
         hidden = self.embed_tokens(input_ids)
         residual = None
+        rope = self.rotary_emb.cos_sin(positions)  # once for all layers
         for layer, kv_cache in zip(self.layers, kv_caches):
-            hidden, residual = layer(positions, hidden, residual, kv_cache, metadata)
+            hidden, residual = layer(positions, hidden, residual, kv_cache, metadata, rope)
         hidden, _ = self.norm(hidden, residual)
         return hidden
 
