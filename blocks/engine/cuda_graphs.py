@@ -4,7 +4,9 @@ Eager PyTorch spends tens of microseconds of host time per kernel launch; an 8B 
 launches hundreds of kernels, so without graphs the host, not the GPU, sets the pace. We capture
 the model's forward for decode batches of each bucket size (1, 2, 4, 8, then multiples of 16) over
 static input buffers, and replay the smallest bucket that fits, padding the extra rows:
-``seq_lens = 0`` and ``slot_mapping = -1`` make the attention kernels skip them.
+``seq_lens = 0`` and ``slot_mapping = -1`` make the attention kernels skip them. The LM head is part
+of the graph: a static ``logits_rows`` buffer says which rows' logits the step wants (in the
+sampler's row order), so a decode step is one graph launch from input ids to float32 logits.
 
 The attention plan of a captured graph is made for the worst case (``max_seq_len =
 max_model_len``), so the kernel grid covers any context the step may have; kernels stop at each
@@ -53,12 +55,14 @@ class DecodeGraphs:
         self.seq_lens = torch.zeros(n, dtype=torch.int32, device=device)
         self.block_table = torch.zeros(n, self.width, dtype=torch.int32, device=device)
         self.slot_mapping = torch.full((n,), -1, dtype=torch.int64, device=device)
+        self.logits_rows = torch.zeros(n, dtype=torch.int64, device=device)
         pin = dict(pin_memory=True)
         self._host_ids = torch.empty(n, dtype=torch.int64, **pin)
         self._host_pos = torch.empty(n, dtype=torch.int64, **pin)
         self._host_slots = torch.empty(n, dtype=torch.int64, **pin)
         self._host_lens = torch.empty(n, dtype=torch.int32, **pin)
         self._host_table = torch.empty(n, self.width, dtype=torch.int32, **pin)
+        self._host_rows = torch.empty(n, dtype=torch.int64, **pin)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = None
 
@@ -79,10 +83,11 @@ class DecodeGraphs:
             for bs in reversed(self.buckets):
                 md = self._metadata(bs)
                 args = (self.input_ids[:bs], self.positions[:bs], self.kv_caches, md)
-                self.model(*args)  # warm-up: compile kernels outside the capture
+                rows = self.logits_rows[:bs]
+                self.model.compute_logits(self.model(*args), rows)  # warm-up: compile kernels outside the capture
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=self.pool, stream=stream):
-                    out = self.model(*args)
+                    out = self.model.compute_logits(self.model(*args), rows)
                 if self.pool is None:
                     self.pool = graph.pool()
                 self.graphs[bs] = (graph, out)
@@ -97,10 +102,12 @@ class DecodeGraphs:
         return None
 
     def run(self, token_ids: list[int], positions: list[int], seq_lens: list[int],
-            block_tables: np.ndarray) -> torch.Tensor:
-        """Replay the graph for a decode batch; returns ``hidden [num_seqs, H]`` (a view, valid until
-        the next replay). Slots are derived from positions and block tables."""
+            block_tables: np.ndarray, logits_rows: list[int]) -> torch.Tensor:
+        """Replay the graph for a decode batch of ``n = len(token_ids)`` rows; returns float32 logits
+        ``[len(logits_rows), vocab]`` of rows ``logits_rows`` (each ``< n``), a view valid until the next
+        replay. Slots are derived from positions and block tables."""
         n = len(token_ids)
+        m = len(logits_rows)
         bs = self.bucket_for(n)
         bsz = self.block_size
         table = np.zeros((bs, self.width), dtype=np.int32)
@@ -117,11 +124,14 @@ class DecodeGraphs:
         self._host_slots[:bs].copy_(torch.from_numpy(slots))
         self._host_lens[:bs].copy_(torch.from_numpy(lens))
         self._host_table[:bs].copy_(torch.from_numpy(table))
+        self._host_rows[:m].copy_(torch.from_numpy(np.asarray(logits_rows, dtype=np.int64)))
+        self._host_rows[m:bs] = 0
         self.input_ids[:n].copy_(self._host_ids[:n], non_blocking=True)
         self.positions[:n].copy_(self._host_pos[:n], non_blocking=True)
         self.slot_mapping[:bs].copy_(self._host_slots[:bs], non_blocking=True)
         self.seq_lens[:bs].copy_(self._host_lens[:bs], non_blocking=True)
         self.block_table[:bs].copy_(self._host_table[:bs], non_blocking=True)
+        self.logits_rows[:bs].copy_(self._host_rows[:bs], non_blocking=True)
         graph, out = self.graphs[bs]
         graph.replay()
-        return out[:n]
+        return out[:m]

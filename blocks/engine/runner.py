@@ -371,29 +371,34 @@ class ModelRunner:
             broadcast_inputs(inputs, self.comm_device)
         self._copy_blocks(inputs.copies)
         device = self.device
-        if inputs.use_graph:
-            hidden = self.graphs.run(inputs.token_ids, inputs.positions, inputs.seq_lens, inputs.block_tables)
+        if inputs.use_graph:  # one replay: the forward and the LM head on the wanted rows
+            logits = self.graphs.run(inputs.token_ids, inputs.positions, inputs.seq_lens, inputs.block_tables,
+                                     inputs.logits_rows)
             self.counters["graph_steps"] += 1
-        else:
-            qlens = np.asarray(inputs.query_lens)
-            arrays = plan_arrays(qlens, np.asarray(inputs.seq_lens), np.asarray(inputs.block_tables), self.block_size)
-            (input_ids, pos, slots), (qsl, seq_lens, table) = self.stager.stage(
-                [np.asarray(inputs.token_ids, dtype=np.int64), np.asarray(inputs.positions, dtype=np.int64),
-                 arrays["slot_mapping"]],
-                [arrays["query_start_loc"], arrays["seq_lens"], arrays["block_table"]])
-            md = metadata_from_tensors(
-                {"query_start_loc": qsl, "seq_lens": seq_lens, "block_table": table, "slot_mapping": slots},
-                max_query_len=int(qlens.max()), max_seq_len=max(inputs.seq_lens),
-                num_decode_tokens=int((qlens == 1).sum()), block_size=self.block_size)
-            md = self.model.attn_backend.plan(md)
-            hidden = self.model(input_ids, pos, self.kv_caches, md)
+            self._count(inputs)
+            return logits
+        qlens = np.asarray(inputs.query_lens)
+        arrays = plan_arrays(qlens, np.asarray(inputs.seq_lens), np.asarray(inputs.block_tables), self.block_size)
+        (input_ids, pos, slots), (qsl, seq_lens, table) = self.stager.stage(
+            [np.asarray(inputs.token_ids, dtype=np.int64), np.asarray(inputs.positions, dtype=np.int64),
+             arrays["slot_mapping"]],
+            [arrays["query_start_loc"], arrays["seq_lens"], arrays["block_table"]])
+        md = metadata_from_tensors(
+            {"query_start_loc": qsl, "seq_lens": seq_lens, "block_table": table, "slot_mapping": slots},
+            max_query_len=int(qlens.max()), max_seq_len=max(inputs.seq_lens),
+            num_decode_tokens=int((qlens == 1).sum()), block_size=self.block_size)
+        md = self.model.attn_backend.plan(md)
+        hidden = self.model(input_ids, pos, self.kv_caches, md)
+        self._count(inputs)
+        if not inputs.logits_rows:
+            return torch.empty(0, self.model.vocab_size, dtype=torch.float32, device=device)
+        rows = torch.tensor(inputs.logits_rows, dtype=torch.int64).to(device, non_blocking=True)
+        return self.model.compute_logits(hidden, rows)
+
+    def _count(self, inputs: StepInputs) -> None:
         self.counters["steps"] += 1
         self.counters["tokens"] += len(inputs.token_ids)
         self.counters["kv_tokens_read"] += sum(inputs.seq_lens)
-        if not inputs.logits_rows:
-            return torch.empty(0, self.model.vocab_size, dtype=torch.float32, device=device)
-        rows = torch.tensor(inputs.logits_rows, dtype=torch.int64).to(device)
-        return self.model.compute_logits(hidden, rows)
 
     def append_tokens(self, tokens: dict[str, int]) -> None:
         """Record tokens chosen outside the sampler (beam search) for requests the runner holds."""

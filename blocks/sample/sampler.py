@@ -106,7 +106,9 @@ class Sampler:
             logits = logits.clone()
         x = self.process_logits(logits, bt)
         keys, seeded = self._row_keys(batch) if bt.any_random else (None, [])
-        if self.backend == "triton":
+        if keys is None:  # an all-greedy batch: exact argmax, one kernel, on either backend
+            thr, ids = torch.full_like(bt.temperature, NEG_INF), x.argmax(dim=1)
+        elif self.backend == "triton":
             thr, ids = self._triton(
                 x,
                 bt.temperature,
