@@ -36,7 +36,8 @@ def _llm(args):
                skip_tokenizer_init=True, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                max_num_batched_tokens=args.max_num_batched_tokens, enforce_eager=args.enforce_eager,
                gpu_memory_utilization=args.gpu_memory_utilization, enable_prefix_caching=False,
-               kv_cache_memory_bytes=args.kv_cache_memory_bytes, seed=0)
+               kv_cache_memory_bytes=args.kv_cache_memory_bytes, tensor_parallel_size=args.tensor_parallel_size,
+               seed=0)
 
 
 def _sync(device: torch.device) -> None:
@@ -80,6 +81,7 @@ def run_latency(args) -> dict[str, Any]:
     model = llm.engine.runner.model
     result = {
         "model": args.model, "device": str(llm.engine.runner.device), "batch_size": args.batch_size,
+        "tensor_parallel_size": args.tensor_parallel_size,
         "input_len": args.input_len, "output_len": args.output_len, "prefill_s": prefill, "total_s": full,
         "decode_ms_per_step": per_token * 1e3, "weight_bytes": _weight_bytes(model),
         "cuda_graphs": not args.enforce_eager and llm.engine.runner.device.type == "cuda",
@@ -90,20 +92,17 @@ def run_latency(args) -> dict[str, Any]:
     if args.peer == "hf":
         result["peer_hf"] = _hf_peer(args, llm, prompts, [args.output_len] * args.batch_size, args.batch_size)
         result["peer_hf"]["decode_ms_per_step"] = result["peer_hf"]["total_s"] / args.output_len * 1e3
+    llm.shutdown()  # tensor-parallel workers and the process group end here, not at interpreter exit
     return result
 
 
 def run_throughput(args) -> dict[str, Any]:
     """Offline throughput on a fixed random workload (see module docstring)."""
+    from blocks.engine.workload import random_workload
+
     llm = _llm(args)
-    vocab = llm.engine.vocab_size
-    rng = random.Random(0)
-    lo_in, hi_in = args.input_len_range
-    lo_out, hi_out = args.output_len_range
-    prompts, outputs = [], []
-    for _ in range(args.num_prompts):
-        prompts.append([rng.randrange(vocab) for _ in range(rng.randint(lo_in, hi_in))])
-        outputs.append(rng.randint(lo_out, hi_out))
+    prompts, outputs = random_workload(args.num_prompts, tuple(args.input_len_range), tuple(args.output_len_range),
+                                       llm.engine.vocab_size, seed=0)
     _timed_generate(llm, prompts[:4], [4] * 4)  # warm-up
     runner = llm.engine.runner
     runner.reset_counters()
@@ -113,7 +112,9 @@ def run_throughput(args) -> dict[str, Any]:
     moved = runner.counters["steps"] * weight + runner.counters["kv_tokens_read"] * runner.bytes_per_token
     result = {
         "model": args.model, "device": str(runner.device), "num_prompts": args.num_prompts,
-        "elapsed_s": elapsed, "requests_per_s": args.num_prompts / elapsed,
+        "tensor_parallel_size": args.tensor_parallel_size,
+        "input_tokens": in_tok, "output_tokens": out_tok, "elapsed_s": elapsed,
+        "requests_per_s": args.num_prompts / elapsed,
         "output_tokens_per_s": out_tok / elapsed, "total_tokens_per_s": (in_tok + out_tok) / elapsed,
         "steps": runner.counters["steps"], "bytes_moved": moved,
     }
@@ -126,6 +127,7 @@ def run_throughput(args) -> dict[str, Any]:
         peer = _hf_peer(args, llm, prompts[:n], outputs[:n], args.peer_batch_size)
         result["peer_hf"] = peer
         result["ratio_vs_hf"] = result["output_tokens_per_s"] / peer["output_tokens_per_s"]
+    llm.shutdown()
     return result
 
 
@@ -181,6 +183,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--kv-cache-memory-bytes", type=int, default=None)
     p.add_argument("--enforce-eager", action="store_true", help="disable CUDA graphs")
+    p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, help="GPUs (worker processes) per model")
     p.add_argument("--peer", choices=["none", "hf"], default="none", help="also run transformers generate")
     p.add_argument("--output-json", default=None, help="write the result here")
 

@@ -47,30 +47,32 @@ class DecodeGraphs:
         self.max_model_len = max_model_len
         self.buckets = graph_buckets(max_batch)
         device = model.device
-        self.width = -(-max_model_len // block_size)
+        self.width = w = -(-max_model_len // block_size)
         n = self.buckets[-1]
-        self.input_ids = torch.zeros(n, dtype=torch.int64, device=device)
-        self.positions = torch.zeros(n, dtype=torch.int64, device=device)
-        self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=device)
-        self.seq_lens = torch.zeros(n, dtype=torch.int32, device=device)
-        self.block_table = torch.zeros(n, self.width, dtype=torch.int32, device=device)
-        self.slot_mapping = torch.full((n,), -1, dtype=torch.int64, device=device)
-        self.logits_rows = torch.zeros(n, dtype=torch.int64, device=device)
-        pin = dict(pin_memory=True)
-        self._host_ids = torch.empty(n, dtype=torch.int64, **pin)
-        self._host_pos = torch.empty(n, dtype=torch.int64, **pin)
-        self._host_slots = torch.empty(n, dtype=torch.int64, **pin)
-        self._host_lens = torch.empty(n, dtype=torch.int32, **pin)
-        self._host_table = torch.empty(n, self.width, dtype=torch.int32, **pin)
-        self._host_rows = torch.empty(n, dtype=torch.int64, **pin)
+        # Per bucket b, two device buffers the graph reads: int64 [ids | positions | slots | logits rows]
+        # (4 b) and int32 [seq_lens | block table] (b + b * width); a step fills the matching prefix of one
+        # pinned host buffer per dtype and copies each with one transfer.
+        self._dev = {b: (torch.zeros(4 * b, dtype=torch.int64, device=device),
+                         torch.zeros(b * (w + 1), dtype=torch.int32, device=device)) for b in self.buckets}
+        self._query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=device)
+        self._host64 = torch.zeros(4 * n, dtype=torch.int64, pin_memory=True)
+        self._host32 = torch.zeros(n * (w + 1), dtype=torch.int32, pin_memory=True)
+        self._h64, self._h32 = self._host64.numpy(), self._host32.numpy()
+        self._copied: torch.cuda.Event | None = None
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = None
 
+    def _views(self, bs: int) -> dict[str, torch.Tensor]:
+        d64, d32 = self._dev[bs]
+        return {"input_ids": d64[:bs], "positions": d64[bs : 2 * bs], "slot_mapping": d64[2 * bs : 3 * bs],
+                "logits_rows": d64[3 * bs :], "seq_lens": d32[:bs], "block_table": d32[bs:].view(bs, self.width)}
+
     def _metadata(self, bs: int) -> AttentionMetadata:
+        v = self._views(bs)
         md = AttentionMetadata(
-            query_start_loc=self.query_start_loc[: bs + 1], seq_lens=self.seq_lens[:bs],
-            block_table=self.block_table[:bs], slot_mapping=self.slot_mapping[:bs], max_query_len=1,
-            max_seq_len=self.max_model_len, num_decode_tokens=bs, block_size=self.block_size,
+            query_start_loc=self._query_start_loc[: bs + 1], seq_lens=v["seq_lens"], block_table=v["block_table"],
+            slot_mapping=v["slot_mapping"], max_query_len=1, max_seq_len=self.max_model_len, num_decode_tokens=bs,
+            block_size=self.block_size,
         )
         return self.model.attn_backend.plan(md)
 
@@ -82,8 +84,10 @@ class DecodeGraphs:
         with torch.cuda.stream(stream):
             for bs in reversed(self.buckets):
                 md = self._metadata(bs)
-                args = (self.input_ids[:bs], self.positions[:bs], self.kv_caches, md)
-                rows = self.logits_rows[:bs]
+                v = self._views(bs)
+                v["slot_mapping"].fill_(-1)
+                args = (v["input_ids"], v["positions"], self.kv_caches, md)
+                rows = v["logits_rows"]
                 self.model.compute_logits(self.model(*args), rows)  # warm-up: compile kernels outside the capture
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=self.pool, stream=stream):
@@ -110,28 +114,26 @@ class DecodeGraphs:
         m = len(logits_rows)
         bs = self.bucket_for(n)
         bsz = self.block_size
-        table = np.zeros((bs, self.width), dtype=np.int32)
-        table[:n, : block_tables.shape[1]] = block_tables
-        pos = np.asarray(positions, dtype=np.int64)
-        slots = np.full(bs, -1, dtype=np.int64)
-        slots[:n] = table[np.arange(n), pos // bsz].astype(np.int64) * bsz + pos % bsz
-        lens = np.zeros(bs, dtype=np.int32)
-        lens[:n] = seq_lens
-        # stage in pinned memory, then one asynchronous copy per buffer (the previous step's sync on the
-        # sampled ids guarantees the staging buffers are free again)
-        self._host_ids[:n].copy_(torch.from_numpy(np.asarray(token_ids, dtype=np.int64)))
-        self._host_pos[:n].copy_(torch.from_numpy(pos))
-        self._host_slots[:bs].copy_(torch.from_numpy(slots))
-        self._host_lens[:bs].copy_(torch.from_numpy(lens))
-        self._host_table[:bs].copy_(torch.from_numpy(table))
-        self._host_rows[:m].copy_(torch.from_numpy(np.asarray(logits_rows, dtype=np.int64)))
-        self._host_rows[m:bs] = 0
-        self.input_ids[:n].copy_(self._host_ids[:n], non_blocking=True)
-        self.positions[:n].copy_(self._host_pos[:n], non_blocking=True)
-        self.slot_mapping[:bs].copy_(self._host_slots[:bs], non_blocking=True)
-        self.seq_lens[:bs].copy_(self._host_lens[:bs], non_blocking=True)
-        self.block_table[:bs].copy_(self._host_table[:bs], non_blocking=True)
-        self.logits_rows[:bs].copy_(self._host_rows[:bs], non_blocking=True)
+        if self._copied is not None:  # the last step's transfer has left the pinned buffers
+            self._copied.synchronize()
+        h64 = self._h64[: 4 * bs]
+        h64[:] = 0
+        h64[:n] = token_ids
+        pos = h64[bs : bs + n]
+        pos[:] = positions
+        slots = h64[2 * bs : 3 * bs]
+        slots[n:] = -1  # padding rows write nothing
+        slots[:n] = block_tables[np.arange(n), pos // bsz].astype(np.int64) * bsz + pos % bsz
+        h64[3 * bs : 3 * bs + m] = logits_rows
+        h32 = self._h32[: bs * (self.width + 1)]
+        h32[:bs] = 0  # padding rows: seq_len 0, the kernels skip them (stale table entries are never read)
+        h32[:n] = seq_lens
+        h32[bs:].reshape(bs, self.width)[:n, : block_tables.shape[1]] = block_tables
+        d64, d32 = self._dev[bs]
+        d64.copy_(self._host64[: 4 * bs], non_blocking=True)
+        d32.copy_(self._host32[: bs * (self.width + 1)], non_blocking=True)
+        self._copied = torch.cuda.Event()
+        self._copied.record()
         graph, out = self.graphs[bs]
         graph.replay()
         return out[:m]
