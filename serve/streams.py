@@ -5,7 +5,7 @@
   error *before* a response starts (so an invalid request or a full queue is a plain HTTP error,
   never a broken stream), then yields ``(prompt_index, delta)`` in arrival order. Closing it aborts
   every request still running.
-* :class:`ChoiceState` accumulates the deltas of one choice (non-streaming responses, usage).
+* :class:`ChoiceState` accumulates the deltas of one choice (non-streaming responses, usage), O(delta) each.
 * :func:`run_until_disconnected` cancels a non-streaming request when its client goes away.
 """
 
@@ -15,7 +15,6 @@ import asyncio
 import contextlib
 import json
 import time
-from dataclasses import dataclass, field
 
 from fastapi import Request
 
@@ -130,21 +129,38 @@ class MergedStreams:
                 await g.aclose()
 
 
-@dataclass
 class ChoiceState:
-    """Accumulated output of one choice."""
+    """Accumulated output of one choice; :meth:`add` costs O(the delta) however long the output is.
 
-    text: str = ""
-    token_ids: list[int] = field(default_factory=list)
-    logprobs: list | None = None
-    finish_reason: str | None = None
-    stop_reason: int | str | None = None
+    ``text`` (joined on demand), ``num_chars``, ``token_ids``, ``logprobs`` (``None`` unless any
+    delta had them), ``finish_reason``, ``stop_reason``.
+    """
+
+    __slots__ = ("_parts", "num_chars", "token_ids", "logprobs", "finish_reason", "stop_reason")
+
+    def __init__(self) -> None:
+        self._parts: list[str] = []
+        self.num_chars = 0
+        self.token_ids: list[int] = []
+        self.logprobs: list | None = None
+        self.finish_reason: str | None = None
+        self.stop_reason: int | str | None = None
+
+    @property
+    def text(self) -> str:
+        if len(self._parts) > 1:
+            self._parts = ["".join(self._parts)]
+        return self._parts[0] if self._parts else ""
 
     def add(self, c) -> None:
-        self.text += c.text
+        if c.text:
+            self._parts.append(c.text)
+            self.num_chars += len(c.text)
         self.token_ids.extend(c.token_ids)
         if c.logprobs is not None:
-            self.logprobs = (self.logprobs or []) + list(c.logprobs)
+            if self.logprobs is None:
+                self.logprobs = []
+            self.logprobs.extend(c.logprobs)
         if c.finish_reason is not None:
             self.finish_reason, self.stop_reason = c.finish_reason, c.stop_reason
 

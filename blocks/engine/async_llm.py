@@ -12,7 +12,11 @@ stream per request. Example::
 
 Each item of :meth:`AsyncLLM.generate` is a :class:`~blocks.engine.outputs.RequestOutput` in
 *delta* form: every ``CompletionOutput`` holds only the text, token ids and logprobs that are new
-since the previous item, and ``finish_reason`` appears once, on the last item (``finished=True``).
+since the previous item, and ``finish_reason`` appears once, on the last item (``finished=True``,
+which also carries ``prompt_logprobs``). A request that does not stream yields one item: all of it.
+The engine core cuts a stream's deltas itself (:mod:`blocks.engine.stream_delta`), so a stream
+costs O(new tokens) per step in the engine process, on the pipe and here; concatenating the items
+(``serve.streams.ChoiceState`` does, in O(delta) each) gives exactly the non-streamed output.
 Leaving the ``async for`` early (a client that went away, a cancelled task) aborts the request in
 the engine, which frees its KV blocks in its next loop iteration.
 

@@ -9,7 +9,8 @@ One step, in five lines (see :meth:`EngineCore.step`)::
 
 Requests enter with :meth:`add_request` (token ids + ``SamplingParams``) and leave when they
 finish or by :meth:`abort_request`. ``n > 1`` requests run as ``n`` child sequences with derived
-seeds (see :mod:`blocks.sample.parallel`) and come back as one ``RequestOutput``.
+seeds (see :mod:`blocks.sample.parallel`) and come back as one ``RequestOutput``; with ``stream=True``
+as a :class:`~blocks.engine.stream_delta.StreamDelta` of only the new tokens every step it advances.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from blocks.engine.config import EngineConfig
 from blocks.engine.detokenizer import IncrementalDetokenizer
 from blocks.engine.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from blocks.engine.runner import ModelRunner, SamplingInfo
+from blocks.engine.stream_delta import StreamCursor, StreamDelta, make_delta
 from blocks.sample.parallel import ParallelGroup, fork_parallel
 from blocks.sample.params import BeamSearchParams, SamplingParams
 from blocks.sched.config import SchedulerConfig
@@ -63,6 +65,7 @@ class _Sequence:
     cumulative_logprob: float | None
     stop_reason: int | str | None = None
     finish_reason: str | None = None
+    cursor: StreamCursor = field(default_factory=StreamCursor)  # what a stream already handed out
 
 
 @dataclass
@@ -248,8 +251,9 @@ class EngineCore:
                 outputs.append(group.output(self.tokenizer))
         return tokens, outputs
 
-    def abort_request(self, request_id: str) -> RequestOutput | None:
-        """Abort a request (any state); its blocks are freed at once. Returns its final output."""
+    def abort_request(self, request_id: str) -> RequestOutput | StreamDelta | None:
+        """Abort a request (any state); its blocks are freed at once. Returns its final output
+        (a streaming request: its last delta)."""
         group = self._beam_groups.pop(request_id, None)
         if group is not None:
             for rid in group.abort_all(self.scheduler):
@@ -262,7 +266,7 @@ class EngineCore:
             if seq.finish_reason is None:
                 self.scheduler.abort_request(seq.request_id)
                 seq.finish_reason = "abort"
-        out = self._make_output(parent, finished=True)
+        out = self._make_output(parent)
         self._drop_parent(parent, abort=False)
         return out
 
@@ -289,8 +293,8 @@ class EngineCore:
         return len(self._parents)
 
     # ------------------------------------------------------------------ the loop
-    def step(self) -> list[RequestOutput | BeamSearchOutput]:
-        """Run one engine step; returns outputs of finished requests (and of streaming ones that advanced)."""
+    def step(self) -> list[RequestOutput | StreamDelta | BeamSearchOutput]:
+        """Run one engine step; returns outputs of finished requests and the deltas of streaming ones."""
         start = time.perf_counter()
         sched_out = self.scheduler.schedule()
         if sched_out.scheduled_new_reqs:
@@ -332,7 +336,7 @@ class EngineCore:
             return RequestStatus.FINISHED_STOPPED
         return None
 
-    def _update_requests(self, result, finished: list[Request], now: float) -> list[RequestOutput]:
+    def _update_requests(self, result, finished: list[Request], now: float) -> list[RequestOutput | StreamDelta]:
         touched: dict[str, _Parent] = {}
         for rid, entries in result.prompt_logprobs.items():
             seq = self._seqs[rid]
@@ -369,10 +373,10 @@ class EngineCore:
             done = all(s.finish_reason is not None for s in parent.seqs)
             if done:
                 parent.metrics.finished_time = now
-                outputs.append(self._make_output(parent, finished=True))
+                outputs.append(self._make_output(parent))
                 self._drop_parent(parent, abort=False)
             elif parent.stream:
-                outputs.append(self._make_output(parent, finished=False))
+                outputs.append(make_delta(parent, final=False))
         return outputs
 
     def _parent_of(self, seq: _Sequence) -> _Parent:
@@ -389,7 +393,10 @@ class EngineCore:
     def _logprob_dicts(self, top: dict[int, tuple[float, int]]) -> dict[int, Logprob]:
         return {t: Logprob(v, r, self._token_str(t)) for t, (v, r) in top.items()}
 
-    def _make_output(self, parent: _Parent, *, finished: bool) -> RequestOutput:
+    def _make_output(self, parent: _Parent) -> RequestOutput | StreamDelta:
+        """The final output of a finished (or aborted) request: all of it, or a stream's last delta."""
+        if parent.stream:
+            return make_delta(parent, final=True)
         completions = []
         for seq in parent.seqs:
             tokens = list(seq.sched.output_token_ids)
@@ -398,8 +405,7 @@ class EngineCore:
                 missing = tokens[len(seq.detok.output_token_ids):]
                 if missing and seq.detok.stop_string is None:
                     seq.detok.add_tokens(missing)
-                if finished:
-                    seq.detok.flush()
+                seq.detok.flush()
                 text = seq.detok.text
             completions.append(CompletionOutput(
                 index=seq.index, text=text, token_ids=tokens, cumulative_logprob=seq.cumulative_logprob,
@@ -409,7 +415,7 @@ class EngineCore:
         parent.metrics.num_preemptions = sum(s.sched.num_preemptions for s in parent.seqs)
         return RequestOutput(
             request_id=parent.request_id, prompt=parent.prompt, prompt_token_ids=parent.prompt_token_ids,
-            prompt_logprobs=parent.prompt_logprobs, outputs=completions, finished=finished,
+            prompt_logprobs=parent.prompt_logprobs, outputs=completions, finished=True,
             metrics=parent.metrics, num_cached_tokens=max(first.num_cached_tokens, 0),
         )
 

@@ -14,9 +14,11 @@ pickle of our objects)::
                                                            extra: [field, limit, value] for queue_full)
                     ["outs", [delta, ...], stats]          (after every step and after aborts)
 
-A *delta* carries only what is new for a request since its last delta (see :func:`encode_delta`),
-so a stream costs O(new tokens) per step. Text that could still become a stop string is held back
-until it is final, so concatenated deltas always equal the finished text.
+A *delta* carries only what is new for a request since its last delta (see :func:`encode_output`):
+the engine core hands out a streaming request as :class:`~blocks.engine.stream_delta.StreamDelta`
+records of its new tokens, so a stream costs O(new tokens) per step from the core to the socket.
+Text that could still become a stop string is held back until it is final, so concatenated deltas
+always equal the finished text. A request that does not stream sends one delta: all of it.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from typing import Any
 
 import msgpack
 
-__all__ = ["run_engine_proc", "pack", "unpack", "sampling_params_to_dict", "DeltaTracker"]
+__all__ = ["run_engine_proc", "pack", "unpack", "sampling_params_to_dict", "encode_output"]
 
 
 def pack(message: list) -> bytes:
@@ -55,47 +57,29 @@ def _encode_logprobs(entries) -> list:
             for e in entries]
 
 
-class DeltaTracker:
-    """Remembers how much of each request's outputs was already sent, and encodes what is new.
+def encode_output(out) -> list:
+    """One request's output as a wire *delta* (no state: the engine core already cut it).
 
-    A delta is ``[request_id, finished, completions, metrics, num_cached_tokens, prompt_logprobs]``
-    with completions ``[[index, text, token_ids, logprobs, cumulative_logprob, finish_reason,
-    stop_reason], ...]``. ``finish_reason`` is only reported once the whole request finished, so a
-    client sees every choice's last text before its finish.
+    ``out`` is a :class:`~blocks.engine.stream_delta.StreamDelta` (a streaming request: only what is
+    new since its last delta) or a finished :class:`~blocks.engine.outputs.RequestOutput` (a request
+    that did not stream: all of it, once). The delta is ``[request_id, finished, completions, metrics,
+    num_cached_tokens, prompt_logprobs]`` with completions ``[[index, text, token_ids, logprobs,
+    cumulative_logprob, finish_reason, stop_reason], ...]``; ``finish_reason`` is only reported once the
+    whole request finished, so a client sees every choice's last text before its finish. Costs O(what
+    ``out`` holds): O(new tokens) per step for a stream.
     """
-
-    def __init__(self) -> None:
-        self._sent: dict[str, dict[int, tuple[int, int]]] = {}
-        self._holdback: dict[str, int] = {}
-
-    def register(self, request_id: str, stop: list[str]) -> None:
-        self._sent[request_id] = {}
-        self._holdback[request_id] = max((len(s) for s in stop), default=1) - 1
-
-    def forget(self, request_id: str) -> None:
-        self._sent.pop(request_id, None)
-        self._holdback.pop(request_id, None)
-
-    def encode(self, out) -> list:
-        sent = self._sent.setdefault(out.request_id, {})
-        hold = 0 if out.finished else self._holdback.get(out.request_id, 0)
-        comps = []
-        for c in out.outputs:
-            t0, k0 = sent.get(c.index, (0, 0))
-            end = max(t0, len(c.text) - hold)
-            logprobs = None if c.logprobs is None else _encode_logprobs(c.logprobs[k0:])
-            comps.append([c.index, c.text[t0:end], list(c.token_ids[k0:]), logprobs, c.cumulative_logprob,
-                          c.finish_reason if out.finished else None, c.stop_reason if out.finished else None])
-            sent[c.index] = (end, len(c.token_ids))
-        m = out.metrics
-        metrics = None if m is None else [m.arrival_time, m.first_token_time, m.finished_time, m.num_preemptions,
-                                          m.first_scheduled_time]
-        prompt_lps = None
-        if out.finished and out.prompt_logprobs is not None:
-            prompt_lps = _encode_logprobs(out.prompt_logprobs)
-        if out.finished:
-            self.forget(out.request_id)
-        return [out.request_id, out.finished, comps, metrics, out.num_cached_tokens, prompt_lps]
+    comps = []
+    for c in out.outputs:
+        comps.append([c.index, c.text, c.token_ids, None if c.logprobs is None else _encode_logprobs(c.logprobs),
+                      c.cumulative_logprob, c.finish_reason if out.finished else None,
+                      c.stop_reason if out.finished else None])
+    m = out.metrics
+    metrics = None if m is None else [m.arrival_time, m.first_token_time, m.finished_time, m.num_preemptions,
+                                      m.first_scheduled_time]
+    prompt_lps = None
+    if out.finished and out.prompt_logprobs is not None:
+        prompt_lps = _encode_logprobs(out.prompt_logprobs)
+    return [out.request_id, out.finished, comps, metrics, out.num_cached_tokens, prompt_lps]
 
 
 class _Loop:
@@ -104,7 +88,6 @@ class _Loop:
     def __init__(self, core, conn) -> None:
         self.core = core
         self.conn = conn
-        self.deltas = DeltaTracker()
         self.running = True
 
     def send(self, message: list) -> None:
@@ -124,7 +107,6 @@ class _Loop:
                 self.core.add_request(rid, req["prompt_token_ids"], params, prompt=req.get("prompt"),
                                       arrival_time=req.get("arrival_time"), priority=req.get("priority", 0),
                                       stream=bool(req.get("stream")))
-                self.deltas.register(rid, params.stop)
             except QueueFullError as exc:
                 self.send(["error", rid, "queue_full", str(exc), [exc.field, exc.limit, exc.value]])
             except (ValueError, TypeError) as exc:
@@ -137,8 +119,7 @@ class _Loop:
             for rid in message[1]:
                 out = self.core.abort_request(rid)
                 if out is not None:
-                    outs.append(self.deltas.encode(out))
-                self.deltas.forget(rid)
+                    outs.append(encode_output(out))
             return outs or [None]  # [None]: stats changed, send them even without outputs
         if kind == "shutdown":
             self.running = False
@@ -155,7 +136,7 @@ class _Loop:
             if not self.running:
                 break
             if self.core.has_unfinished_requests():
-                finished.extend(self.deltas.encode(o) for o in self.core.step())
+                finished.extend(encode_output(o) for o in self.core.step())
             if finished:
                 self.send(["outs", [d for d in finished if d is not None], asdict(self.core.stats())])
         for rid in self.core.unfinished_request_ids():  # shutdown: abort what is left, free its blocks

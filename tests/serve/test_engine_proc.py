@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from blocks.engine.engine_proc import DeltaTracker, pack, sampling_params_to_dict, unpack
+from blocks.engine.engine_proc import encode_output, pack, sampling_params_to_dict, unpack
 from blocks.engine.llm import LLM
 from blocks.sample.params import SamplingParams
 
@@ -18,14 +18,12 @@ def llm(tiny_model):
 
 
 def _run(core, requests: dict[str, tuple[list[int], SamplingParams]], *, stream: bool) -> dict[str, dict]:
-    tracker = DeltaTracker()
     for rid, (ids, params) in requests.items():
         core.add_request(rid, ids, params, stream=stream)
-        tracker.register(rid, params.stop)
     got: dict[str, dict] = {rid: {} for rid in requests}
     while core.has_unfinished_requests():
         for out in core.step():
-            delta = unpack(pack(tracker.encode(out)))  # through msgpack, as on the pipe
+            delta = unpack(pack(encode_output(out)))  # through msgpack, as on the pipe
             rid, finished, comps = delta[0], delta[1], delta[2]
             for index, text, ids, _lps, _cum, finish, stop in comps:
                 g = got[rid].setdefault(index, {"text": "", "ids": [], "finish": [], "stop": None})
@@ -34,7 +32,7 @@ def _run(core, requests: dict[str, tuple[list[int], SamplingParams]], *, stream:
                 if finish is not None:
                     g["finish"].append(finish)
                     g["stop"] = stop
-            if finished:
+            if finished and not stream:  # a request that did not stream arrives whole, in one delta
                 got[rid]["final"] = {c.index: c.text for c in out.outputs}
     return got
 
@@ -57,7 +55,7 @@ def test_stream_deltas_concatenate_to_the_final_text_with_stop_strings(llm):
     whole = _run(core, requests, stream=False)
     for rid in requests:
         s, w = streamed[rid][0], whole[rid][0]
-        assert s["text"] == streamed[rid]["final"][0] == w["text"]
+        assert s["text"] == w["text"] == whole[rid]["final"][0]
         assert s["ids"] == w["ids"] and len(s["finish"]) == 1 and s["finish"] == w["finish"]
         if requests[rid][1].stop:
             assert s["finish"] == ["stop"] and s["stop"] == requests[rid][1].stop[0]
@@ -69,9 +67,11 @@ def test_n_choices_report_finish_once_at_the_end(llm):
     core = llm.engine
     params = SamplingParams(n=3, temperature=1.0, seed=7, max_tokens=9, ignore_eos=True)
     got = _run(core, {"r": ([5, 9, 13], params)}, stream=True)
+    whole = _run(core, {"w": ([5, 9, 13], params)}, stream=False)["w"]  # seeded: the same samples
     for index in range(3):
         assert got["r"][index]["finish"] == ["length"] and len(got["r"][index]["ids"]) == 9
-        assert got["r"][index]["text"] == got["r"]["final"][index]
+        assert got["r"][index]["text"] == whole[index]["text"] == whole["final"][index]
+        assert got["r"][index]["ids"] == whole[index]["ids"]
 
 
 def test_sampling_params_round_trip_through_msgpack():
