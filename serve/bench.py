@@ -7,6 +7,10 @@ tokens), at ``--request-rate`` requests/s (Poisson arrivals; ``inf`` = all at on
 ``vllm bench serve``::
 
     python -m serve.bench --base-url http://127.0.0.1:8000 --num-prompts 500 --max-concurrency 500
+
+``--input-len-range LO HI --output-len-range LO HI --vocab-size V`` instead sends the workload of
+``blocks bench throughput`` (:func:`blocks.engine.workload.random_workload`: the same seed gives the
+same prompts and output lengths), so a server's tokens/s compares with the offline engine's.
 """
 
 from __future__ import annotations
@@ -73,9 +77,17 @@ async def _one(client: httpx.AsyncClient, url: str, body: dict, headers: dict) -
 
 async def run_benchmark(*, base_url: str, model: str | None, num_prompts: int, input_len: int, output_len: int,
                         max_concurrency: int, request_rate: float, id_range: int = 100, seed: int = 0,
-                        api_key: str | None = None) -> tuple[list[RequestResult], float]:
-    """Run the load; returns the per-request results and the wall time (s)."""
+                        api_key: str | None = None,
+                        workload: tuple[list[list[int]], list[int]] | None = None) -> tuple[list[RequestResult], float]:
+    """Run the load; returns the per-request results and the wall time (s).
+
+    ``workload``: ``(prompts, output_lens)`` to send instead of ``num_prompts`` random prompts of
+    ``input_len`` ids below ``id_range`` generating ``output_len`` tokens each.
+    """
     rng = random.Random(seed)
+    if workload is None:
+        workload = ([[rng.randrange(1, id_range) for _ in range(input_len)] for _ in range(num_prompts)],
+                    [output_len] * num_prompts)
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     url = base_url.rstrip("/") + "/completions"
     sem = asyncio.Semaphore(max_concurrency)
@@ -88,9 +100,9 @@ async def run_benchmark(*, base_url: str, model: str | None, num_prompts: int, i
 
         tasks = []
         start = time.perf_counter()
-        for _ in range(num_prompts):
-            body = {"prompt": [rng.randrange(1, id_range) for _ in range(input_len)], "max_tokens": output_len,
-                    "ignore_eos": True, "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+        for prompt, max_tokens in zip(*workload):
+            body = {"prompt": prompt, "max_tokens": max_tokens, "ignore_eos": True, "temperature": 0, "stream": True,
+                    "stream_options": {"include_usage": True}}
             if model:
                 body["model"] = model
             tasks.append(asyncio.ensure_future(guarded(body)))
@@ -115,6 +127,7 @@ def summarize(results: list[RequestResult], wall_s: float) -> dict:
     tpot = [(r.e2e - r.ttft) / (r.output_tokens - 1) for r in ok if r.output_tokens > 1]
     itl = [x for r in ok for x in r.itl]
     summary = {"completed": len(ok), "failed": len(results) - len(ok), "duration_s": wall_s,
+               "input_tokens": in_tokens, "output_tokens": out_tokens,
                "request_throughput": len(ok) / wall_s, "output_tokens_per_s": out_tokens / wall_s,
                "total_tokens_per_s": (in_tokens + out_tokens) / wall_s}
     for name, values in (("ttft", [r.ttft for r in ok]), ("tpot", tpot), ("itl", itl), ("e2e", [r.e2e for r in ok])):
@@ -139,17 +152,38 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-concurrency", type=int, default=64)
     p.add_argument("--request-rate", type=float, default=float("inf"), help="requests/s (default: inf)")
     p.add_argument("--id-range", type=int, default=100, help="prompt token ids are drawn from [1, id_range)")
+    p.add_argument("--input-len-range", type=int, nargs=2, default=None, metavar=("LO", "HI"),
+                   help="prompt lengths uniform in [LO, HI]: the workload of `blocks bench throughput` "
+                        "(needs --output-len-range and --vocab-size; replaces --input-len/--output-len/--id-range)")
+    p.add_argument("--output-len-range", type=int, nargs=2, default=None, metavar=("LO", "HI"),
+                   help="output lengths uniform in [LO, HI] (with --input-len-range)")
+    p.add_argument("--vocab-size", type=int, default=None,
+                   help="prompt ids are drawn from [0, vocab_size) (with --input-len-range; the model's vocabulary)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output-json", default=None)
     args = p.parse_args(argv)
     for name in ("num_prompts", "input_len", "output_len", "max_concurrency", "id_range"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
+    workload = None
+    if args.input_len_range or args.output_len_range:
+        if not (args.input_len_range and args.output_len_range and args.vocab_size):
+            p.error("--input-len-range, --output-len-range and --vocab-size go together")
+        from blocks.engine.workload import random_workload
+
+        try:
+            workload = random_workload(args.num_prompts, tuple(args.input_len_range), tuple(args.output_len_range),
+                                       args.vocab_size, seed=args.seed)
+        except ValueError as exc:
+            p.error(str(exc))
     results, wall = asyncio.run(run_benchmark(
         base_url=args.base_url, model=args.model, num_prompts=args.num_prompts, input_len=args.input_len,
         output_len=args.output_len, max_concurrency=args.max_concurrency, request_rate=args.request_rate,
-        id_range=args.id_range, seed=args.seed, api_key=args.api_key))
+        id_range=args.id_range, seed=args.seed, api_key=args.api_key, workload=workload))
     summary = summarize(results, wall)
+    if workload is not None:
+        short = sum(r.ok and r.output_tokens != n for r, n in zip(results, workload[1]))
+        summary["wrong_output_lengths"] = short  # ignore_eos: every request should produce exactly its length
     for key, value in summary.items():
         print(f"{key:>24}: {value:.2f}" if isinstance(value, float) else f"{key:>24}: {value}")
     if args.output_json:

@@ -5,6 +5,7 @@ Examples::
     blocks serve                                  # the embedded default model on 0.0.0.0:8000
     blocks serve /path/to/hf-model --port 8001 --max-model-len 4096 --api-key secret
     BLOCKS_API_KEY=secret blocks serve --served-model-name my-model
+    blocks serve llama-3-8b --load-format dummy   # a named shape, random weights, token-id prompts only
 
 The engine core loads in a child process first (``--help`` lists every flag); then uvicorn serves
 the app. SIGTERM / Ctrl-C: uvicorn stops accepting connections, waits up to ``--shutdown-timeout``
@@ -56,7 +57,13 @@ def add_parser(sp: argparse.ArgumentParser) -> None:
     e = sp.add_argument_group("engine")
     e.add_argument("--dtype", default="auto", help="weights dtype: auto, float16, bfloat16, float32 (default: auto)")
     e.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto = cuda if present)")
-    e.add_argument("--load-format", default="auto", help="auto (safetensors) or dummy (random weights)")
+    e.add_argument("--load-format", default="auto",
+                   help="auto (safetensors) or dummy (random weights; with a named shape such as llama-3-8b, "
+                        "no files at all and no tokenizer)")
+    e.add_argument("--tokenizer", default=None, help="tokenizer folder or hub id (default: the model's)")
+    e.add_argument("--skip-tokenizer-init", action="store_true",
+                   help="load no tokenizer: prompts must be token ids, outputs carry no text (chat, /tokenize "
+                        "and text prompts answer 400); implied for a named shape with --load-format dummy")
     e.add_argument("--max-model-len", type=int, default=None,
                    help="context length (prompt + output); default: the model's max_position_embeddings")
     e.add_argument("--max-num-seqs", type=int, default=256, help="most sequences in one batch (default: 256)")
@@ -85,10 +92,18 @@ def resolve_api_key(flag: str | None) -> str | None:
     return flag or os.environ.get("BLOCKS_API_KEY") or None
 
 
+def _is_named_shape(model: str | None, load_format: str) -> bool:
+    from blocks.engine.shapes import MODEL_SHAPES
+
+    return load_format == "dummy" and model is not None and model.lower() in MODEL_SHAPES
+
+
 def engine_kwargs(args: argparse.Namespace) -> dict:
     """``EngineConfig`` keyword arguments from parsed flags."""
+    skip = args.skip_tokenizer_init or (args.tokenizer is None and _is_named_shape(args.model, args.load_format))
     return dict(
-        model=args.model, dtype=args.dtype, device=args.device, load_format=args.load_format,
+        model=args.model, tokenizer=args.tokenizer, skip_tokenizer_init=skip,
+        dtype=args.dtype, device=args.device, load_format=args.load_format,
         max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, gpu_memory_utilization=args.gpu_memory_utilization,
         kv_cache_memory_bytes=args.kv_cache_memory_bytes, block_size=args.block_size,

@@ -105,6 +105,7 @@ async def create_completion(req: CompletionRequest, raw: Request):
     merged = MergedStreams(gens)
     headers = {"x-blocks-ignored-fields": ",".join(unknown)} if unknown else None
     ctx = _Ctx(base, int(time.time()), state.model_name, req, prompts, state.tokenizer if echo_logprobs else None)
+    ctx.ids_only = getattr(state.engine, "tokenizer", None) is None
     if req.stream:
         try:
             await run_until_disconnected(raw, merged.start())
@@ -126,6 +127,8 @@ class _Ctx:
         self.rid, self.created, self.model, self.req, self.prompts = rid, created, model, req, prompts
         self.n = req.n
         self.tokenizer = tokenizer  # set when echoed prompt tokens need logprobs
+        # no tokenizer (skip_tokenizer_init): outputs have no text, so a stream sends a chunk per step with new tokens
+        self.ids_only = False
         self.prompt_logprobs: dict[int, list] = {}
 
     def usage(self, choices: dict[int, ChoiceState]) -> dict:
@@ -185,14 +188,14 @@ async def _stream(ctx: _Ctx, merged: MergedStreams):
             for c in out.outputs:
                 idx = i * ctx.n + c.index
                 st = choices[idx]
-                offset = len(st.text)
+                offset = st.num_chars
                 st.add(c)
                 text = c.text
                 if ctx.req.echo and idx not in echoed:
                     echoed.add(idx)
                     text = (ctx.prompts[i][0] or "") + text
                 want_lp = ctx.req.logprobs is not None and c.logprobs is not None and bool(c.token_ids)
-                if not text and c.finish_reason is None and not want_lp:
+                if not text and c.finish_reason is None and not want_lp and not (ctx.ids_only and c.token_ids):
                     continue  # nothing new yet (text held back until it cannot become a stop string)
                 chunk = {"id": ctx.rid, "object": "text_completion", "created": ctx.created, "model": ctx.model,
                          "choices": [{"index": idx, "text": text,
