@@ -90,6 +90,12 @@ class MergedStreams:
         self._firsts = firsts
 
     async def __aiter__(self):
+        if len(self.gens) == 1:  # one prompt (every chat request): no pump task, no second queue per delta
+            yield 0, self._firsts[0]
+            if not self._firsts[0].finished:
+                async for out in self.gens[0]:
+                    yield 0, out
+            return
         q: asyncio.Queue = asyncio.Queue()
         live = 0
         for i, first in enumerate(self._firsts):

@@ -16,7 +16,9 @@ since the previous item, and ``finish_reason`` appears once, on the last item (`
 which also carries ``prompt_logprobs``). A request that does not stream yields one item: all of it.
 The engine core cuts a stream's deltas itself (:mod:`blocks.engine.stream_delta`), so a stream
 costs O(new tokens) per step in the engine process, on the pipe and here; concatenating the items
-(``serve.streams.ChoiceState`` does, in O(delta) each) gives exactly the non-streamed output.
+(``serve.streams.ChoiceState`` does, in O(delta) each) gives exactly the non-streamed output. A
+consumer slower than the engine never slows the engine: deltas that queued up meanwhile come out
+merged as one item (as vLLM's output collector does), so under load there are fewer, larger items.
 Leaving the ``async for`` early (a client that went away, a cancelled task) aborts the request in
 the engine, which frees its KV blocks in its next loop iteration.
 
@@ -79,6 +81,39 @@ def _to_output(delta: list, prompt_token_ids: list[int], prompt: str | None) -> 
                          outputs=outputs, finished=finished, metrics=m, num_cached_tokens=cached)
 
 
+def _put_all(items: list) -> None:
+    for q, item in items:
+        q.put_nowait(item)
+
+
+def _coalesce(first: list, q: asyncio.Queue) -> tuple[list, Any]:
+    """Merge ``first`` with the wire deltas already waiting in ``q`` (up to the finished one, or an error,
+    which is returned as pending). Concatenated pieces give the same output, in fewer items (as vLLM's
+    output collector does when a client reads slower than the engine steps)."""
+    items = [first]
+    pending = None
+    while not q.empty() and not items[-1][1]:
+        nxt = q.get_nowait()
+        if isinstance(nxt, BaseException):
+            pending = nxt
+            break
+        items.append(nxt)
+    if len(items) == 1:
+        return first, pending
+    last = items[-1]
+    comps: dict[int, list] = {}
+    for _, _, cs, *_ in items:
+        for c in cs:
+            comps.setdefault(c[0], []).append(c)
+    merged = []
+    for index, parts in comps.items():
+        lps = [p[3] for p in parts if p[3] is not None]
+        end = parts[-1]
+        merged.append([index, "".join(p[1] for p in parts), [t for p in parts for t in p[2]],
+                       [e for lp in lps for e in lp] if lps else None, end[4], end[5], end[6]])
+    return [last[0], last[1], merged, last[3], last[4], last[5]], pending
+
+
 class _Stream:
     """Per-request mailbox on the event loop."""
 
@@ -114,6 +149,7 @@ class AsyncLLM:
         self._dead: str | None = None
         self._streams: dict[str, _Stream] = {}
         self._lock = threading.Lock()
+        self._outbox: queue.SimpleQueue = queue.SimpleQueue()
         self.stats = EngineStats(num_running=0, num_waiting=0, kv_usage=0.0, num_preemptions=0, prefix_queries=0,
                                  prefix_hits=0, num_unfinished=0)
         if not self._conn.poll(startup_timeout):
@@ -140,7 +176,6 @@ class AsyncLLM:
             from blocks.engine.llm import _load_tokenizer
 
             self.tokenizer = _load_tokenizer(config.tokenizer or self.model_path)
-        self._outbox: queue.SimpleQueue = queue.SimpleQueue()
         self._writer = threading.Thread(target=self._write_loop, name="blocks-engine-writer", daemon=True)
         self._reader = threading.Thread(target=self._read_loop, name="blocks-engine-reader", daemon=True)
         self._writer.start()
@@ -165,8 +200,7 @@ class AsyncLLM:
                 kind = msg[0]
                 if kind == "outs":
                     self.stats = EngineStats(msg[2])
-                    for delta in msg[1]:
-                        self._deliver(delta[0], delta)
+                    self._deliver_all(msg[1])
                 elif kind == "error":
                     _, rid, err_kind, text, extra = msg
                     if err_kind == "queue_full":
@@ -184,6 +218,18 @@ class AsyncLLM:
             streams = list(self._streams.items())
         for rid, _ in streams:
             self._deliver(rid, EngineDeadError(reason))
+
+    def _deliver_all(self, deltas: list) -> None:
+        """Hand one message's deltas to their streams: one event-loop wake-up per loop, not one per delta."""
+        batches: dict[asyncio.AbstractEventLoop, list] = {}
+        with self._lock:
+            for delta in deltas:
+                stream = self._streams.get(delta[0])
+                if stream is not None:
+                    batches.setdefault(stream.loop, []).append((stream.queue, delta))
+        for loop, items in batches.items():
+            with contextlib.suppress(RuntimeError):  # RuntimeError: the loop is closed
+                loop.call_soon_threadsafe(_put_all, items)
 
     def _deliver(self, request_id: str, item: Any) -> None:
         with self._lock:
@@ -242,12 +288,15 @@ class AsyncLLM:
             "arrival_time": time.time() if arrival_time is None else arrival_time,
         }])
         done = False
+        pending = None
         try:
             while True:
-                item = await mailbox.queue.get()
+                item, pending = (pending, None) if pending is not None else (await mailbox.queue.get(), None)
                 if isinstance(item, BaseException):
                     done = not isinstance(item, EngineDeadError)  # an add error left nothing to abort
                     raise item
+                if not item[1] and not mailbox.queue.empty():  # the consumer fell behind: one item for all
+                    item, pending = _coalesce(item, mailbox.queue)
                 out = _to_output(item, ids, prompt)
                 if out.finished:
                     done = True

@@ -94,3 +94,65 @@ def test_engine_proc_refuses_out_of_vocabulary_ids_at_add(llm, field, value):
     loop.handle(["add", {"request_id": "bad", "prompt_token_ids": [1, 2], "params": params}])
     assert sent and sent[0][:3] == ["error", "bad", "value"] and field in sent[0][3]
     assert not llm.engine.has_unfinished_requests()
+
+
+def test_coalesce_merges_queued_deltas_and_keeps_an_error_for_later():
+    import asyncio
+
+    from blocks.engine.async_llm import _coalesce
+
+    async def go():
+        q: asyncio.Queue = asyncio.Queue()
+        first = ["r", False, [[0, "a", [1], [[[1, -0.1, 1, "a"]]], -0.1, None, None],
+                              [1, "x", [7], None, -0.5, None, None]], [1.0, 2.0, None, 0, 1.5], 0, None]
+        q.put_nowait(["r", False, [[0, "b", [2], [[[2, -0.2, 1, "b"]]], -0.3, None, None]], [1.0, 2.0, None, 0, 1.5],
+                      0, None])
+        q.put_nowait(["r", True, [[0, "", [3], [[[3, -0.3, 1, ""]]], -0.6, "length", None],
+                                  [1, "y", [8], None, -0.9, "stop", "y"]], [1.0, 2.0, 3.0, 0, 1.5], 4, [None]])
+        merged, pending = _coalesce(first, q)
+        assert pending is None and q.empty()
+        assert merged[:2] == ["r", True] and merged[3:] == [[1.0, 2.0, 3.0, 0, 1.5], 4, [None]]
+        by_index = {c[0]: c for c in merged[2]}
+        assert by_index[0] == [0, "ab", [1, 2, 3], [[[1, -0.1, 1, "a"]], [[2, -0.2, 1, "b"]], [[3, -0.3, 1, ""]]],
+                               -0.6, "length", None]
+        assert by_index[1] == [1, "xy", [7, 8], None, -0.9, "stop", "y"]
+        # an error behind a delta: the delta (merged with what came before the error) first, the error after it
+        err = RuntimeError("engine died")
+        q.put_nowait(["r", False, [[0, "c", [4], None, None, None, None]], None, 0, None])
+        q.put_nowait(err)
+        merged, pending = _coalesce(["r", False, [[0, "b", [3], None, None, None, None]], None, 0, None], q)
+        assert merged[2] == [[0, "bc", [3, 4], None, None, None, None]] and pending is err and q.empty()
+
+    asyncio.run(go())
+
+
+def test_a_slow_stream_consumer_gets_fewer_items_with_the_same_output(tiny_model):
+    """The engine does not wait for a slow reader: deltas that queued up arrive as one item, and their
+    concatenation is still exactly the non-streamed output."""
+    import asyncio
+
+    from blocks.engine.async_llm import AsyncLLM
+    from blocks.engine.config import EngineConfig
+
+    engine = AsyncLLM(EngineConfig(model=tiny_model, dtype="float32", device="cpu", max_model_len=128,
+                                   kv_cache_memory_bytes=8 << 20))
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, logprobs=1)
+
+    async def collect(rid: str, stream: bool, delay: float):
+        items = []
+        async for out in engine.generate(rid, [4, 8, 15, 16], params, stream=stream):
+            items.append(out)
+            await asyncio.sleep(delay)
+        return items
+
+    try:
+        slow = asyncio.run(collect("slow", True, 0.05))
+        whole = asyncio.run(collect("whole", False, 0))[0].outputs[0]
+    finally:
+        engine.shutdown()
+    assert 2 <= len(slow) < 40 and slow[-1].finished
+    assert "".join(o.outputs[0].text for o in slow) == whole.text
+    assert [t for o in slow for t in o.outputs[0].token_ids] == whole.token_ids
+    assert len([e for o in slow for e in o.outputs[0].logprobs]) == 40
+    assert slow[-1].outputs[0].finish_reason == "length" and slow[-1].outputs[0].cumulative_logprob == \
+        pytest.approx(whole.cumulative_logprob, abs=1e-4)

@@ -1,6 +1,6 @@
 """A server without a tokenizer (``--skip-tokenizer-init``, implied for a named shape with dummy weights), as the
-H100 serve benchmark runs it: token-id prompts stream one chunk per step, and ``blocks bench serve`` sends the
-very workload of ``blocks bench throughput``."""
+H100 serve benchmark runs it: token-id prompts stream chunks as tokens come (no text), and ``blocks bench serve``
+sends the very workload of ``blocks bench throughput``."""
 
 from __future__ import annotations
 
@@ -34,8 +34,10 @@ def test_token_id_prompts_stream_a_chunk_per_step_without_text(bare_server):
             if line.startswith("data: ") and line != "data: [DONE]":
                 chunks.append(json.loads(line[6:]))
     choices = [c["choices"][0] for c in chunks if c["choices"]]
-    assert len(choices) == 9 and all(c["text"] == "" for c in choices)  # one chunk per token, no text to show
-    assert [c["finish_reason"] for c in choices] == [None] * 8 + ["length"]
+    # a chunk per step with new tokens (steps that queued up while the server was busy arrive as one): the first
+    # token's chunk comes alone, so there are at least two although no chunk has text to show
+    assert 2 <= len(choices) <= 9 and all(c["text"] == "" for c in choices)
+    assert [c["finish_reason"] for c in choices] == [None] * (len(choices) - 1) + ["length"]
     assert chunks[-1]["usage"] == {"prompt_tokens": 4, "completion_tokens": 9, "total_tokens": 13}
     r = httpx.post(bare_server.base_url + "/chat/completions", timeout=30,
                    json={"model": "tiny", "messages": [{"role": "user", "content": "hi"}]})
@@ -52,7 +54,7 @@ def test_bench_serve_sends_the_throughput_workload(bare_server):
     assert [r.prompt_tokens for r in results] == [len(p) for p in prompts]
     assert [r.output_tokens for r in results] == outs
     assert summary["output_tokens"] == sum(outs) and summary["input_tokens"] == sum(map(len, prompts))
-    assert all(len(r.itl) == n - 1 for r, n in zip(results, outs))  # a chunk per token reached the client
+    assert all(1 <= len(r.itl) <= n - 1 for r, n in zip(results, outs))  # chunks reached the client as it went
 
 
 def test_bench_serve_cli_workload_flags(bare_server, tmp_path):
