@@ -32,25 +32,42 @@ case "${1:-tests-kernels}" in
       echo "profile $m exit $?"; grep -B2 -A45 "decode steps" "$W/profile_$m.log" | cut -c1-150
     done
     ;;
-  engine-tp)  # issue 7 engine figures on GPU 0, then issue 10's TP=2 vs TP=1 (needs two GPUs)
-    nvidia-smi --query-gpu=name --format=csv,noheader | tee "$W/gpus.txt"
+  engine-tp)  # issue 7 engine figures on GPU 0, then issue 10's TP=2 vs TP=1 (needs two GPUs); PARTS picks
+    # some of: tp-tests lat-tp lat thr thr-tp (default all). Results go straight to $OUT (results.jsonl,
+    # engine_tp.log) so a run stopped at its time limit still returns what finished.
+    PARTS=${PARTS:-"lat thr tp-tests lat-tp thr-tp"}
+    LOG="$FINAL/engine_tp.log"
+    nvidia-smi --query-gpu=name --format=csv,noheader | tee -a "$LOG"
     bench() {  # name, timeout, args...
       local name=$1 limit=$2; shift 2
-      timeout "$limit" python3 -m blocks.cli bench "$@" --output-json "$W/$name.json" > "$W/$name.log" 2>&1
-      echo "$name exit $? $(python3 -c "import json,sys; r=json.load(open(sys.argv[1])); print({k: round(v, 4) \
+      timeout "$limit" python3 -m blocks.cli bench "$@" --output-json "$W/$name.json" >> "$LOG" 2>&1
+      local rc=$?
+      python3 -c "import json,sys; r=json.load(open(sys.argv[1])); r['name']=sys.argv[2]; print(json.dumps(r))" \
+        "$W/$name.json" "$name" >> "$FINAL/results.jsonl" 2>/dev/null
+      echo "$name exit $rc $(python3 -c "import json,sys; r=json.load(open(sys.argv[1])); print({k: round(v, 4) \
         for k, v in r.items() if isinstance(v, float)}, 'peer:', r.get('peer_hf'))" "$W/$name.json" 2>&1 | tail -1)"
     }
-    L="--max-model-len 2048 --num-iters 2 --input-len 128 --output-len 128"
+    L="--max-model-len 2048 --num-iters ${LAT_ITERS:-2} --input-len 128 --output-len ${LAT_OUT:-128}"
     T="--max-model-len 2048 --num-prompts ${THR_PROMPTS:-1000} --bandwidth-tbps 3.0"
-    bench lat_qwen_b1 90 latency --model qwen2.5-0.5b --batch-size 1 --max-num-seqs 8 $L
-    bench lat_qwen_b256 90 latency --model qwen2.5-0.5b --batch-size 256 $L
-    bench lat_llama_b1 120 latency --model llama-3-8b --batch-size 1 --max-num-seqs 8 $L
-    bench thr_qwen 150 throughput --model qwen2.5-0.5b $T --peer hf --peer-num-prompts 32 --gpu-memory-utilization 0.6
-    bench thr_llama 200 throughput --model llama-3-8b $T --peer hf --peer-num-prompts 32 --gpu-memory-utilization 0.6
-    timeout 200 python3 -m pytest -q -p no:cacheprovider tests/engine/test_engine_tp_gpu.py 2>&1 \
-      | tee "$W/tp_tests.log" | grep -E "passed|failed|Error|skipped" | tail -5
-    bench lat_llama_b1_tp2 150 latency --model llama-3-8b --batch-size 1 --max-num-seqs 8 $L -tp 2
-    bench thr_llama_tp2 200 throughput --model llama-3-8b $T -tp 2
+    for part in $PARTS; do
+      case $part in
+        lat)
+          bench lat_qwen_b1 90 latency --model qwen2.5-0.5b --batch-size 1 --max-num-seqs 8 $L
+          bench lat_qwen_b256 90 latency --model qwen2.5-0.5b --batch-size 256 $L
+          bench lat_llama_b1 120 latency --model llama-3-8b --batch-size 1 --max-num-seqs 8 $L ;;
+        lat-llama) bench lat_llama_b1 60 latency --model llama-3-8b --batch-size 1 --max-num-seqs 8 $L ;;
+        thr)
+          bench thr_qwen 150 throughput --model qwen2.5-0.5b $T --peer hf --peer-num-prompts 32 \
+            --gpu-memory-utilization 0.6
+          bench thr_llama 200 throughput --model llama-3-8b $T --peer hf --peer-num-prompts 32 \
+            --gpu-memory-utilization 0.6 ;;
+        tp-tests)
+          timeout "${TP_TEST_TIMEOUT:-150}" python3 -m pytest -q -p no:cacheprovider tests/engine/test_engine_tp_gpu.py \
+            >> "$LOG" 2>&1; echo "tp tests exit $?"; grep -E "passed|failed|Error" "$LOG" | tail -3 ;;
+        lat-tp) bench lat_llama_b1_tp2 90 latency --model llama-3-8b --batch-size 1 --max-num-seqs 8 $L -tp 2 ;;
+        thr-tp) bench thr_llama_tp2 150 throughput --model llama-3-8b $T -tp 2 ;;
+      esac
+    done
     ;;
   *) echo "usage: $0 tests-kernels|engine|tests-profile|engine-tp"; exit 2 ;;
 esac

@@ -182,10 +182,10 @@ class ModelRunner:
 
     def close(self) -> None:
         """Stop tensor-parallel workers and leave the process group (no-op on one rank)."""
-        if self.workers is not None:
+        if self.workers is not None:  # leaves the group together with the workers
             self.workers.shutdown(getattr(self, "comm_device", torch.device("cpu")))
             self.workers = None
-        if self.tp.size > 1:
+        elif self.tp.size > 1:
             destroy_tensor_parallel()
 
     def reset_counters(self) -> None:

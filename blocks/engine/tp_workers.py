@@ -73,6 +73,10 @@ def _worker_main(rank: int, world_size: int, port: int, model_path: str, config:
     _die_with_parent()
     if os.getppid() != parent_pid:  # the engine died before we could ask for the signal
         return
+    if os.environ.get("BLOCKS_TP_DUMP_AFTER"):  # debugging a hang: print every thread's stack, then exit
+        import faulthandler
+
+        faulthandler.dump_traceback_later(float(os.environ["BLOCKS_TP_DUMP_AFTER"]), exit=True)
     torch.set_num_threads(1)
     tp = init_tensor_parallel(world_size, config=DistConfig(rank=rank, world_size=world_size, master_port=port))
     runner = ModelRunner(EngineConfig(**config), model_path, sampling_info=None, tp=tp)
@@ -112,11 +116,20 @@ class TPWorkers:
                 )
 
     def shutdown(self, device: torch.device, *, timeout_s: float = 30.0) -> None:
-        """Stop the workers (stop command if the group is up), wait for them, kill stragglers."""
+        """Stop the workers and leave the process group with them, wait for them, kill stragglers.
+
+        The stop command goes first; then rank 0 leaves the group *while* the workers leave it (NCCL's
+        teardown is collective: waiting for the workers to exit first would deadlock both sides). With a
+        dead worker the group is aborted instead."""
+        from blocks.parallel.state import abort_tensor_parallel, destroy_tensor_parallel
+
         alive = all(p.poll() is None for p in self.procs)
         if alive and dist.is_initialized():
             with contextlib.suppress(RuntimeError):
                 broadcast_inputs(None, device, command=CMD_STOP)
+            destroy_tensor_parallel()
+        else:
+            abort_tensor_parallel()
         for p in self.procs:
             try:
                 p.wait(timeout_s)

@@ -82,6 +82,19 @@ def init_tensor_parallel(tensor_parallel_size: int | None = None, *, backend: st
 
 
 def destroy_tensor_parallel() -> None:
-    """Leave the process group (safe to call when none was joined)."""
+    """Leave the process group (safe to call when none was joined). Every rank must call it: NCCL's
+    teardown waits for the other ranks."""
     if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def abort_tensor_parallel() -> None:
+    """Leave the process group when a peer is dead and cannot take part in a graceful teardown: NCCL
+    communicators are aborted (no waiting on the dead rank); gloo's teardown never waits, so it is used."""
+    if not dist.is_initialized():
+        return
+    abort = getattr(dist.distributed_c10d, "_abort_process_group", None)
+    if dist.get_backend() == "nccl" and abort is not None:
+        abort()
+    if dist.is_initialized() and dist.get_backend() != "nccl":
         dist.destroy_process_group()
