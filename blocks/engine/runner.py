@@ -182,11 +182,20 @@ class ModelRunner:
 
     def close(self) -> None:
         """Stop tensor-parallel workers and leave the process group (no-op on one rank)."""
+        if self.tp.size > 1:
+            self.release_graphs()  # graphs hold captured collectives: drop them before the group goes
         if self.workers is not None:  # leaves the group together with the workers
             self.workers.shutdown(getattr(self, "comm_device", torch.device("cpu")))
             self.workers = None
         elif self.tp.size > 1:
             destroy_tensor_parallel()
+
+    def release_graphs(self) -> None:
+        """Drop the captured decode graphs (later steps run eagerly)."""
+        graphs = getattr(self, "graphs", None)
+        if graphs is not None:
+            torch.cuda.synchronize(self.device)
+            self.graphs = None
 
     def reset_counters(self) -> None:
         """Zero ``counters``: steps, tokens computed, KV tokens read (sum of context lengths), graph
@@ -217,11 +226,13 @@ class ModelRunner:
     # ------------------------------------------------------------------ per step
     def _update_states(self, out: SchedulerOutput) -> None:
         """Apply the scheduler's changes to the per-request state and the block table (O(changes))."""
-        for rid in (*out.finished_req_ids, *out.preempted_req_ids):
-            self._forget(rid)
+        for rid in out.finished_req_ids:  # its id may already name a new request: hand no stream back
+            self._forget(rid, keep_stream=False)
+        for rid in out.preempted_req_ids:
+            self._forget(rid, keep_stream=True)
         table = self._table
         for new in out.scheduled_new_reqs:
-            self._forget(new.request_id)
+            self._forget(new.request_id, keep_stream=False)
             st = _ReqState(
                 token_ids=list(new.token_ids), num_blocks=len(new.block_ids),
                 num_computed=new.num_computed_tokens, num_prompt=new.num_prompt_tokens, row=self._take_row(),
@@ -256,19 +267,20 @@ class ModelRunner:
             return False
         return True
 
-    def _forget(self, rid: str) -> None:
+    def _forget(self, rid: str, *, keep_stream: bool) -> None:
         st = self.states.pop(rid, None)
         if st is not None:
             self._free_rows.append(st.row)
         if self._in_batch(rid):
-            self._leave_batch(rid)
+            self._leave_batch(rid, keep_stream=keep_stream)
 
-    def _leave_batch(self, rid: str) -> None:
-        """Drop ``rid``'s sampling row, keeping its random stream in its ``SamplingInfo`` (the one place the
-        stream lives between rows: a preempted or paused request resumes it)."""
+    def _leave_batch(self, rid: str, *, keep_stream: bool = True) -> None:
+        """Drop ``rid``'s sampling row; with ``keep_stream`` its random stream goes back to its ``SamplingInfo``
+        (the one place the stream lives between rows: a preempted or paused request resumes it)."""
         rng = self.batch.remove_request(rid)
-        with contextlib.suppress(KeyError):  # finished: nobody resumes it
-            self.sampling_info(rid).generator = rng
+        if keep_stream:
+            with contextlib.suppress(KeyError):  # finished meanwhile: nobody resumes it
+                self.sampling_info(rid).generator = rng
 
     def _sync_sampling_rows(self, sampling: list[str]) -> None:
         wanted = set(sampling)

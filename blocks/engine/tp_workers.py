@@ -87,6 +87,7 @@ def _worker_main(rank: int, world_size: int, port: int, model_path: str, config:
                 break
             runner.run_model(inputs)
     finally:
+        runner.release_graphs()
         destroy_tensor_parallel()
 
 
@@ -118,18 +119,16 @@ class TPWorkers:
     def shutdown(self, device: torch.device, *, timeout_s: float = 30.0) -> None:
         """Stop the workers and leave the process group with them, wait for them, kill stragglers.
 
-        The stop command goes first; then rank 0 leaves the group *while* the workers leave it (NCCL's
-        teardown is collective: waiting for the workers to exit first would deadlock both sides). With a
-        dead worker the group is aborted instead."""
-        from blocks.parallel.state import abort_tensor_parallel, destroy_tensor_parallel
+        The stop command goes first; then rank 0 leaves the group *while* the workers leave it (waiting
+        for the workers to exit before leaving deadlocked NCCL's teardown on both sides); see
+        :func:`~blocks.parallel.state.destroy_tensor_parallel`. Captured CUDA graphs are released first."""
+        from blocks.parallel.state import destroy_tensor_parallel
 
         alive = all(p.poll() is None for p in self.procs)
         if alive and dist.is_initialized():
             with contextlib.suppress(RuntimeError):
                 broadcast_inputs(None, device, command=CMD_STOP)
-            destroy_tensor_parallel()
-        else:
-            abort_tensor_parallel()
+        destroy_tensor_parallel()
         for p in self.procs:
             try:
                 p.wait(timeout_s)

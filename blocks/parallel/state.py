@@ -82,19 +82,17 @@ def init_tensor_parallel(tensor_parallel_size: int | None = None, *, backend: st
 
 
 def destroy_tensor_parallel() -> None:
-    """Leave the process group (safe to call when none was joined). Every rank must call it: NCCL's
-    teardown waits for the other ranks."""
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    """Leave the process group (safe to call when none was joined, or with a dead peer).
 
-
-def abort_tensor_parallel() -> None:
-    """Leave the process group when a peer is dead and cannot take part in a graceful teardown: NCCL
-    communicators are aborted (no waiting on the dead rank); gloo's teardown never waits, so it is used."""
+    gloo's teardown never waits, so it is used as is. NCCL's ``destroy_process_group`` waits on the
+    other ranks' communicators, and on an H100 pair it hung after CUDA graphs had captured collectives;
+    every caller here has finished its collectives first (the stop command was broadcast, or a peer is
+    dead), so the communicators are aborted instead, which returns at once and resets the group."""
     if not dist.is_initialized():
         return
     abort = getattr(dist.distributed_c10d, "_abort_process_group", None)
     if dist.get_backend() == "nccl" and abort is not None:
+        torch.cuda.synchronize()
         abort()
-    if dist.is_initialized() and dist.get_backend() != "nccl":
+    if dist.is_initialized():
         dist.destroy_process_group()

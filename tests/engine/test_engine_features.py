@@ -181,3 +181,22 @@ def test_seeded_requests_resume_their_random_stream_after_preemption(tiny_llama,
     got = [o.outputs[0].token_ids for o in tight.generate(prompts, params, use_tqdm=False)]
     assert tight.engine.scheduler.stats.num_preemptions > 0
     assert got == [o.outputs[0].token_ids for o in roomy.generate(prompts, params, use_tqdm=False)]
+
+
+def test_a_reused_request_id_does_not_inherit_the_finished_requests_random_stream(llm):
+    """A seeded request added under the id of one that just finished samples from its own seed."""
+    core = llm.engine
+    params = SamplingParams(temperature=1.0, seed=77, max_tokens=8, ignore_eos=True)
+    prompt = [5, 6, 7, 8]
+
+    def run_to_end(rid: str) -> list[int]:
+        core.add_request(rid, prompt, params)
+        while True:
+            for out in core.step():
+                if out.request_id == rid and out.finished:
+                    return list(out.outputs[0].token_ids)
+
+    first = run_to_end("same-id")
+    second = run_to_end("same-id")  # the finished one leaves the sampling batch in this request's first step
+    assert second == first
+    assert len(set(first)) > 1
