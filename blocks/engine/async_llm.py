@@ -82,24 +82,14 @@ def _to_output(delta: list, prompt_token_ids: list[int], prompt: str | None) -> 
 
 
 def _put_all(items: list) -> None:
-    for q, item in items:
-        q.put_nowait(item)
+    for stream, item in items:
+        stream.put(item)
 
 
-def _coalesce(first: list, q: asyncio.Queue) -> tuple[list, Any]:
-    """Merge ``first`` with the wire deltas already waiting in ``q`` (up to the finished one, or an error,
-    which is returned as pending). Concatenated pieces give the same output, in fewer items (as vLLM's
-    output collector does when a client reads slower than the engine steps)."""
-    items = [first]
-    pending = None
-    while not q.empty() and not items[-1][1]:
-        nxt = q.get_nowait()
-        if isinstance(nxt, BaseException):
-            pending = nxt
-            break
-        items.append(nxt)
-    if len(items) == 1:
-        return first, pending
+def _merge(items: list) -> list:
+    """Merge consecutive wire deltas of one request (none after a finished one) into one. Concatenated pieces
+    give the same output, in fewer items (as vLLM's output collector does when a client reads slower than
+    the engine steps)."""
     last = items[-1]
     comps: dict[int, list] = {}
     for _, _, cs, *_ in items:
@@ -111,17 +101,52 @@ def _coalesce(first: list, q: asyncio.Queue) -> tuple[list, Any]:
         end = parts[-1]
         merged.append([index, "".join(p[1] for p in parts), [t for p in parts for t in p[2]],
                        [e for lp in lps for e in lp] if lps else None, end[4], end[5], end[6]])
-    return [last[0], last[1], merged, last[3], last[4], last[5]], pending
+    return [last[0], last[1], merged, last[3], last[4], last[5]]
+
+
+def _take(items: list) -> tuple[Any, list]:
+    """The next item of a mailbox's backlog and the rest: an error alone, else the wire deltas up to the
+    first finished one (or an error) merged into one."""
+    first = items[0]
+    if len(items) == 1 or isinstance(first, BaseException) or first[1]:
+        return first, items[1:]
+    k = 1
+    while k < len(items) and not isinstance(items[k], BaseException):
+        k += 1
+        if items[k - 1][1]:
+            break
+    return (first if k == 1 else _merge(items[:k])), items[k:]
 
 
 class _Stream:
-    """Per-request mailbox on the event loop."""
+    """Per-request mailbox on the event loop: a list the reader thread appends to (through the loop) and
+    at most one waiting consumer, woken once per engine message however many deltas it brought."""
+
+    __slots__ = ("loop", "items", "waiter", "prompt_token_ids", "prompt")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, prompt_token_ids: list[int], prompt: str | None) -> None:
         self.loop = loop
-        self.queue: asyncio.Queue = asyncio.Queue()
+        self.items: list = []
+        self.waiter: asyncio.Future | None = None
         self.prompt_token_ids = prompt_token_ids
         self.prompt = prompt
+
+    def put(self, item: Any) -> None:
+        self.items.append(item)
+        w = self.waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    async def take_all(self) -> list:
+        """Everything queued (waiting for at least one item)."""
+        while not self.items:
+            self.waiter = self.loop.create_future()
+            try:
+                await self.waiter
+            finally:
+                self.waiter = None
+        items, self.items = self.items, []
+        return items
 
 
 class AsyncLLM:
@@ -130,19 +155,22 @@ class AsyncLLM:
     Args:
         config: the engine's :class:`EngineConfig`; ``config.model=None`` = the embedded default model.
         startup_timeout: seconds to wait for the model to load before raising ``RuntimeError``.
+        engine_main: the child's entry point (default :func:`~blocks.engine.engine_proc.run_engine_proc`);
+            a module-level function with its signature, e.g. a synthetic engine for API benchmarks.
 
     Attributes (after start): ``max_model_len``, ``vocab_size``, ``eos_token_id``, ``num_blocks``,
     ``block_size``, ``model_path`` (resolved), ``engine_pid``, ``tokenizer`` (loaded in this process
     too, for chat templates and tokenization; ``None`` with ``skip_tokenizer_init``).
     """
 
-    def __init__(self, config: EngineConfig, *, startup_timeout: float = 900.0) -> None:
+    def __init__(self, config: EngineConfig, *, startup_timeout: float = 900.0, engine_main=None) -> None:
         self.config = config
         ctx = multiprocessing.get_context("spawn")
         self._conn, child = ctx.Pipe(duplex=True)
         kwargs = asdict(config)
         # not a daemon: the engine spawns its own tensor-parallel workers; atexit (and pipe EOF) end it
-        self._proc = ctx.Process(target=run_engine_proc, args=(child, kwargs, config.model), name="blocks-engine")
+        self._proc = ctx.Process(target=engine_main or run_engine_proc, args=(child, kwargs, config.model),
+                                 name="blocks-engine")
         self._proc.start()
         atexit.register(self.shutdown)
         child.close()
@@ -226,7 +254,7 @@ class AsyncLLM:
             for delta in deltas:
                 stream = self._streams.get(delta[0])
                 if stream is not None:
-                    batches.setdefault(stream.loop, []).append((stream.queue, delta))
+                    batches.setdefault(stream.loop, []).append((stream, delta))
         for loop, items in batches.items():
             with contextlib.suppress(RuntimeError):  # RuntimeError: the loop is closed
                 loop.call_soon_threadsafe(_put_all, items)
@@ -236,7 +264,7 @@ class AsyncLLM:
             stream = self._streams.get(request_id)
         if stream is not None:
             with contextlib.suppress(RuntimeError):  # RuntimeError: the loop is closed
-                stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
+                stream.loop.call_soon_threadsafe(stream.put, item)
 
     def _send(self, message: list) -> None:
         self._outbox.put(pack(message))
@@ -288,15 +316,15 @@ class AsyncLLM:
             "arrival_time": time.time() if arrival_time is None else arrival_time,
         }])
         done = False
-        pending = None
+        backlog: list = []
         try:
             while True:
-                item, pending = (pending, None) if pending is not None else (await mailbox.queue.get(), None)
+                if not backlog:
+                    backlog = await mailbox.take_all()
+                item, backlog = _take(backlog)  # a consumer that fell behind gets one item for all it missed
                 if isinstance(item, BaseException):
                     done = not isinstance(item, EngineDeadError)  # an add error left nothing to abort
                     raise item
-                if not item[1] and not mailbox.queue.empty():  # the consumer fell behind: one item for all
-                    item, pending = _coalesce(item, mailbox.queue)
                 out = _to_output(item, ids, prompt)
                 if out.finished:
                     done = True

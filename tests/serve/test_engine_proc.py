@@ -96,34 +96,33 @@ def test_engine_proc_refuses_out_of_vocabulary_ids_at_add(llm, field, value):
     assert not llm.engine.has_unfinished_requests()
 
 
-def test_coalesce_merges_queued_deltas_and_keeps_an_error_for_later():
-    import asyncio
+def test_take_merges_queued_deltas_and_keeps_an_error_for_later():
+    from blocks.engine.async_llm import _take
 
-    from blocks.engine.async_llm import _coalesce
-
-    async def go():
-        q: asyncio.Queue = asyncio.Queue()
-        first = ["r", False, [[0, "a", [1], [[[1, -0.1, 1, "a"]]], -0.1, None, None],
-                              [1, "x", [7], None, -0.5, None, None]], [1.0, 2.0, None, 0, 1.5], 0, None]
-        q.put_nowait(["r", False, [[0, "b", [2], [[[2, -0.2, 1, "b"]]], -0.3, None, None]], [1.0, 2.0, None, 0, 1.5],
-                      0, None])
-        q.put_nowait(["r", True, [[0, "", [3], [[[3, -0.3, 1, ""]]], -0.6, "length", None],
-                                  [1, "y", [8], None, -0.9, "stop", "y"]], [1.0, 2.0, 3.0, 0, 1.5], 4, [None]])
-        merged, pending = _coalesce(first, q)
-        assert pending is None and q.empty()
-        assert merged[:2] == ["r", True] and merged[3:] == [[1.0, 2.0, 3.0, 0, 1.5], 4, [None]]
-        by_index = {c[0]: c for c in merged[2]}
-        assert by_index[0] == [0, "ab", [1, 2, 3], [[[1, -0.1, 1, "a"]], [[2, -0.2, 1, "b"]], [[3, -0.3, 1, ""]]],
-                               -0.6, "length", None]
-        assert by_index[1] == [1, "xy", [7, 8], None, -0.9, "stop", "y"]
-        # an error behind a delta: the delta (merged with what came before the error) first, the error after it
-        err = RuntimeError("engine died")
-        q.put_nowait(["r", False, [[0, "c", [4], None, None, None, None]], None, 0, None])
-        q.put_nowait(err)
-        merged, pending = _coalesce(["r", False, [[0, "b", [3], None, None, None, None]], None, 0, None], q)
-        assert merged[2] == [[0, "bc", [3, 4], None, None, None, None]] and pending is err and q.empty()
-
-    asyncio.run(go())
+    first = ["r", False, [[0, "a", [1], [[[1, -0.1, 1, "a"]]], -0.1, None, None],
+                          [1, "x", [7], None, -0.5, None, None]], [1.0, 2.0, None, 0, 1.5], 0, None]
+    second = ["r", False, [[0, "b", [2], [[[2, -0.2, 1, "b"]]], -0.3, None, None]], [1.0, 2.0, None, 0, 1.5], 0, None]
+    last = ["r", True, [[0, "", [3], [[[3, -0.3, 1, ""]]], -0.6, "length", None],
+                        [1, "y", [8], None, -0.9, "stop", "y"]], [1.0, 2.0, 3.0, 0, 1.5], 4, [None]]
+    merged, rest = _take([first, second, last])
+    assert rest == []
+    assert merged[:2] == ["r", True] and merged[3:] == [[1.0, 2.0, 3.0, 0, 1.5], 4, [None]]
+    by_index = {c[0]: c for c in merged[2]}
+    assert by_index[0] == [0, "ab", [1, 2, 3], [[[1, -0.1, 1, "a"]], [[2, -0.2, 1, "b"]], [[3, -0.3, 1, ""]]],
+                           -0.6, "length", None]
+    assert by_index[1] == [1, "xy", [7, 8], None, -0.9, "stop", "y"]
+    # an error behind a delta: the delta (merged with what came before the error) first, the error after it
+    err = RuntimeError("engine died")
+    b = ["r", False, [[0, "b", [3], None, None, None, None]], None, 0, None]
+    c = ["r", False, [[0, "c", [4], None, None, None, None]], None, 0, None]
+    merged, rest = _take([b, c, err])
+    assert merged[2] == [[0, "bc", [3, 4], None, None, None, None]] and rest == [err]
+    assert _take(rest) == (err, [])
+    # one item alone is handed out as it is; nothing is merged past a finished delta
+    assert _take([b]) == (b, [])
+    done = ["r", True, [[0, "d", [5], None, None, "length", None]], None, 0, None]
+    merged, rest = _take([b, done, c])
+    assert merged[1] is True and merged[2][0][1] == "bd" and rest == [c]
 
 
 def test_a_slow_stream_consumer_gets_fewer_items_with_the_same_output(tiny_model):
