@@ -22,10 +22,12 @@ from serve.state import ServerState
 from serve.streams import (
     SSE_DONE,
     ChoiceState,
+    ChunkTemplate,
     ClientDisconnected,
     MergedStreams,
     run_until_disconnected,
     sse,
+    to_json,
     tracked,
 )
 
@@ -156,28 +158,27 @@ async def _collect(n: int, merged: MergedStreams) -> dict[int, ChoiceState]:
 async def _stream(req: ChatCompletionRequest, meta: dict, num_prompt_tokens: int, merged: MergedStreams):
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     base = {**meta, "object": "chat.completion.chunk"}
-
-    def chunk(choices: list) -> bytes:
-        body = {**base, "choices": choices}
-        if include_usage:
-            body["usage"] = None
-        return sse(body)
-
+    chunk_base = {**base, "usage": None} if include_usage else base
+    template = ChunkTemplate(chunk_base)
+    want_logprobs, top = req.logprobs, req.top_logprobs or 0
     generated = 0
     try:
-        for j in range(req.n):
-            yield chunk([{"index": j, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                          "finish_reason": None}])
+        yield "".join(template.event(f'{{"index":{j},"delta":{{"role":"assistant","content":""}},"logprobs":null,'
+                                     f'"finish_reason":null}}') for j in range(req.n)).encode()
         async for _, out in merged:
+            events = []  # every chunk of one engine step goes out in one write
             for c in out.outputs:
                 generated += len(c.token_ids)
-                want_lp = req.logprobs and c.logprobs is not None and bool(c.token_ids)
+                want_lp = want_logprobs and c.logprobs is not None and bool(c.token_ids)
                 if not c.text and c.finish_reason is None and not want_lp:
                     continue
-                delta = {"content": c.text} if c.text or c.finish_reason is None else {}
-                lps = chat_logprobs(c.token_ids, c.logprobs, top=req.top_logprobs or 0) if want_lp else None
-                yield chunk([{"index": c.index, "delta": delta, "logprobs": lps, "finish_reason": c.finish_reason,
-                              "stop_reason": c.stop_reason}])
+                delta = f'{{"content":{to_json(c.text)}}}' if c.text or c.finish_reason is None else "{}"
+                lps = to_json(chat_logprobs(c.token_ids, c.logprobs, top=top)) if want_lp else "null"
+                events.append(template.event(
+                    f'{{"index":{c.index},"delta":{delta},"logprobs":{lps},"finish_reason":{to_json(c.finish_reason)},'
+                    f'"stop_reason":{to_json(c.stop_reason)}}}'))
+            if events:
+                yield "".join(events).encode()
         if include_usage:
             yield sse({**base, "choices": [], "usage": {
                 "prompt_tokens": num_prompt_tokens, "completion_tokens": generated,

@@ -23,10 +23,12 @@ from serve.state import ServerState
 from serve.streams import (
     SSE_DONE,
     ChoiceState,
+    ChunkTemplate,
     ClientDisconnected,
     MergedStreams,
     run_until_disconnected,
     sse,
+    to_json,
     tracked,
 )
 
@@ -183,28 +185,32 @@ async def _stream(ctx: _Ctx, merged: MergedStreams):
     include_usage = bool(opts and opts.include_usage)
     choices = {i * ctx.n + j: ChoiceState() for i in range(len(ctx.prompts)) for j in range(ctx.n)}
     echoed: set[int] = set()
+    base = {"id": ctx.rid, "object": "text_completion", "created": ctx.created, "model": ctx.model}
+    if include_usage:
+        base["usage"] = None
+    template = ChunkTemplate(base)
+    echo, want_logprobs, ids_only, n = ctx.req.echo, ctx.req.logprobs is not None, ctx.ids_only, ctx.n
     try:
         async for i, out in merged:
+            events = []  # every chunk of one engine step goes out in one write
             for c in out.outputs:
-                idx = i * ctx.n + c.index
+                idx = i * n + c.index
                 st = choices[idx]
                 offset = st.num_chars
                 st.add(c)
                 text = c.text
-                if ctx.req.echo and idx not in echoed:
+                if echo and idx not in echoed:
                     echoed.add(idx)
                     text = (ctx.prompts[i][0] or "") + text
-                want_lp = ctx.req.logprobs is not None and c.logprobs is not None and bool(c.token_ids)
-                if not text and c.finish_reason is None and not want_lp and not (ctx.ids_only and c.token_ids):
+                want_lp = want_logprobs and c.logprobs is not None and bool(c.token_ids)
+                if not text and c.finish_reason is None and not want_lp and not (ids_only and c.token_ids):
                     continue  # nothing new yet (text held back until it cannot become a stop string)
-                chunk = {"id": ctx.rid, "object": "text_completion", "created": ctx.created, "model": ctx.model,
-                         "choices": [{"index": idx, "text": text,
-                                      "logprobs": completion_logprobs(c.token_ids, c.logprobs, offset=offset)
-                                      if want_lp else None,
-                                      "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}]}
-                if include_usage:
-                    chunk["usage"] = None
-                yield sse(chunk)
+                lps = to_json(completion_logprobs(c.token_ids, c.logprobs, offset=offset)) if want_lp else "null"
+                events.append(template.event(
+                    f'{{"index":{idx},"text":{to_json(text)},"logprobs":{lps},'
+                    f'"finish_reason":{to_json(c.finish_reason)},"stop_reason":{to_json(c.stop_reason)}}}'))
+            if events:
+                yield "".join(events).encode()
         if include_usage:
             yield sse({"id": ctx.rid, "object": "text_completion", "created": ctx.created, "model": ctx.model,
                        "choices": [], "usage": ctx.usage(choices)})

@@ -19,14 +19,35 @@ import time
 from fastapi import Request
 
 __all__ = ["tracked", "MergedStreams", "ChoiceState", "run_until_disconnected", "sse", "SSE_DONE",
-           "ClientDisconnected"]
+           "ClientDisconnected", "ChunkTemplate", "to_json"]
 
 SSE_DONE = b"data: [DONE]\n\n"
+
+#: compact JSON (non-ASCII kept), the encoder of every SSE event; one instance, not one per call
+to_json = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 
 
 def sse(payload: dict) -> bytes:
     """One server-sent event carrying ``payload`` as compact JSON."""
-    return b"data: " + json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode() + b"\n\n"
+    return b"data: " + to_json(payload).encode() + b"\n\n"
+
+
+_HOLE = "\x00choice\x00"
+
+
+class ChunkTemplate:
+    """The SSE event of a stream chunk with one choice, as ``sse({**base, "choices": [choice]})`` would write it,
+    but with the constant part (id, object, created, model, ``"usage": null``) serialised once per stream:
+    ``event(choice_json)`` only pastes the choice's JSON in (a few string joins per chunk)."""
+
+    __slots__ = ("head", "tail")
+
+    def __init__(self, base: dict) -> None:
+        text = "data: " + to_json({**base, "choices": [_HOLE]}) + "\n\n"
+        self.head, self.tail = text.split(to_json(_HOLE))
+
+    def event(self, choice_json: str) -> str:
+        return self.head + choice_json + self.tail
 
 
 class ClientDisconnected(Exception):
