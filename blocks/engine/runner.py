@@ -8,7 +8,8 @@ Per step (``execute``):
    (the last token of a request whose known tokens are all computed) and for prompt logprobs;
 4. sample all sampling rows in one pass and read the sampled ids back once.
 
-The runner owns the KV cache tensor, the ``SamplingBatch`` and per-request token/block lists.
+The runner owns the KV cache tensor, the ``SamplingBatch`` and a :class:`~blocks.engine.request_table.RequestTable`
+(per-request token ids, computed counts and persistent block-table rows).
 Rows of the sampling batch are exactly this step's sampling requests: a request joins when its
 prefill completes and leaves when it finishes, is preempted or is not scheduled (its random
 stream is kept and handed back when it rejoins).
@@ -31,6 +32,7 @@ from blocks.cache.kv_tensors import allocate_kv_cache, layer_views
 from blocks.engine.config import EngineConfig
 from blocks.engine.cuda_graphs import DecodeGraphs
 from blocks.engine.kv_sizing import num_kv_blocks
+from blocks.engine.request_table import RequestTable
 from blocks.engine.shapes import MODEL_SHAPES, shape_config
 from blocks.engine.staging import InputStager
 from blocks.engine.step_inputs import StepInputs
@@ -67,15 +69,6 @@ class SamplingInfo:
     eos_token_id: int | None = None
     generator: RequestRng | None = None  # the random stream, kept across preemption
     beam: bool = False  # a beam-search sequence: return its log-softmax row instead of sampling
-
-
-@dataclass
-class _ReqState:
-    token_ids: list[int]
-    num_blocks: int  # its block ids are ``runner._table[row, :num_blocks]``
-    num_computed: int
-    num_prompt: int
-    row: int = -1  # this request's row of the runner's persistent block table
 
 
 @dataclass
@@ -167,12 +160,8 @@ class ModelRunner:
             device=self.device, max_num_logprobs=config.max_logprobs,
         )
         self.sampling_info = sampling_info
-        self.states: dict[str, _ReqState] = {}
-        # persistent [rows, max blocks per sequence] block table, one row per live request, updated
-        # incrementally; a step gathers its rows instead of rebuilding tables from lists
-        rows = config.max_num_seqs
-        self._table = np.zeros((rows, -(-self.max_model_len // self.block_size)), dtype=np.int32)
-        self._free_rows = list(range(rows - 1, -1, -1))
+        self.requests = RequestTable(config.max_num_seqs, -(-self.max_model_len // self.block_size),
+                                     on_leave=self._leave_batch)
         self.graphs: DecodeGraphs | None = None
         if self.device.type == "cuda" and not config.enforce_eager:
             self.graphs = DecodeGraphs(self.model, self.kv_caches, block_size=self.block_size,
@@ -224,42 +213,6 @@ class ModelRunner:
                              bytes_per_block=self.bytes_per_block, kv_dtype=self.kv_dtype, device=self.device)
 
     # ------------------------------------------------------------------ per step
-    def _update_states(self, out: SchedulerOutput) -> None:
-        """Apply the scheduler's changes to the per-request state and the block table (O(changes))."""
-        for rid in out.finished_req_ids:  # its id may already name a new request: hand no stream back
-            self._forget(rid, keep_stream=False)
-        for rid in out.preempted_req_ids:
-            self._forget(rid, keep_stream=True)
-        table = self._table
-        for new in out.scheduled_new_reqs:
-            self._forget(new.request_id, keep_stream=False)
-            st = _ReqState(
-                token_ids=list(new.token_ids), num_blocks=len(new.block_ids),
-                num_computed=new.num_computed_tokens, num_prompt=new.num_prompt_tokens, row=self._take_row(),
-            )
-            table = self._table  # may have grown
-            table[st.row, : st.num_blocks] = new.block_ids
-            self.states[new.request_id] = st
-        cached = out.scheduled_cached_reqs
-        for rid, blocks, computed in zip(cached.req_ids, cached.new_block_ids, cached.num_computed_tokens):
-            st = self.states[rid]
-            if blocks:
-                table[st.row, st.num_blocks : st.num_blocks + len(blocks)] = blocks
-                st.num_blocks += len(blocks)
-            st.num_computed = computed
-        for rid, edits in out.block_replacements.items():  # copy-on-write: the table names the copy
-            st = self.states.get(rid)
-            if st is not None:
-                for index, block in edits:
-                    table[st.row, index] = block
-
-    def _take_row(self) -> int:
-        if not self._free_rows:  # more live sequences than rows (beam forks): double the table
-            old = self._table.shape[0]
-            self._table = np.concatenate([self._table, np.zeros_like(self._table)])
-            self._free_rows = list(range(2 * old - 1, old - 1, -1))
-        return self._free_rows.pop()
-
     def _in_batch(self, rid: str) -> bool:
         try:
             self.batch.row_of(rid)
@@ -267,16 +220,11 @@ class ModelRunner:
             return False
         return True
 
-    def _forget(self, rid: str, *, keep_stream: bool) -> None:
-        st = self.states.pop(rid, None)
-        if st is not None:
-            self._free_rows.append(st.row)
-        if self._in_batch(rid):
-            self._leave_batch(rid, keep_stream=keep_stream)
-
-    def _leave_batch(self, rid: str, *, keep_stream: bool = True) -> None:
-        """Drop ``rid``'s sampling row; with ``keep_stream`` its random stream goes back to its ``SamplingInfo``
-        (the one place the stream lives between rows: a preempted or paused request resumes it)."""
+    def _leave_batch(self, rid: str, keep_stream: bool = True) -> None:
+        """Drop ``rid``'s sampling row if it has one; with ``keep_stream`` its random stream goes back to its
+        ``SamplingInfo`` (the one place the stream lives between rows: a preempted or paused request resumes it)."""
+        if not self._in_batch(rid):
+            return
         rng = self.batch.remove_request(rid)
         if keep_stream:
             with contextlib.suppress(KeyError):  # finished meanwhile: nobody resumes it
@@ -290,7 +238,7 @@ class ModelRunner:
         for rid in sampling:
             if self._in_batch(rid):
                 continue
-            st = self.states[rid]
+            st = self.requests[rid]
             info = self.sampling_info(rid)
             self.batch.add_request(
                 rid, info.params, st.token_ids[: st.num_prompt], output_token_ids=st.token_ids[st.num_prompt:],
@@ -305,7 +253,7 @@ class ModelRunner:
     def execute(self, out: SchedulerOutput) -> StepResult:
         """Run one scheduled step; see the module docstring."""
         step_start = time.perf_counter()
-        self._update_states(out)
+        self.requests.apply(out)
         if out.total_num_scheduled_tokens == 0:
             return StepResult({}, {}, {}, 0)
         num_sched = out.num_scheduled_tokens
@@ -318,7 +266,7 @@ class ModelRunner:
         last_row: dict[str, int] = {}
         prompt_lp: list[tuple[str, int, int, int]] = []  # (rid, first row, first position, count)
         for rid in order:
-            st = self.states[rid]
+            st = self.requests[rid]
             n, start = num_sched[rid], st.num_computed
             end = start + n
             if end > len(st.token_ids):
@@ -344,7 +292,7 @@ class ModelRunner:
         use_graph = bool(graphs is not None and len(ids) == len(order) and not prompt_lp
                          and graphs.bucket_for(len(ids)))
         width = -(-max(slens) // self.block_size)
-        tables = self._table[np.asarray(rows), :width]
+        tables = self.requests.block_tables(rows, width)
         inputs = StepInputs(ids, positions, qlens, slens, tables, list(out.blocks_to_copy),
                             sample_rows + beam_rows + prompt_rows, use_graph)
         all_logits = self.run_model(inputs)
@@ -364,7 +312,7 @@ class ModelRunner:
         req_ids = self.batch.req_ids
         for rid, tok in zip(req_ids, host):
             sampled[rid] = tok
-            self.states[rid].token_ids.append(tok)
+            self.requests[rid].token_ids.append(tok)
         logprobs = {}
         lp = sampler_out.logprobs
         if lp is not None:  # one host read for all rows that asked for logprobs
@@ -415,7 +363,7 @@ class ModelRunner:
     def append_tokens(self, tokens: dict[str, int]) -> None:
         """Record tokens chosen outside the sampler (beam search) for requests the runner holds."""
         for rid, tok in tokens.items():
-            st = self.states.get(rid)
+            st = self.requests.get(rid)
             if st is not None:
                 st.token_ids.append(tok)
 
@@ -424,7 +372,7 @@ class ModelRunner:
         result = {}
         offset = 0
         for rid, _, start, count in spans:
-            st = self.states[rid]
+            st = self.requests[rid]
             num = self.sampling_info(rid).params.prompt_logprobs
             rows = logits[offset : offset + count]
             offset += count

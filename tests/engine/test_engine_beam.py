@@ -72,4 +72,4 @@ def test_more_beams_than_max_num_seqs(tiny_llama):
     prompt = {"prompt_token_ids": PROMPTS[0]}
     best = small.beam_search(prompt, params)[0].sequences[0].tokens
     assert best == wide.beam_search(prompt, params)[0].sequences[0].tokens
-    assert small.engine.runner._table.shape[0] > 2  # the runner's block table grew for the forks
+    assert small.engine.runner.requests.table.shape[0] > 2  # the runner's block table grew for the forks
