@@ -26,6 +26,7 @@ from serve.streams import (
     ClientDisconnected,
     MergedStreams,
     run_until_disconnected,
+    json_value,
     sse,
     to_json,
     tracked,
@@ -172,11 +173,11 @@ async def _stream(req: ChatCompletionRequest, meta: dict, num_prompt_tokens: int
                 want_lp = want_logprobs and c.logprobs is not None and bool(c.token_ids)
                 if not c.text and c.finish_reason is None and not want_lp:
                     continue
-                delta = f'{{"content":{to_json(c.text)}}}' if c.text or c.finish_reason is None else "{}"
+                delta = f'{{"content":{json_value(c.text)}}}' if c.text or c.finish_reason is None else "{}"
                 lps = to_json(chat_logprobs(c.token_ids, c.logprobs, top=top)) if want_lp else "null"
                 events.append(template.event(
-                    f'{{"index":{c.index},"delta":{delta},"logprobs":{lps},"finish_reason":{to_json(c.finish_reason)},'
-                    f'"stop_reason":{to_json(c.stop_reason)}}}'))
+                    f'{{"index":{c.index},"delta":{delta},"logprobs":{lps},"finish_reason":{json_value(c.finish_reason)},'
+                    f'"stop_reason":{json_value(c.stop_reason)}}}'))
             if events:
                 yield "".join(events).encode()
         if include_usage:

@@ -27,6 +27,7 @@ from serve.streams import (
     ClientDisconnected,
     MergedStreams,
     run_until_disconnected,
+    json_value,
     sse,
     to_json,
     tracked,
@@ -58,7 +59,7 @@ def _prompts(req: CompletionRequest, state: ServerState) -> list[tuple[str | Non
         items: list = [p]
     elif not p:
         raise APIError(400, "prompt must not be empty", param="prompt")
-    elif all(isinstance(t, int) for t in p):
+    elif isinstance(p[0], int):  # validated as list[int] (a union member takes only ints), no per-id scan
         items = [list(p)]
     else:
         items = list(p)
@@ -207,8 +208,8 @@ async def _stream(ctx: _Ctx, merged: MergedStreams):
                     continue  # nothing new yet (text held back until it cannot become a stop string)
                 lps = to_json(completion_logprobs(c.token_ids, c.logprobs, offset=offset)) if want_lp else "null"
                 events.append(template.event(
-                    f'{{"index":{idx},"text":{to_json(text)},"logprobs":{lps},'
-                    f'"finish_reason":{to_json(c.finish_reason)},"stop_reason":{to_json(c.stop_reason)}}}'))
+                    f'{{"index":{idx},"text":{json_value(text)},"logprobs":{lps},'
+                    f'"finish_reason":{json_value(c.finish_reason)},"stop_reason":{json_value(c.stop_reason)}}}'))
             if events:
                 yield "".join(events).encode()
         if include_usage:

@@ -19,12 +19,25 @@ import time
 from fastapi import Request
 
 __all__ = ["tracked", "MergedStreams", "ChoiceState", "run_until_disconnected", "sse", "SSE_DONE",
-           "ClientDisconnected", "ChunkTemplate", "to_json"]
+           "ClientDisconnected", "ChunkTemplate", "to_json", "json_value"]
 
 SSE_DONE = b"data: [DONE]\n\n"
 
 #: compact JSON (non-ASCII kept), the encoder of every SSE event; one instance, not one per call
 to_json = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+
+
+_CONSTANT_JSON = {None: "null", "": '""', "length": '"length"', "stop": '"stop"', "abort": '"abort"'}
+
+
+def json_value(value) -> str:
+    """``to_json(value)`` for a chunk's text / finish reason / stop reason, with the usual ones precomputed."""
+    if value is None or value == "":  # `value == ""` also matches "" only; ints and other strs fall through
+        return "null" if value is None else '""'
+    try:
+        return _CONSTANT_JSON[value]
+    except (KeyError, TypeError):
+        return to_json(value)
 
 
 def sse(payload: dict) -> bytes:

@@ -7,7 +7,7 @@ import asyncio
 import json
 import random
 
-from serve.streams import ChunkTemplate, sse, to_json
+from serve.streams import ChunkTemplate, json_value, sse, to_json
 
 
 def test_chunk_template_matches_sse_of_the_whole_dict():
@@ -25,6 +25,8 @@ def test_chunk_template_matches_sse_of_the_whole_dict():
             fast = (f'{{"index":{choice["index"]},"text":{to_json(choice["text"])},"logprobs":null,'
                     f'"finish_reason":{to_json(choice["finish_reason"])},"stop_reason":{to_json(choice["stop_reason"])}}}')
             assert fast == to_json(choice)
+    for v in (None, "", "length", "stop", "abort", 0, 7, "x\n\u00e9\"", "null", 1.5):
+        assert json_value(v) == to_json(v)
 
 
 def _feed(chunks: list[bytes]):
