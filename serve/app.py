@@ -9,6 +9,7 @@ needs ``Authorization: Bearer <key>`` (compared in constant time), else 401.
 from __future__ import annotations
 
 import contextlib
+import gc
 import hmac
 from collections.abc import Callable
 
@@ -62,6 +63,10 @@ def build_app(state: ServerState, *, root_path: str = "", on_shutdown: Callable[
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI):
+        # what exists now (app, routes, pydantic schemas, engine client) lives as long as the server: out of
+        # the collector's sight, so the full collections that streaming's garbage triggers stay short
+        gc.collect()
+        gc.freeze()
         try:
             yield
         finally:
