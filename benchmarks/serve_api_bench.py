@@ -166,8 +166,14 @@ def _server_main(port: int, step_s: float, ready, stop, profile: str | None = No
     from serve.app import build_app
     from serve.state import ServerState
 
-    engine = AsyncLLM(EngineConfig(model=None, skip_tokenizer_init=True), startup_timeout=60,
-                      engine_main=fake_engine_main)
+    config = EngineConfig(model=None, skip_tokenizer_init=True)
+    try:
+        engine = AsyncLLM(config, startup_timeout=60, engine_main=fake_engine_main)
+    except TypeError:  # an older tree (before engine_main=): the same through the module's name
+        import blocks.engine.async_llm as async_llm
+
+        async_llm.run_engine_proc = fake_engine_main
+        engine = AsyncLLM(config, startup_timeout=60)
     try:
         app = build_app(ServerState(engine, served_model_names=["bench"]), on_shutdown=engine.shutdown)
         config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
@@ -271,6 +277,7 @@ def run(args) -> dict:
         out[f"{name}_us_per_token"] = round(sec * 1e6 / max(tokens, 1), 1)
         out[f"{name}_us_per_chunk"] = round(sec * 1e6 / max(chunks, 1), 1)
     out["server_tokens_per_cpu_s"] = round(tokens / max(cpu["server"], 1e-9), 1)
+    out["server_chunks_per_cpu_s"] = round(chunks / max(cpu["server"], 1e-9), 1)  # what one core sustains
     if "first_error" in s:
         out["first_error"] = s["first_error"]
     return out
