@@ -278,6 +278,7 @@ def run(args) -> dict:
         out[f"{name}_us_per_chunk"] = round(sec * 1e6 / max(chunks, 1), 1)
     out["server_tokens_per_cpu_s"] = round(tokens / max(cpu["server"], 1e-9), 1)
     out["server_chunks_per_cpu_s"] = round(chunks / max(cpu["server"], 1e-9), 1)  # what one core sustains
+    out["loadgen_chunks_per_cpu_s"] = round(chunks / max(cpu["loadgen"], 1e-9), 1)
     if "first_error" in s:
         out["first_error"] = s["first_error"]
     return out

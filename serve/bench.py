@@ -184,7 +184,10 @@ class _StreamProtocol(asyncio.Protocol):
 
     def connection_lost(self, exc) -> None:
         if not self.complete:
-            self._finish(f"connection closed before the response ended ({exc or 'EOF'})")
+            if exc is None and self.headers_done and not self.chunked and self.length is None:
+                self._finish()  # a body delimited by the end of the connection
+            else:
+                self._finish(f"connection closed before the response ended ({exc or 'EOF'})")
 
 
 async def _one_raw(host: str, port: int, path: str, body: dict, headers: dict, timeout: float) -> RequestResult:

@@ -74,3 +74,6 @@ def test_load_generator_reports_an_error_response():
     assert done and res.error.startswith("HTTP 401") and "bad" in res.error
     res, _, done = _feed([b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nda"])
     assert done and "closed before the response ended" in res.error
+    ev = sse({"choices": [{"index": 0, "text": "z"}], "usage": {"prompt_tokens": 1, "completion_tokens": 1}})
+    res, text, done = _feed([b"HTTP/1.0 200 OK\r\n\r\n" + ev])  # a body that ends with the connection
+    assert done and not res.error and text == "z" and res.output_tokens == 1
