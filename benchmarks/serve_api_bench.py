@@ -1,4 +1,4 @@
-"""CPU micro-benchmark of the API side of ``blocks serve``: a synthetic engine, the real server, the real load generator.
+"""CPU micro-benchmark of the API side of ``blocks serve``: synthetic engine, real server, real load generator.
 
 What runs (all on 127.0.0.1, three processes):
 
@@ -41,7 +41,6 @@ import resource
 import socket
 import sys
 import time
-from dataclasses import asdict, dataclass
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:
@@ -51,18 +50,6 @@ _TICK = os.sysconf("SC_CLK_TCK")
 
 
 # ---------------------------------------------------------------------------------------------- fake engine
-@dataclass
-class _Stats:
-    num_tokens: int = 0
-    num_running: int = 0
-    num_waiting: int = 0
-    kv_usage: float = 0.0
-    num_preemptions: int = 0
-    prefix_queries: int = 0
-    prefix_hits: int = 0
-    num_unfinished: int = 0
-
-
 class _Runner:
     num_blocks = 1 << 16
 
@@ -131,8 +118,10 @@ class FakeCore:
         self.last_tokens = len(outs)
         return outs
 
-    def stats(self) -> _Stats:
-        return _Stats(num_tokens=self.last_tokens, num_running=len(self.reqs), num_unfinished=len(self.reqs))
+    def stats(self):
+        from blocks.engine.core import StepStats
+
+        return StepStats(num_tokens=self.last_tokens, num_running=len(self.reqs), num_unfinished=len(self.reqs))
 
     def close(self) -> None:
         pass
@@ -233,7 +222,8 @@ def run(args) -> dict:
     port = _free_port()
     ready = ctx.Queue()
     stop = ctx.Event()
-    proc = ctx.Process(target=_server_main, args=(port, args.step_ms / 1000.0, ready, stop, args.profile), name="serve-api-bench")
+    proc = ctx.Process(target=_server_main, args=(port, args.step_ms / 1000.0, ready, stop, args.profile),
+                       name="serve-api-bench")
     proc.start()
     try:
         engine_pid = ready.get(timeout=60)
@@ -267,7 +257,8 @@ def run(args) -> dict:
         "completed": s["completed"], "failed": s["failed"], "wrong_output_lengths": wrong,
         "duration_s": round(wall, 3), "output_tokens": tokens, "output_tokens_per_s": round(tokens / wall, 1),
         "offered_tokens_per_s_at_full_batch": round(args.max_concurrency * 1000.0 / args.step_ms, 1),
-        "chunks": chunks, "chunks_per_s": round(chunks / wall, 1), "tokens_per_chunk": round(tokens / max(chunks, 1), 3),
+        "chunks": chunks, "chunks_per_s": round(chunks / wall, 1),
+        "tokens_per_chunk": round(tokens / max(chunks, 1), 3),
         "p50_ttft_ms": round(s["p50_ttft_ms"], 1), "p99_ttft_ms": round(s["p99_ttft_ms"], 1),
         "p50_itl_ms": round(s["p50_itl_ms"], 2), "p99_itl_ms": round(s["p99_itl_ms"], 2),
     }

@@ -22,7 +22,6 @@ import random
 import statistics
 import time
 from dataclasses import dataclass, field
-
 from urllib.parse import urlsplit
 
 __all__ = ["RequestResult", "run_benchmark", "summarize", "main"]
@@ -210,7 +209,7 @@ async def _one_raw(host: str, port: int, path: str, body: dict, headers: dict, t
                 proto._finish(f"ReadTimeout: no data for {timeout} s")
         res.e2e = time.perf_counter() - start
         res.text = "".join(proto.text)
-    except (OSError, asyncio.TimeoutError) as exc:
+    except (TimeoutError, OSError) as exc:
         res.error = f"{type(exc).__name__}: {exc}"
         return res
     finally:
