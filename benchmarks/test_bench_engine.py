@@ -26,3 +26,34 @@ def test_bench_default_model_generate(benchmark, llm, batch):
     tokens = sum(len(o.outputs[0].token_ids) for o in outs)
     benchmark.extra_info["output_tokens_per_s"] = tokens / benchmark.stats.stats.median
     assert tokens == 64 * batch
+
+
+@pytest.mark.parametrize("batch", [32, 256])
+def test_bench_engine_host_step(benchmark, batch):
+    """The engine's own Python per decode step (scheduler, runner bookkeeping, request updates): the model
+    forward and the sampler are replaced by constant outputs, so only host work is timed. On a GPU this
+    time is not overlapped with the forward, so it bounds small-model throughput."""
+    import torch
+
+    from blocks.sample.sampler import SamplerOutput
+
+    llm = LLM(device="cpu", max_model_len=512, max_num_seqs=batch, enable_prefix_caching=False,
+              skip_tokenizer_init=True)
+    eng, runner = llm.engine, llm.engine.runner
+    logits = torch.zeros(batch, eng.vocab_size)
+    tokens = torch.full((batch,), 7)
+
+    def fake_forward(inputs):
+        runner._count(inputs)
+        return logits[: len(inputs.logits_rows)]
+
+    runner.run_model = fake_forward
+    runner.sampler = lambda x, batch_, inplace=False: SamplerOutput(sampled_token_ids=tokens[: x.shape[0]])
+    for i in range(batch):
+        eng.add_request(f"r{i}", [3 + i % 50] * 64, SamplingParams(temperature=0.0, max_tokens=400,
+                                                                   ignore_eos=True))
+    for _ in range(3):
+        eng.step()
+    benchmark.pedantic(eng.step, rounds=200, warmup_rounds=5)
+    assert eng.scheduler.num_running == batch
+    benchmark.extra_info["host_ms_per_step"] = benchmark.stats.stats.median * 1e3

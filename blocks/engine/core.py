@@ -191,7 +191,7 @@ class EngineCore:
             sched_req = Request(
                 seq_id, ids, max_tokens=max_tokens, arrival_time=now, priority=priority,
                 eos_token_id=self.eos_token_id, stop_token_ids=stop_ids, min_tokens=params.min_tokens,
-                ignore_eos=params.ignore_eos,
+                ignore_eos=params.ignore_eos, check_stop=bool(params.stop),
             )
             detok = None
             if self.tokenizer is not None and params.detokenize:
@@ -230,7 +230,8 @@ class EngineCore:
         rid = group.slot_to_rid[0]
         self._beam_groups[request_id] = group
         self._beam_of[rid] = group
-        self.scheduler.add_request(Request(rid, ids, max_tokens=params.max_tokens + 1, ignore_eos=True))
+        self.scheduler.add_request(Request(rid, ids, max_tokens=params.max_tokens + 1, ignore_eos=True,
+                                           check_stop=False))
 
     def _advance_beams(self, rows: dict) -> tuple[dict[str, int], list[BeamSearchOutput]]:
         for rid, row in rows.items():
@@ -343,21 +344,24 @@ class EngineCore:
             parent = self._parent_of(seq)
             if seq.index == 0:
                 parent.prompt_logprobs.extend(self._logprob_dicts(e) for e in entries)
+        seqs, parents, logprobs = self._seqs, self._parents, result.logprobs
         for rid, token in result.sampled.items():
-            seq = self._seqs.get(rid)
+            seq = seqs.get(rid)
             if seq is None:
                 continue
-            if seq.logprobs is not None and rid in result.logprobs:
-                value, rank, top = result.logprobs[rid]
+            if seq.logprobs is not None and rid in logprobs:
+                value, rank, top = logprobs[rid]
                 entry = self._logprob_dicts(top)
                 entry[token] = Logprob(value, rank, self._token_str(token))
                 seq.logprobs.append(entry)
                 seq.cumulative_logprob += value
-            parent = self._parent_of(seq)
-            if parent.metrics.first_token_time is None:
-                parent.metrics.first_token_time = now
-            parent.metrics.last_token_time = now
+            parent = parents[seq.parent_id]
+            metrics = parent.metrics
+            if metrics.first_token_time is None:
+                metrics.first_token_time = now
+            metrics.last_token_time = now
             touched[parent.request_id] = parent
+        ending: set[str] = set()  # parents with a sequence that finished this step
         for req in finished:
             seq = self._seqs.get(req.request_id)
             if seq is None:
@@ -368,10 +372,10 @@ class EngineCore:
                 seq.stop_reason = last if last in seq.params.stop_token_ids else None
             parent = self._parent_of(seq)
             touched[parent.request_id] = parent
+            ending.add(parent.request_id)
         outputs = []
-        for parent in touched.values():
-            done = all(s.finish_reason is not None for s in parent.seqs)
-            if done:
+        for rid, parent in touched.items():
+            if rid in ending and all(s.finish_reason is not None for s in parent.seqs):
                 parent.metrics.finished_time = now
                 outputs.append(self._make_output(parent))
                 self._drop_parent(parent, abort=False)

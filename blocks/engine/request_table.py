@@ -27,6 +27,7 @@ class RequestState:
     num_computed: int  # tokens whose KV is in the cache
     num_prompt: int
     row: int = -1  # this request's row of the block table
+    info: object = None  # the owner's per-request sampling info, cached on first use
 
 
 class RequestTable:

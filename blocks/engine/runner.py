@@ -232,7 +232,10 @@ class ModelRunner:
 
     def _sync_sampling_rows(self, sampling: list[str]) -> None:
         wanted = set(sampling)
-        for rid in list(self.batch.req_ids):
+        current = self.batch.req_ids
+        if len(current) == len(wanted) and wanted.issuperset(current):
+            return  # the same requests as last step (the steady decode state)
+        for rid in list(current):
             if rid not in wanted:  # running but not sampling this step
                 self._leave_batch(rid)
         for rid in sampling:
@@ -265,20 +268,29 @@ class ModelRunner:
         beams: list[str] = []
         last_row: dict[str, int] = {}
         prompt_lp: list[tuple[str, int, int, int]] = []  # (rid, first row, first position, count)
+        states = self.requests.states
         for rid in order:
-            st = self.requests[rid]
+            st = states[rid]
+            tokens = st.token_ids
+            known = len(tokens)
             n, start = num_sched[rid], st.num_computed
             end = start + n
-            if end > len(st.token_ids):
-                raise RuntimeError(f"request {rid}: scheduled past its known tokens ({end} > {len(st.token_ids)})")
+            if end > known:
+                raise RuntimeError(f"request {rid}: scheduled past its known tokens ({end} > {known})")
             row0 = len(ids)
-            ids.extend(st.token_ids[start:end])
-            positions.extend(range(start, end))
+            if n == 1:
+                ids.append(tokens[start])
+                positions.append(start)
+            else:
+                ids.extend(tokens[start:end])
+                positions.extend(range(start, end))
             qlens.append(n)
             slens.append(end)
             rows.append(st.row)
-            info = self.sampling_info(rid)
-            if end == len(st.token_ids):
+            info = st.info
+            if info is None:
+                info = st.info = self.sampling_info(rid)
+            if end == known:
                 (beams if info.beam else sampling).append(rid)
                 last_row[rid] = row0 + n - 1
             if info.params.prompt_logprobs is not None and start < st.num_prompt - 1:
@@ -308,11 +320,10 @@ class ModelRunner:
         host = sampled_ids.tolist()  # the one host read per step
         synced = time.perf_counter()
         self.batch.append_tokens(sampled_ids, host_token_ids=host)
-        sampled = {}
         req_ids = self.batch.req_ids
-        for rid, tok in zip(req_ids, host):
-            sampled[rid] = tok
-            self.requests[rid].token_ids.append(tok)
+        sampled = dict(zip(req_ids, host))
+        for rid, tok in sampled.items():
+            states[rid].token_ids.append(tok)
         logprobs = {}
         lp = sampler_out.logprobs
         if lp is not None:  # one host read for all rows that asked for logprobs

@@ -69,6 +69,8 @@ class Request:
         ignore_eos: never stop on EOS.
         cache_salt: isolates the prefix cache (only requests with the same salt share blocks).
         lora_id: adapter id; also part of the prefix-cache key.
+        check_stop: call the scheduler's ``stop_checker`` after each token of this request (the engine
+            turns it off for requests without stop strings, which keeps them on the fast path).
 
     Attributes:
         output_token_ids: sampled tokens so far.
@@ -87,7 +89,7 @@ class Request:
         "num_slot_tokens",
         "status", "num_preemptions", "preemptions", "num_cached_tokens", "first_scheduled_step",
         "first_token_time", "finish_time", "seq", "skips", "stop_ids", "prefix_hint", "needs_cow_check",
-        "__weakref__",
+        "check_stop", "__weakref__",
     )
 
     def __init__(
@@ -104,6 +106,7 @@ class Request:
         ignore_eos: bool = False,
         cache_salt: str | None = None,
         lora_id: int | None = None,
+        check_stop: bool = True,
     ):
         if not prompt_token_ids:
             raise ValueError("prompt_token_ids must hold at least 1 token, got 0")
@@ -126,6 +129,7 @@ class Request:
         self.ignore_eos = ignore_eos
         self.cache_salt = cache_salt
         self.lora_id = lora_id
+        self.check_stop = check_stop
         keys = []
         if cache_salt is not None:
             keys.append(("salt", cache_salt))

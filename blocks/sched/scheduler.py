@@ -59,7 +59,8 @@ class Scheduler:
         config: limits (``SchedulerConfig()`` for vLLM's defaults).
         policy: ``"fcfs"``, ``"priority"``, ``"cache_aware"`` or a :class:`SchedulingPolicy`.
         stop_checker: optional ``f(request) -> RequestStatus | None`` called after each appended
-            token (e.g. stop strings from a detokenizer); a finished status ends the request.
+            token of a request whose ``check_stop`` is set (e.g. stop strings from a detokenizer); a
+            finished status ends the request.
 
     Raises:
         ValueError: ``max_model_len`` needs more blocks than the KV cache has.
@@ -349,7 +350,7 @@ class Scheduler:
             out_ids = req.output_token_ids
             if not out_ids:
                 req.first_token_time = now
-            if type(toks) is int and stop_checker is None:  # fast path: one token, no custom check
+            if type(toks) is int and (stop_checker is None or not req.check_stop):  # one token, no custom check
                 out_ids.append(toks)
                 all_ids.append(toks)
                 if len(out_ids) < req.max_tokens and toks not in req.stop_ids and len(all_ids) < max_len:
@@ -358,7 +359,7 @@ class Scheduler:
             status = None
             for tok in (toks,) if isinstance(toks, int) else toks:
                 status = req.append_token(tok)
-                if status is None and stop_checker is not None:
+                if status is None and stop_checker is not None and req.check_stop:
                     status = stop_checker(req)
                 if status is None and len(all_ids) >= max_len:
                     status = RequestStatus.FINISHED_LENGTH
@@ -418,7 +419,7 @@ class Scheduler:
             child_id, parent.prompt_token_ids, max_tokens=parent.max_tokens, arrival_time=parent.arrival_time,
             priority=parent.priority, eos_token_id=parent.eos_token_id, stop_token_ids=parent.stop_token_ids,
             min_tokens=parent.min_tokens, ignore_eos=parent.ignore_eos, cache_salt=parent.cache_salt,
-            lora_id=parent.lora_id,
+            lora_id=parent.lora_id, check_stop=parent.check_stop,
         )
         self.kv.fork(parent_id, child_id)
         child.output_token_ids = list(parent.output_token_ids)
