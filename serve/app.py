@@ -20,24 +20,33 @@ from serve import chat, completions, misc_routes
 from serve.errors import APIError, error_response, install_error_handlers
 from serve.state import ServerState
 
-__all__ = ["build_app", "OPEN_PATHS", "BodySizeLimit", "DEFAULT_MAX_BODY_BYTES"]
+__all__ = ["build_app", "OPEN_PATHS", "BodySizeLimit", "DEFAULT_MAX_BODY_BYTES", "MAX_HEADER_BYTES"]
 
 OPEN_PATHS = frozenset({"/health", "/metrics", "/version"})
 DEFAULT_MAX_BODY_BYTES = 16 << 20
+# A request head larger than this is refused with 431, whatever HTTP parser uvicorn uses (h11 caps heads
+# itself; httptools, picked when installed, does not).
+MAX_HEADER_BYTES = 32 << 10
 
 
 class BodySizeLimit:
-    """ASGI middleware: a request body over ``max_bytes`` is refused with 413 (by its Content-Length, or
-    while a chunked body is read)."""
+    """ASGI middleware: request headers over ``max_header_bytes`` in all get 431; a request body over
+    ``max_bytes`` is refused with 413 (by its Content-Length, or while a chunked body is read)."""
 
-    def __init__(self, app, max_bytes: int) -> None:
+    def __init__(self, app, max_bytes: int, max_header_bytes: int = MAX_HEADER_BYTES) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.max_header_bytes = max_header_bytes
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        length = dict(scope.get("headers") or ()).get(b"content-length")
+        headers = scope.get("headers") or ()
+        if sum(len(k) + len(v) for k, v in headers) > self.max_header_bytes:
+            response = error_response(
+                431, f"request headers are larger than the limit of {self.max_header_bytes} bytes")
+            return await response(scope, receive, send)
+        length = dict(headers).get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
             response = error_response(413, f"request body is larger than the limit of {self.max_bytes} bytes")
             return await response(scope, receive, send)
