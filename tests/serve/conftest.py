@@ -60,7 +60,7 @@ def alive(pid: int) -> bool:
 class Server:
     """A running server: ``url``, ``base_url`` (…/v1), ``proc``, ``api_key``, ``model``."""
 
-    def __init__(self, model_path: str, *extra: str, api_key: str | None = None) -> None:
+    def __init__(self, model_path: str, *extra: str, api_key: str | None = None, log_dir: str | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.base_url = self.url + "/v1"
@@ -73,7 +73,7 @@ class Server:
         env = {**os.environ, "PYTHONPATH": str(ROOT), "BLOCKS_API_KEY": ""}
         if api_key:
             cmd += ["--api-key", api_key]
-        self.log = open(Path(model_path) / f"server-{self.port}.log", "w+")  # noqa: SIM115
+        self.log = open(Path(log_dir or model_path) / f"server-{self.port}.log", "w+")  # noqa: SIM115
         self.proc = subprocess.Popen(cmd, env=env, stdout=self.log, stderr=subprocess.STDOUT, cwd=str(ROOT))
         deadline = time.time() + 150
         while time.time() < deadline:
