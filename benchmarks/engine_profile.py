@@ -92,7 +92,7 @@ def main() -> None:
 
     acc: dict[str, float] = defaultdict(float)
     _wrap(eng.scheduler, "schedule", "schedule", acc)
-    _wrap(runner, "_update_states", "runner.update_states", acc)
+    _wrap(runner.requests, "apply", "runner.requests.apply", acc)
     _wrap(runner, "run_model", "runner.run_model (launch)", acc)
     if runner.graphs is not None:
         _wrap(runner.graphs, "run", "  graphs.run (stage + replay)", acc)
@@ -105,7 +105,8 @@ def main() -> None:
     _wrap(eng, "_update_requests", "engine.update_requests", acc)
 
     add_batch("run")
-    eng.step()  # prefill
+    eng.step()  # prefill (eager): not part of the decode-step phases below
+    acc.clear()
     walls = []
     for _ in range(args.steps):
         t = time.perf_counter()
