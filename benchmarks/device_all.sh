@@ -33,7 +33,7 @@ case "${1:-tests-kernels}" in
     done
     ;;
   engine-tp)  # issue 7 engine figures on GPU 0, then issue 10's TP=2 vs TP=1 (needs two GPUs); PARTS picks
-    # some of: tp-tests lat-tp lat thr thr-tp (default all). Results go straight to $OUT (results.jsonl,
+    # some of: tp-smoke tp-tests lat lat-llama lat-tp thr thr-tp (default: lat thr tp-tests lat-tp thr-tp). Results go straight to $OUT (results.jsonl,
     # engine_tp.log) so a run stopped at its time limit still returns what finished.
     PARTS=${PARTS:-"lat thr tp-tests lat-tp thr-tp"}
     LOG="$FINAL/engine_tp.log"
@@ -61,6 +61,9 @@ case "${1:-tests-kernels}" in
             --gpu-memory-utilization 0.6
           bench thr_llama 200 throughput --model llama-3-8b $T --peer hf --peer-num-prompts 32 \
             --gpu-memory-utilization 0.6 ;;
+        tp-smoke)  # 15 s when it works; on a hang every process prints its stacks after 60 s
+          timeout 90 python3 benchmarks/tp_smoke.py graphs 60 >> "$LOG" 2>&1; echo "tp smoke exit $?"
+          grep -E "^graphs:" "$LOG" | tail -3 ;;
         tp-tests)
           timeout "${TP_TEST_TIMEOUT:-150}" python3 -m pytest -q -p no:cacheprovider tests/engine/test_engine_tp_gpu.py \
             >> "$LOG" 2>&1; echo "tp tests exit $?"; grep -E "passed|failed|Error" "$LOG" | tail -3 ;;
