@@ -32,9 +32,10 @@ case "${1:-tests-kernels}" in
       echo "profile $m exit $?"; grep -B2 -A45 "decode steps" "$W/profile_$m.log" | cut -c1-150
     done
     ;;
-  engine-tp)  # issue 7 engine figures on GPU 0, then issue 10's TP=2 vs TP=1 (needs two GPUs); PARTS picks
-    # some of: tp-smoke tp-tests lat lat-llama lat-tp thr thr-tp (default: lat thr tp-tests lat-tp thr-tp). Results go straight to $OUT (results.jsonl,
-    # engine_tp.log) so a run stopped at its time limit still returns what finished.
+  engine-tp)  # issue 7 engine figures on GPU 0, then issue 10's TP=2 vs TP=1 (needs two GPUs). PARTS picks
+    # some of: tp-smoke tp-tests lat lat-llama lat-tp thr thr-tp (default: lat thr tp-tests lat-tp thr-tp).
+    # Results go straight to $OUT (results.jsonl, engine_tp.log), so a run stopped at its time limit still
+    # returns what finished.
     PARTS=${PARTS:-"lat thr tp-tests lat-tp thr-tp"}
     LOG="$FINAL/engine_tp.log"
     nvidia-smi --query-gpu=name --format=csv,noheader | tee -a "$LOG"
