@@ -4,6 +4,7 @@
 #   bash benchmarks/device_all.sh engine          # engine GPU tests and end-to-end latency/throughput
 #   bash benchmarks/device_all.sh tests-profile   # all GPU tests, then benchmarks/engine_profile.py at batch 1
 #   bash benchmarks/device_all.sh engine-tp       # issue 7 latency/throughput, then TP=2 tests and benchmarks
+#   bash benchmarks/device_all.sh gemv            # the opt-in Triton skinny GEMM against cuBLAS, A/B profiles
 # Logs go to a work folder and come back as one archive, $OUT/all.tar.gz (the device tool returns at most
 # 8 files), plus the summary printed here.
 set -uo pipefail
@@ -73,6 +74,17 @@ case "${1:-tests-kernels}" in
       esac
     done
     ;;
-  *) echo "usage: $0 tests-kernels|engine|tests-profile|engine-tp"; exit 2 ;;
+  gemv)  # the opt-in Triton skinny GEMM: its GPU tests, cuBLAS vs Triton per shape, then A/B engine profiles
+    timeout 120 python3 -m pytest -q -p no:cacheprovider -m gpu tests/layers/test_triton_gemv.py 2>&1 | tail -2
+    timeout 150 python3 benchmarks/gemv_bench.py --json "$FINAL/gemv.json" 2>&1 | tee "$FINAL/gemv.log"
+    for m in qwen2.5-0.5b llama-3-8b; do
+      for flag in 0 1; do
+        BLOCKS_SKINNY_GEMM=$flag timeout 120 python3 benchmarks/engine_profile.py --model "$m" --steps 40 \
+          --json "$W/ab_${m}_$flag.json" > "$W/ab_${m}_$flag.log" 2>&1
+        echo "$m BLOCKS_SKINNY_GEMM=$flag: $(grep -E "step wall|GPU alone" "$W/ab_${m}_$flag.log" | tr -s ' ')"
+      done
+    done
+    ;;
+  *) echo "usage: $0 tests-kernels|engine|tests-profile|engine-tp|gemv"; exit 2 ;;
 esac
 tar czf "$FINAL/all.tar.gz" -C "$W" .

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from blocks.layers.fused import linear
 from blocks.layers.tp import TP_SINGLE, TPInfo
 
 __all__ = ["VocabParallelEmbedding", "ParallelLMHead"]
@@ -108,6 +109,6 @@ class ParallelLMHead(VocabParallelEmbedding):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """``hidden [n, embedding_dim]`` -> logits ``[n, num_embeddings]`` float32."""
-        logits = F.linear(hidden, self.weight, self.bias)
+        logits = linear(hidden, self.weight, self.bias)
         logits = self.tp.all_gather(logits, -1)
         return logits[..., : self.num_embeddings].float()

@@ -23,9 +23,9 @@ its partial products over ranks (``reduce_results=True``) and adds the bias once
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from blocks.layers.fused import linear
 from blocks.layers.tp import TP_SINGLE, TPInfo, divide
 
 __all__ = [
@@ -98,7 +98,7 @@ class ReplicatedLinear(_LinearBase):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``[..., input_size] -> [..., output_size]``."""
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias)
 
 
 class ColumnParallelLinear(_LinearBase):
@@ -128,7 +128,7 @@ class ColumnParallelLinear(_LinearBase):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``[..., input_size] -> [..., output_size / tp]`` (or ``output_size`` with ``gather_output``)."""
-        y = F.linear(x, self.weight, self.bias)
+        y = linear(x, self.weight, self.bias)
         return self.tp.all_gather(y, -1) if self.gather_output else y
 
 
@@ -233,7 +233,7 @@ class QKVParallelLinear(_LinearBase):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``[..., hidden_size] -> [..., q_size + 2 * kv_size]`` (this rank's heads)."""
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias)
 
     def split(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``[..., q + 2 kv] -> ([..., q], [..., kv], [..., kv])`` for this rank."""
@@ -277,8 +277,8 @@ class RowParallelLinear(_LinearBase):
             n = self.input_size_per_rank
             x = x.narrow(-1, self.tp.rank * n, n)
         if self.tp.size == 1:
-            return F.linear(x, self.weight, self.bias)
-        y = F.linear(x, self.weight)
+            return linear(x, self.weight, self.bias)
+        y = linear(x, self.weight)
         if self.reduce_results:
             y = self.tp.all_reduce(y)
             return y + self.bias if self.bias is not None else y

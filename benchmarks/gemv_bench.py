@@ -1,0 +1,64 @@
+"""Skinny GEMM on the GPU: ``F.linear`` (cuBLAS) against :func:`blocks.layers.triton_gemv.skinny_linear` at the
+decode shapes of Llama-3-8B and Qwen2.5-0.5B, bf16. Median of CUDA-event timings with a 256 MiB write (L2
+flush) before each; TB/s counts the weight bytes once. Usage: ``python3 benchmarks/gemv_bench.py [--json F]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+
+import torch
+import torch.nn.functional as F
+
+SHAPES = {  # name: (N, K)
+    "llama8b qkv": (6144, 4096), "llama8b o_proj": (4096, 4096), "llama8b gate_up": (28672, 4096),
+    "llama8b down": (4096, 14336), "qwen0.5b qkv": (1152, 896), "qwen0.5b o_proj": (896, 896),
+    "qwen0.5b gate_up": (9728, 896), "qwen0.5b down": (896, 4864),
+}
+
+
+def _time(fn, flush, iters=50):
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(iters):
+        flush.zero_()
+        torch.cuda._sleep(200_000)  # the GPU stays busy while the host enqueues the timed call
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3)
+    return statistics.median(times)
+
+
+def main() -> None:
+    from blocks.layers.triton_gemv import skinny_linear
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--json", default=None)
+    args = p.parse_args()
+    flush = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
+    rows = []
+    print(f"{'shape':18s} {'M':>3s} {'cuBLAS us':>10s} {'TB/s':>6s} {'triton us':>10s} {'TB/s':>6s} {'speedup':>8s}")
+    for name, (n, k) in SHAPES.items():
+        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5
+        for m in (1, 8, 16):
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            torch.testing.assert_close(skinny_linear(x, w).float(), F.linear(x, w).float(), atol=0.05, rtol=0.02)
+            t_cublas = _time(lambda x=x, w=w: F.linear(x, w), flush)
+            t_triton = _time(lambda x=x, w=w: skinny_linear(x, w), flush)
+            gb = n * k * 2 / 1e12
+            row = {"shape": name, "m": m, "n": n, "k": k, "cublas_us": t_cublas, "triton_us": t_triton,
+                   "cublas_tbps": gb / (t_cublas * 1e-6), "triton_tbps": gb / (t_triton * 1e-6)}
+            rows.append(row)
+            print(f"{name:18s} {m:3d} {t_cublas:10.1f} {row['cublas_tbps']:6.2f} {t_triton:10.1f} "
+                  f"{row['triton_tbps']:6.2f} {t_cublas / t_triton:8.2f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(), "rows": rows}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

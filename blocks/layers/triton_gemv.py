@@ -1,0 +1,110 @@
+"""Skinny GEMM (decode-sized ``x @ W^T``) in Triton, with split-K: an opt-in alternative to cuBLAS.
+
+At batch 1-16 a linear layer is a weight stream: ``W [N, K]`` is read once and the math is free. On an
+H100 cuBLAS streams most decode shapes at ~2.9-3.0 TB/s, but it ran Llama-3-8B's o_proj (4096 x 4096) at
+1.6 TB/s and adds a split-K reduction kernel to others (``benchmarks/RESULTS.md``). This kernel gives every
+program ``BLOCK_N`` weight rows and a ``1 / SPLIT_K`` share of ``K``, so there are enough programs in flight
+for any shape; ``SPLIT_K > 1`` writes float32 partials that a second small kernel sums (adding the bias and
+casting). Products accumulate in float32 through ``tl.dot`` (``M`` padded to 16 rows).
+
+Opt-in while its H100 speed is unmeasured: the linear layers use it on CUDA for ``M <= 16`` rows when the
+environment sets ``BLOCKS_SKINNY_GEMM=1`` (see :func:`blocks.layers.fused.linear`). Runs under
+``TRITON_INTERPRET=1`` on CPU tensors (fp32/fp16) in the tests.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["skinny_linear", "MAX_ROWS"]
+
+MAX_ROWS = 16  # rows of x one launch handles (tl.dot's smallest M)
+
+
+@triton.jit
+def _gemv_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om, stride_os, k_per_split,
+                 HAS_BIAS: tl.constexpr, DIRECT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    k_start = pid_s * k_per_split
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for kk in range(0, k_per_split, BLOCK_K):
+        offs_k = k_start + kk + tl.arange(0, BLOCK_K)
+        k_ok = (offs_k < K) & (kk + tl.arange(0, BLOCK_K) < k_per_split)
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :],
+                    other=0.0)
+        w = tl.load(w_rows + offs_k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+        acc += tl.dot(x, tl.trans(w))
+    mask = m_ok[:, None] & n_ok[None, :]
+    if DIRECT:  # one split: finish here
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.store(out_ptr + pid_s * stride_os + offs_m[:, None] * stride_om + offs_n[None, :], acc, mask=mask)
+
+
+@triton.jit
+def _reduce_kernel(part_ptr, b_ptr, out_ptr, M, N, stride_ps, stride_pm, stride_om, SPLIT_K: tl.constexpr,
+                   HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr):
+    m = tl.program_id(0)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for s in range(SPLIT_K):
+        acc += tl.load(part_ptr + s * stride_ps + m * stride_pm + offs_n, mask=n_ok, other=0.0)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + m * stride_om + offs_n, acc.to(out_ptr.dtype.element_ty), mask=n_ok)
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 1
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+                  block_n: int = 64, block_k: int = 128, split_k: int | None = None,
+                  num_warps: int = 4, num_stages: int = 4) -> torch.Tensor:
+    """``x [M, K] @ weight[N, K]^T (+ bias [N])`` -> ``[M, N]`` in ``x.dtype``, for ``M <= MAX_ROWS``.
+
+    ``x`` and ``weight`` need a unit stride along ``K``. ``split_k`` (default: enough programs for two per
+    SM, each still streaming at least 4 ``block_k`` tiles) splits the reduction over ``K``.
+    """
+    m, k = x.shape
+    n, k_w = weight.shape
+    if k_w != k or m > MAX_ROWS or x.stride(1) != 1 or weight.stride(1) != 1:
+        raise ValueError(f"skinny_linear: x {tuple(x.shape)} (<= {MAX_ROWS} rows, unit stride) and weight "
+                         f"{tuple(weight.shape)} (unit stride) must share K")
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if m == 0 or n == 0:
+        return out
+    n_blocks = triton.cdiv(n, block_n)
+    if split_k is None:
+        split_k = max(1, min(2 * _num_sms(x.device) // n_blocks, k // (4 * block_k)))
+    k_per_split = triton.cdiv(triton.cdiv(k, split_k), block_k) * block_k
+    split_k = triton.cdiv(k, k_per_split)
+    has_bias = bias is not None
+    b = bias if has_bias else out
+    if split_k == 1:
+        _gemv_kernel[(n_blocks, 1)](x, weight, b, out, m, n, k, x.stride(0), weight.stride(0), out.stride(0), 0,
+                                    k_per_split, HAS_BIAS=has_bias, DIRECT=True, BLOCK_M=MAX_ROWS,
+                                    BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages)
+        return out
+    part = torch.empty((split_k, m, n), dtype=torch.float32, device=x.device)
+    _gemv_kernel[(n_blocks, split_k)](x, weight, b, part, m, n, k, x.stride(0), weight.stride(0), part.stride(1),
+                                      part.stride(0), k_per_split, HAS_BIAS=False, DIRECT=False, BLOCK_M=MAX_ROWS,
+                                      BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages)
+    reduce_n = min(1024, triton.next_power_of_2(n))
+    _reduce_kernel[(m, triton.cdiv(n, reduce_n))](part, b, out, m, n, part.stride(0), part.stride(1), out.stride(0),
+                                                  SPLIT_K=split_k, HAS_BIAS=has_bias, BLOCK_N=reduce_n, num_warps=4)
+    return out
