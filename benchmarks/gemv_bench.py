@@ -55,9 +55,21 @@ def main() -> None:
             rows.append(row)
             print(f"{name:18s} {m:3d} {t_cublas:10.1f} {row['cublas_tbps']:6.2f} {t_triton:10.1f} "
                   f"{row['triton_tbps']:6.2f} {t_cublas / t_triton:8.2f}")
+    # a small sweep of the tile at the shape cuBLAS handles worst (Llama-3-8B o_proj, batch 1)
+    w = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16) / 64
+    x = torch.randn(1, 4096, device="cuda", dtype=torch.bfloat16)
+    sweep = []
+    for block_n in (16, 32, 64):
+        for block_k in (64, 128, 256):
+            for split_k in (1, 2, 4):
+                us = _time(lambda bn=block_n, bk=block_k, sk=split_k: skinny_linear(x, w, block_n=bn, block_k=bk,
+                                                                                    split_k=sk), flush, iters=20)
+                sweep.append({"block_n": block_n, "block_k": block_k, "split_k": split_k, "us": us})
+    best = sorted(sweep, key=lambda r: r["us"])[:5]
+    print("o_proj sweep, best 5:", [(r["block_n"], r["block_k"], r["split_k"], round(r["us"], 1)) for r in best])
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(), "rows": rows}, f, indent=2)
+            json.dump({"device": torch.cuda.get_device_name(), "rows": rows, "o_proj_sweep": sweep}, f, indent=2)
 
 
 if __name__ == "__main__":

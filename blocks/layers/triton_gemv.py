@@ -73,12 +73,13 @@ def _num_sms(device: torch.device) -> int:
 
 
 def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
-                  block_n: int = 64, block_k: int = 128, split_k: int | None = None,
+                  block_n: int | None = None, block_k: int = 128, split_k: int | None = None,
                   num_warps: int = 4, num_stages: int = 4) -> torch.Tensor:
     """``x [M, K] @ weight[N, K]^T (+ bias [N])`` -> ``[M, N]`` in ``x.dtype``, for ``M <= MAX_ROWS``.
 
-    ``x`` and ``weight`` need a unit stride along ``K``. ``split_k`` (default: enough programs for two per
-    SM, each still streaming at least 4 ``block_k`` tiles) splits the reduction over ``K``.
+    ``x`` and ``weight`` need a unit stride along ``K``. Defaults: ``block_n`` 64 rows a program, fewer
+    (down to 16) when ``N`` gives too few programs for the SMs; ``split_k`` enough programs for two per
+    SM, each still streaming at least 2 ``block_k`` tiles.
     """
     m, k = x.shape
     n, k_w = weight.shape
@@ -88,9 +89,14 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0 or n == 0:
         return out
+    sms = _num_sms(x.device)
+    if block_n is None:
+        block_n = 64
+        while block_n > 16 and triton.cdiv(n, block_n) < sms:
+            block_n //= 2
     n_blocks = triton.cdiv(n, block_n)
     if split_k is None:
-        split_k = max(1, min(2 * _num_sms(x.device) // n_blocks, k // (4 * block_k)))
+        split_k = max(1, min(2 * sms // n_blocks, k // (2 * block_k)))
     k_per_split = triton.cdiv(triton.cdiv(k, split_k), block_k) * block_k
     split_k = triton.cdiv(k, k_per_split)
     has_bias = bias is not None
