@@ -20,13 +20,37 @@ import torch
 
 from blocks.attention.metadata import AttentionMetadata
 
-__all__ = ["DecodeGraphs", "graph_buckets"]
+__all__ = ["DecodeGraphs", "graph_buckets", "fill_decode_inputs"]
 
 
 def graph_buckets(max_batch: int) -> list[int]:
     """Batch sizes to capture: 1, 2, 4, 8, 16, 32, 48, ... up to ``max_batch`` (always included)."""
     sizes = [b for b in (1, 2, 4, 8) if b < max_batch] + list(range(16, max_batch, 16)) + [max_batch]
     return sorted(set(sizes))
+
+
+def fill_decode_inputs(h64: np.ndarray, h32: np.ndarray, bs: int, width: int, block_size: int,
+                       token_ids: list[int], positions: list[int], seq_lens: list[int], block_tables: np.ndarray,
+                       logits_rows: list[int]) -> None:
+    """Write one decode step of ``n = len(token_ids)`` rows, padded to bucket ``bs``, into the host buffers.
+
+    ``h64`` (``4 bs`` int64): ``[ids | positions | slots | logits rows]``; padding rows get id 0, position
+    0, slot -1 (no KV write) and logits row 0. ``h32`` (``bs * (width + 1)`` int32): ``[seq_lens | block
+    table [bs, width]]``; padding rows get ``seq_len`` 0 (the kernels skip them). Table entries past a row's
+    ``block_tables`` columns are left as they are: the kernels never read past ``seq_lens``.
+    """
+    n, m = len(token_ids), len(logits_rows)
+    h64[:] = 0
+    h64[:n] = token_ids
+    pos = h64[bs : bs + n]
+    pos[:] = positions
+    slots = h64[2 * bs : 3 * bs]
+    slots[n:] = -1
+    slots[:n] = block_tables[np.arange(n), pos // block_size].astype(np.int64) * block_size + pos % block_size
+    h64[3 * bs : 3 * bs + m] = logits_rows
+    h32[:bs] = 0
+    h32[:n] = seq_lens
+    h32[bs:].reshape(bs, width)[:n, : block_tables.shape[1]] = block_tables
 
 
 class DecodeGraphs:
@@ -111,24 +135,11 @@ class DecodeGraphs:
         ``[len(logits_rows), vocab]`` of rows ``logits_rows`` (each ``< n``), a view valid until the next
         replay. Slots are derived from positions and block tables."""
         n = len(token_ids)
-        m = len(logits_rows)
         bs = self.bucket_for(n)
-        bsz = self.block_size
         if self._copied is not None:  # the last step's transfer has left the pinned buffers
             self._copied.synchronize()
-        h64 = self._h64[: 4 * bs]
-        h64[:] = 0
-        h64[:n] = token_ids
-        pos = h64[bs : bs + n]
-        pos[:] = positions
-        slots = h64[2 * bs : 3 * bs]
-        slots[n:] = -1  # padding rows write nothing
-        slots[:n] = block_tables[np.arange(n), pos // bsz].astype(np.int64) * bsz + pos % bsz
-        h64[3 * bs : 3 * bs + m] = logits_rows
-        h32 = self._h32[: bs * (self.width + 1)]
-        h32[:bs] = 0  # padding rows: seq_len 0, the kernels skip them (stale table entries are never read)
-        h32[:n] = seq_lens
-        h32[bs:].reshape(bs, self.width)[:n, : block_tables.shape[1]] = block_tables
+        fill_decode_inputs(self._h64[: 4 * bs], self._h32[: bs * (self.width + 1)], bs, self.width,
+                           self.block_size, token_ids, positions, seq_lens, block_tables, logits_rows)
         d64, d32 = self._dev[bs]
         d64.copy_(self._host64[: 4 * bs], non_blocking=True)
         d32.copy_(self._host32[: bs * (self.width + 1)], non_blocking=True)
@@ -136,4 +147,4 @@ class DecodeGraphs:
         self._copied.record()
         graph, out = self.graphs[bs]
         graph.replay()
-        return out[:m]
+        return out[: len(logits_rows)]
