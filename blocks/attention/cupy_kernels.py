@@ -70,6 +70,36 @@ __device__ __forceinline__ q_t float_to_q(float x) {
     return float_to_bf16(x);
 #endif
 }
+// The sequence of query token t, by a binary search over query_start_loc (so a grid over tokens is fixed by
+// num_tokens and graph-capturable), with its length and t's position in it; a padding token gets
+// seq_len <= 0 or pos < 0.
+__device__ __forceinline__ int token_sequence(const int* __restrict__ query_start_loc,
+                                              const int* __restrict__ seq_lens, int num_seqs, int num_tokens,
+                                              int t, int* seq_len, int* pos) {
+    int lo = 0, hi = num_seqs;
+    while (lo < hi) {
+        int mid = (lo + hi + 1) >> 1;
+        if (query_start_loc[mid] <= t) lo = mid; else hi = mid - 1;
+    }
+    *seq_len = lo < num_seqs ? seq_lens[lo] : 0;
+    const int q_end = lo < num_seqs ? query_start_loc[lo + 1] : num_tokens;
+    *pos = *seq_len - (q_end - t);
+    return lo;
+}
+
+// kscale / vscale for the block, and for an FP8 cache the e4m3 -> float table in shared memory.
+#if KV_KIND == 3
+#define KV_SCALES(lut, fp8_lut, k_scale, v_scale)                                  \
+    for (int i_ = threadIdx.x; i_ < 256; i_ += NWARPS * 32) lut[i_] = fp8_lut[i_]; \
+    const float kscale = k_scale[0];                                               \
+    const float vscale = v_scale[0];                                               \
+    __syncthreads()
+#else
+#define KV_SCALES(lut, fp8_lut, k_scale, v_scale) \
+    const float kscale = 1.0f;                    \
+    const float vscale = 1.0f
+#endif
+
 __device__ __forceinline__ float kv_to_float(kv_t x, const float* lut) {
 #if KV_KIND == 0
     return x;
@@ -103,15 +133,8 @@ extern "C" __global__ void __launch_bounds__(NWARPS * 32) paged_decode_attention
     const int warp = threadIdx.x / 32;
     const int lane = threadIdx.x % 32;
 
-    int lo = 0, hi = num_seqs;
-    while (lo < hi) {
-        int mid = (lo + hi + 1) >> 1;
-        if (query_start_loc[mid] <= t) lo = mid; else hi = mid - 1;
-    }
-    const int seq = lo;
-    const int seq_len = seq < num_seqs ? seq_lens[seq] : 0;
-    const int q_end = seq < num_seqs ? query_start_loc[seq + 1] : num_tokens;
-    const int pos = seq_len - (q_end - t);
+    int seq_len, pos;
+    const int seq = token_sequence(query_start_loc, seq_lens, num_seqs, num_tokens, t, &seq_len, &pos);
     if (seq_len <= 0 || pos < 0) {
         for (int idx = threadIdx.x; idx < GROUP * HEAD_DIM; idx += NWARPS * 32) {
             int h = idx / HEAD_DIM, d = idx % HEAD_DIM;
@@ -119,15 +142,7 @@ extern "C" __global__ void __launch_bounds__(NWARPS * 32) paged_decode_attention
         }
         return;
     }
-#if KV_KIND == 3
-    for (int i = threadIdx.x; i < 256; i += NWARPS * 32) lut[i] = fp8_lut[i];
-    const float kscale = k_scale[0];
-    const float vscale = v_scale[0];
-    __syncthreads();
-#else
-    const float kscale = 1.0f;
-    const float vscale = 1.0f;
-#endif
+    KV_SCALES(lut, fp8_lut, k_scale, v_scale);
 
     float qr[GROUP][DPL];
     float acc[GROUP][DPL];

@@ -1,8 +1,9 @@
 """CUDA C source of the vectorised split-KV paged decode kernel (CuPy backend, ``kernel="vector"``).
 
-**Not yet run on a GPU** (written after the session's only device run; it compiles with nvcc 13.0 for
-sm_90 without spills). The backend's default is the scalar kernel of :mod:`cupy_kernels`, which the
-GPU tests verified; ``tests/attention/test_gpu_attention.py`` runs this one too on the next device run.
+It passes the GPU tests (``tests/attention/test_gpu_attention.py``) on an H100, but its speed is not
+measured yet, so the backend's default stays the scalar kernel of :mod:`cupy_kernels`. The sequence
+lookup and the FP8 table/scales come from :data:`cupy_kernels.COMMON_SOURCE` (``token_sequence``,
+``KV_SCALES``), shared with the scalar kernel.
 
 One thread block per (query token, KV head, split): it finds its sequence by a binary search over
 ``query_start_loc`` (so the grid is fixed by ``num_tokens``, graph-capturable). A token's K/V row
@@ -57,15 +58,8 @@ extern "C" __global__ void __launch_bounds__(NWARPS * 32) paged_decode_attention
     const int d0 = (lane % TPR) * VEC;                  // first of this lane's VEC dims
     const bool d_ok = d0 < HEAD_DIM;
 
-    int lo = 0, hi = num_seqs;
-    while (lo < hi) {
-        int mid = (lo + hi + 1) >> 1;
-        if (query_start_loc[mid] <= t) lo = mid; else hi = mid - 1;
-    }
-    const int seq = lo;
-    const int seq_len = seq < num_seqs ? seq_lens[seq] : 0;
-    const int q_end = seq < num_seqs ? query_start_loc[seq + 1] : num_tokens;
-    const int pos = seq_len - (q_end - t);
+    int seq_len, pos;
+    const int seq = token_sequence(query_start_loc, seq_lens, num_seqs, num_tokens, t, &seq_len, &pos);
     if (seq_len <= 0 || pos < 0) {  // padding: zeros (or an empty partial)
         for (int idx = threadIdx.x; idx < GROUP * HEAD_DIM; idx += NWARPS * 32) {
             int h = idx / HEAD_DIM, d = idx % HEAD_DIM;
@@ -77,15 +71,7 @@ extern "C" __global__ void __launch_bounds__(NWARPS * 32) paged_decode_attention
         }
         return;
     }
-#if KV_KIND == 3
-    for (int i = threadIdx.x; i < 256; i += NWARPS * 32) lut[i] = fp8_lut[i];
-    const float kscale = k_scale[0];
-    const float vscale = v_scale[0];
-    __syncthreads();
-#else
-    const float kscale = 1.0f;
-    const float vscale = 1.0f;
-#endif
+    KV_SCALES(lut, fp8_lut, k_scale, v_scale);
 
     float qr[GROUP][VEC];
     float acc[GROUP][VEC];
