@@ -26,7 +26,7 @@ from blocks.attention.triton_paged import TritonPlan, WorkspacePool
 from blocks.attention.triton_paged import paged_attention as triton_paged_attention
 from blocks.attention.validation import FP8_KV_DTYPE, check_attention
 
-__all__ = ["CupyAttentionBackend", "cupy_paged_decode_attention"]
+__all__ = ["CupyAttentionBackend", "cupy_paged_decode_attention", "cupy_stream", "kernel_args", "dtype_kinds"]
 
 _LUTS: dict[torch.device, torch.Tensor] = {}
 
@@ -37,6 +37,44 @@ def _fp8_lut(device: torch.device) -> torch.Tensor:
         bits = torch.arange(256, dtype=torch.uint8)
         _LUTS[device] = bits.view(FP8_KV_DTYPE).float().to(device)
     return _LUTS[device]
+
+
+def cupy_stream(device: torch.device):
+    """torch's current stream as a cupy stream (so launches join CUDA-graph capture and stream order)."""
+    ts = torch.cuda.current_stream(device)
+    if hasattr(ts, "__cuda_stream__") and hasattr(cupy.cuda.Stream, "from_external"):
+        return cupy.cuda.Stream.from_external(ts)
+    return cupy.cuda.ExternalStream(ts.cuda_stream)
+
+
+def _ptr(t: torch.Tensor) -> np.uint64:
+    return np.uint64(t.data_ptr())
+
+
+def dtype_kinds(query: torch.Tensor, key_cache: torch.Tensor) -> tuple[int, int]:
+    """The kernels' ``Q_KIND`` / ``KV_KIND`` compile-time element types."""
+    return DTYPE_KINDS[str(query.dtype).split(".")[-1]], DTYPE_KINDS[str(key_cache.dtype).split(".")[-1]]
+
+
+def kernel_args(query, key_cache, value_cache, out, metadata: AttentionMetadata, *, fp8: bool, k_scale, v_scale,
+                scale: float, soft_cap: float | None, sliding_window: int | None) -> tuple[tuple, tuple]:
+    """The arguments both CUDA kernels share, as ``(head, tail)``: ``head`` = query, caches and output
+    pointers; ``tail`` = metadata pointers, the FP8 table and scales, the scalars and every stride (a kernel
+    may take its own arguments between the two)."""
+    lut = _fp8_lut(query.device) if fp8 else metadata.seq_lens  # unread without FP8: any valid pointer
+    ks = k_scale if fp8 else metadata.seq_lens
+    vs = v_scale if fp8 else metadata.seq_lens
+    i64 = np.int64
+    head = (_ptr(query), _ptr(key_cache), _ptr(value_cache), _ptr(out))
+    tail = (
+        _ptr(metadata.query_start_loc), _ptr(metadata.seq_lens), _ptr(metadata.block_table), _ptr(lut), _ptr(ks),
+        _ptr(vs), np.float32(scale), np.float32(soft_cap if soft_cap else 0.0), np.int32(sliding_window or 0),
+        np.int32(metadata.num_seqs), np.int32(query.shape[0]), np.int32(key_cache.shape[1]), i64(query.stride(0)),
+        i64(query.stride(1)), i64(out.stride(0)), i64(out.stride(1)), i64(key_cache.stride(0)),
+        i64(key_cache.stride(1)), i64(key_cache.stride(2)), i64(value_cache.stride(0)), i64(value_cache.stride(1)),
+        i64(value_cache.stride(2)), i64(metadata.block_table.stride(0)),
+    )
+    return head, tail
 
 
 def kernel_supports(query: torch.Tensor, key_cache: torch.Tensor) -> bool:
@@ -84,28 +122,11 @@ def cupy_paged_decode_attention(
         out = torch.empty_like(query, memory_format=torch.contiguous_format)
     if num_tokens == 0:
         return out
-    kernel = get_kernel(DTYPE_KINDS[str(query.dtype).split(".")[-1]], DTYPE_KINDS[str(key_cache.dtype).split(".")[-1]],
-                        head_dim, num_heads // num_kv_heads)
-    lut = _fp8_lut(query.device) if fp8 else metadata.seq_lens
-    ks = k_scale if fp8 else metadata.seq_lens
-    vs = v_scale if fp8 else metadata.seq_lens
-
-    def ptr(t):
-        return np.uint64(t.data_ptr())
-
-    i64 = np.int64
-    args = (
-        ptr(query), ptr(key_cache), ptr(value_cache), ptr(out), ptr(metadata.query_start_loc), ptr(metadata.seq_lens),
-        ptr(metadata.block_table), ptr(lut), ptr(ks), ptr(vs), np.float32(scale),
-        np.float32(soft_cap if soft_cap else 0.0), np.int32(sliding_window or 0), np.int32(metadata.num_seqs),
-        np.int32(num_tokens), np.int32(key_cache.shape[1]), i64(query.stride(0)), i64(query.stride(1)),
-        i64(out.stride(0)), i64(out.stride(1)), i64(key_cache.stride(0)), i64(key_cache.stride(1)),
-        i64(key_cache.stride(2)), i64(value_cache.stride(0)), i64(value_cache.stride(1)), i64(value_cache.stride(2)),
-        i64(metadata.block_table.stride(0)),
-    )
+    kernel = get_kernel(*dtype_kinds(query, key_cache), head_dim, num_heads // num_kv_heads)
+    head, tail = kernel_args(query, key_cache, value_cache, out, metadata, fp8=fp8, k_scale=k_scale, v_scale=v_scale,
+                             scale=scale, soft_cap=soft_cap, sliding_window=sliding_window)
     with cupy.cuda.Device(query.device.index or 0):
-        stream = cupy.cuda.ExternalStream(torch.cuda.current_stream(query.device).cuda_stream)
-        kernel((num_tokens, num_kv_heads), (NUM_WARPS * 32,), args, stream=stream)
+        kernel((num_tokens, num_kv_heads), (NUM_WARPS * 32,), head + tail, stream=cupy_stream(query.device))
     return out
 
 

@@ -11,32 +11,13 @@ import cupy
 import numpy as np
 import torch
 
-from blocks.attention.cupy_kernels import DTYPE_KINDS
+from blocks.attention.cupy_backend import cupy_stream, dtype_kinds, kernel_args
 from blocks.attention.cupy_kernels_split import MAX_GROUP_VEC, NUM_WARPS, get_vector_kernels, vector_width
 from blocks.attention.metadata import AttentionMetadata
 from blocks.attention.triton_paged import TritonPlan
-from blocks.attention.validation import FP8_KV_DTYPE, check_attention
+from blocks.attention.validation import check_attention
 
 __all__ = ["cupy_split_decode_attention", "vector_kernel_supports"]
-
-_LUTS: dict[torch.device, torch.Tensor] = {}
-
-
-def _fp8_lut(device: torch.device) -> torch.Tensor:
-    """float32 ``[256]``: the value of every e4m3 bit pattern (NaN patterns included)."""
-    if device not in _LUTS:
-        bits = torch.arange(256, dtype=torch.uint8)
-        _LUTS[device] = bits.view(FP8_KV_DTYPE).float().to(device)
-    return _LUTS[device]
-
-
-def _cupy_stream(device: torch.device):
-    """torch's current stream as a cupy stream (so launches join CUDA-graph capture and stream order)."""
-    ts = torch.cuda.current_stream(device)
-    if hasattr(ts, "__cuda_stream__") and hasattr(cupy.cuda.Stream, "from_external"):
-        return cupy.cuda.Stream.from_external(ts)
-    return cupy.cuda.ExternalStream(ts.cuda_stream)
-
 
 def vector_kernel_supports(
     query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor | None = None
@@ -99,33 +80,18 @@ def cupy_split_decode_attention(
     cfg, workspace = plan.config_for(query, num_kv_heads)
     split = cfg.num_splits > 1
     vec = vector_width(head_dim, key_cache.element_size())
-    attn, merge = get_vector_kernels(DTYPE_KINDS[str(query.dtype).split(".")[-1]],
-                                     DTYPE_KINDS[str(key_cache.dtype).split(".")[-1]], head_dim,
-                                     num_heads // num_kv_heads, vec, split)
-    lut = _fp8_lut(query.device) if fp8 else metadata.seq_lens
-    ks = k_scale if fp8 else metadata.seq_lens
-    vs = v_scale if fp8 else metadata.seq_lens
+    attn, merge = get_vector_kernels(*dtype_kinds(query, key_cache), head_dim, num_heads // num_kv_heads, vec, split)
     part_out, part_lse = workspace if split else (out, out)
-
-    def ptr(t):
-        return np.uint64(t.data_ptr())
-
     i64 = np.int64
     pstr = (i64(part_out.stride(0)), i64(part_out.stride(1)), i64(part_out.stride(2)), i64(part_lse.stride(0)),
             i64(part_lse.stride(1))) if split else (i64(0),) * 5
-    args = (
-        ptr(query), ptr(key_cache), ptr(value_cache), ptr(out), ptr(part_out), ptr(part_lse),
-        ptr(metadata.query_start_loc), ptr(metadata.seq_lens), ptr(metadata.block_table), ptr(lut), ptr(ks), ptr(vs),
-        np.float32(scale), np.float32(soft_cap if soft_cap else 0.0), np.int32(sliding_window or 0),
-        np.int32(metadata.num_seqs), np.int32(num_tokens), np.int32(key_cache.shape[1]), i64(query.stride(0)),
-        i64(query.stride(1)), i64(out.stride(0)), i64(out.stride(1)), i64(key_cache.stride(0)),
-        i64(key_cache.stride(1)), i64(key_cache.stride(2)), i64(value_cache.stride(0)), i64(value_cache.stride(1)),
-        i64(value_cache.stride(2)), i64(metadata.block_table.stride(0)), *pstr,
-    )
+    head, tail = kernel_args(query, key_cache, value_cache, out, metadata, fp8=fp8, k_scale=k_scale, v_scale=v_scale,
+                             scale=scale, soft_cap=soft_cap, sliding_window=sliding_window)
+    parts = (np.uint64(part_out.data_ptr()), np.uint64(part_lse.data_ptr()))
     with cupy.cuda.Device(query.device.index or 0):
-        stream = _cupy_stream(query.device)
-        attn((num_tokens, num_kv_heads, cfg.num_splits), (NUM_WARPS * 32,), args, stream=stream)
+        stream = cupy_stream(query.device)
+        attn((num_tokens, num_kv_heads, cfg.num_splits), (NUM_WARPS * 32,), head + parts + tail + pstr, stream=stream)
         if split:
-            merge((num_tokens, num_heads), (128,), (ptr(part_out), ptr(part_lse), ptr(out), np.int32(cfg.num_splits),
-                                                   *pstr, i64(out.stride(0)), i64(out.stride(1))), stream=stream)
+            merge((num_tokens, num_heads), (128,), (*parts, head[3], np.int32(cfg.num_splits), *pstr,
+                                                   i64(out.stride(0)), i64(out.stride(1))), stream=stream)
     return out
