@@ -17,10 +17,9 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from serve.errors import APIError
 from serve.protocol import ChatCompletionRequest, ChatMessage
-from serve.sampling import build_params, check_length, check_prompt_ids, check_request
+from serve.sampling import build_params, check_length, check_prompt_ids, check_request, ignored_fields_header
 from serve.state import ServerState
 from serve.streams import (
-    SSE_DONE,
     ChoiceState,
     ChunkTemplate,
     ClientDisconnected,
@@ -28,6 +27,7 @@ from serve.streams import (
     json_value,
     run_until_disconnected,
     sse,
+    sse_body,
     to_json,
     tracked,
 )
@@ -118,7 +118,7 @@ async def create_chat_completion(req: ChatCompletionRequest, raw: Request):
     rid = req.request_id or f"chatcmpl-{uuid.uuid4().hex}"
     merged = MergedStreams([tracked(state, rid, ids, params, prompt=text, priority=req.priority,
                                     stream=req.stream)])
-    headers = {"x-blocks-ignored-fields": ",".join(unknown)} if unknown else None
+    headers = ignored_fields_header(unknown)
     meta = {"id": rid, "created": int(time.time()), "model": state.model_name}
     if req.stream:
         try:
@@ -156,36 +156,32 @@ async def _collect(n: int, merged: MergedStreams) -> dict[int, ChoiceState]:
     return choices
 
 
-async def _stream(req: ChatCompletionRequest, meta: dict, num_prompt_tokens: int, merged: MergedStreams):
+def _stream(req: ChatCompletionRequest, meta: dict, num_prompt_tokens: int, merged: MergedStreams):
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     base = {**meta, "object": "chat.completion.chunk"}
-    chunk_base = {**base, "usage": None} if include_usage else base
-    template = ChunkTemplate(chunk_base)
+    template = ChunkTemplate({**base, "usage": None} if include_usage else base)
     want_logprobs, top = req.logprobs, req.top_logprobs or 0
     generated = 0
-    try:
-        yield "".join(template.event(f'{{"index":{j},"delta":{{"role":"assistant","content":""}},"logprobs":null,'
-                                     f'"finish_reason":null}}') for j in range(req.n)).encode()
-        async for _, out in merged:
-            events = []  # every chunk of one engine step goes out in one write
-            for c in out.outputs:
-                generated += len(c.token_ids)
-                want_lp = want_logprobs and c.logprobs is not None and bool(c.token_ids)
-                if not c.text and c.finish_reason is None and not want_lp:
-                    continue
-                delta = f'{{"content":{json_value(c.text)}}}' if c.text or c.finish_reason is None else "{}"
-                lps = to_json(chat_logprobs(c.token_ids, c.logprobs, top=top)) if want_lp else "null"
-                events.append(template.event(
-                    f'{{"index":{c.index},"delta":{delta},"logprobs":{lps},"finish_reason":{json_value(c.finish_reason)},'
-                    f'"stop_reason":{json_value(c.stop_reason)}}}'))
-            if events:
-                yield "".join(events).encode()
-        if include_usage:
-            yield sse({**base, "choices": [], "usage": {
-                "prompt_tokens": num_prompt_tokens, "completion_tokens": generated,
-                "total_tokens": num_prompt_tokens + generated}})
-    except Exception as exc:  # noqa: BLE001 - the status line is gone: report in the stream
-        yield sse({"error": {"message": str(exc), "type": "InternalServerError", "param": None, "code": 500}})
-    finally:
-        await merged.aclose()
-    yield SSE_DONE
+
+    def step_events(_, out) -> list[str]:
+        nonlocal generated
+        events = []
+        for c in out.outputs:
+            generated += len(c.token_ids)
+            want_lp = want_logprobs and c.logprobs is not None and bool(c.token_ids)
+            if not c.text and c.finish_reason is None and not want_lp:
+                continue
+            delta = f'{{"content":{json_value(c.text)}}}' if c.text or c.finish_reason is None else "{}"
+            lps = to_json(chat_logprobs(c.token_ids, c.logprobs, top=top)) if want_lp else "null"
+            events.append(template.event(
+                f'{{"index":{c.index},"delta":{delta},"logprobs":{lps},"finish_reason":{json_value(c.finish_reason)},'
+                f'"stop_reason":{json_value(c.stop_reason)}}}'))
+        return events
+
+    def usage() -> bytes:
+        return sse({**base, "choices": [], "usage": {"prompt_tokens": num_prompt_tokens, "completion_tokens": generated,
+                                                     "total_tokens": num_prompt_tokens + generated}})
+
+    roles = "".join(template.event(f'{{"index":{j},"delta":{{"role":"assistant","content":""}},"logprobs":null,'
+                                   f'"finish_reason":null}}') for j in range(req.n)).encode()
+    return sse_body(merged, step_events, first=roles, last=usage if include_usage else None)

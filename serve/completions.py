@@ -18,10 +18,9 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from serve.errors import APIError
 from serve.protocol import CompletionRequest
-from serve.sampling import build_params, check_length, check_prompt_ids, check_request
+from serve.sampling import build_params, check_length, check_prompt_ids, check_request, ignored_fields_header
 from serve.state import ServerState
 from serve.streams import (
-    SSE_DONE,
     ChoiceState,
     ChunkTemplate,
     ClientDisconnected,
@@ -29,6 +28,7 @@ from serve.streams import (
     json_value,
     run_until_disconnected,
     sse,
+    sse_body,
     to_json,
     tracked,
 )
@@ -106,7 +106,7 @@ async def create_completion(req: CompletionRequest, raw: Request):
         gens.append(tracked(state, f"{base}-{i}", ids, params, prompt=text, priority=req.priority,
                             stream=req.stream))
     merged = MergedStreams(gens)
-    headers = {"x-blocks-ignored-fields": ",".join(unknown)} if unknown else None
+    headers = ignored_fields_header(unknown)
     ctx = _Ctx(base, int(time.time()), state.model_name, req, prompts, state.tokenizer if echo_logprobs else None)
     ctx.ids_only = getattr(state.engine, "tokenizer", None) is None
     if req.stream:
@@ -181,42 +181,36 @@ def _response(ctx: _Ctx, choices: dict[int, ChoiceState]) -> dict:
             "choices": out, "usage": ctx.usage(choices)}
 
 
-async def _stream(ctx: _Ctx, merged: MergedStreams):
+def _stream(ctx: _Ctx, merged: MergedStreams):
     opts = ctx.req.stream_options
     include_usage = bool(opts and opts.include_usage)
     choices = {i * ctx.n + j: ChoiceState() for i in range(len(ctx.prompts)) for j in range(ctx.n)}
     echoed: set[int] = set()
     base = {"id": ctx.rid, "object": "text_completion", "created": ctx.created, "model": ctx.model}
-    if include_usage:
-        base["usage"] = None
-    template = ChunkTemplate(base)
+    template = ChunkTemplate({**base, "usage": None} if include_usage else base)
     echo, want_logprobs, ids_only, n = ctx.req.echo, ctx.req.logprobs is not None, ctx.ids_only, ctx.n
-    try:
-        async for i, out in merged:
-            events = []  # every chunk of one engine step goes out in one write
-            for c in out.outputs:
-                idx = i * n + c.index
-                st = choices[idx]
-                offset = st.num_chars
-                st.add(c)
-                text = c.text
-                if echo and idx not in echoed:
-                    echoed.add(idx)
-                    text = (ctx.prompts[i][0] or "") + text
-                want_lp = want_logprobs and c.logprobs is not None and bool(c.token_ids)
-                if not text and c.finish_reason is None and not want_lp and not (ids_only and c.token_ids):
-                    continue  # nothing new yet (text held back until it cannot become a stop string)
-                lps = to_json(completion_logprobs(c.token_ids, c.logprobs, offset=offset)) if want_lp else "null"
-                events.append(template.event(
-                    f'{{"index":{idx},"text":{json_value(text)},"logprobs":{lps},'
-                    f'"finish_reason":{json_value(c.finish_reason)},"stop_reason":{json_value(c.stop_reason)}}}'))
-            if events:
-                yield "".join(events).encode()
-        if include_usage:
-            yield sse({"id": ctx.rid, "object": "text_completion", "created": ctx.created, "model": ctx.model,
-                       "choices": [], "usage": ctx.usage(choices)})
-    except Exception as exc:  # noqa: BLE001 - the status line is gone: report in the stream
-        yield sse({"error": {"message": str(exc), "type": "InternalServerError", "param": None, "code": 500}})
-    finally:
-        await merged.aclose()
-    yield SSE_DONE
+
+    def step_events(i, out) -> list[str]:
+        events = []
+        for c in out.outputs:
+            idx = i * n + c.index
+            st = choices[idx]
+            offset = st.num_chars
+            st.add(c)
+            text = c.text
+            if echo and idx not in echoed:
+                echoed.add(idx)
+                text = (ctx.prompts[i][0] or "") + text
+            want_lp = want_logprobs and c.logprobs is not None and bool(c.token_ids)
+            if not text and c.finish_reason is None and not want_lp and not (ids_only and c.token_ids):
+                continue  # nothing new yet (text held back until it cannot become a stop string)
+            lps = to_json(completion_logprobs(c.token_ids, c.logprobs, offset=offset)) if want_lp else "null"
+            events.append(template.event(
+                f'{{"index":{idx},"text":{json_value(text)},"logprobs":{lps},'
+                f'"finish_reason":{json_value(c.finish_reason)},"stop_reason":{json_value(c.stop_reason)}}}'))
+        return events
+
+    def usage() -> bytes:
+        return sse({**base, "choices": [], "usage": ctx.usage(choices)})
+
+    return sse_body(merged, step_events, last=usage if include_usage else None)

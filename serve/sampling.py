@@ -5,11 +5,15 @@ Every check raises :class:`~serve.errors.APIError` 400 naming the field (``param
 
 from __future__ import annotations
 
+from urllib.parse import quote
+
 from blocks.sample.params import SamplingParams
 from serve.errors import APIError
 from serve.state import MAX_N, MAX_STOP_STRING_CHARS, MAX_STOP_STRINGS, ServerState
 
-__all__ = ["check_request", "build_params", "check_length", "check_prompt_ids"]
+__all__ = ["check_request", "build_params", "check_length", "check_prompt_ids", "ignored_fields_header"]
+
+_MAX_IGNORED_HEADER_CHARS = 1024
 
 
 def check_request(req, state: ServerState) -> list[str]:
@@ -39,6 +43,18 @@ def check_request(req, state: ServerState) -> list[str]:
     if req.stream_options is not None and not req.stream:
         raise APIError(400, "stream_options is only allowed with stream=true", param="stream_options")
     return unknown
+
+
+def ignored_fields_header(unknown: list[str]) -> dict[str, str] | None:
+    """The ``x-blocks-ignored-fields`` response header for the unknown field names (None when there are
+    none). Names come from the client, so they are percent-encoded (control characters would make the
+    header invalid and drop the connection) and the list is cut at 1 KiB with a trailing ``...``."""
+    if not unknown:
+        return None
+    value = ",".join(quote(name, safe="") for name in unknown)
+    if len(value) > _MAX_IGNORED_HEADER_CHARS:
+        value = value[: _MAX_IGNORED_HEADER_CHARS] + "..."
+    return {"x-blocks-ignored-fields": value}
 
 
 def build_params(req, *, max_tokens: int | None, logprobs: int | None, state: ServerState) -> SamplingParams:

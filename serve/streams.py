@@ -7,6 +7,8 @@
   every request still running.
 * :class:`ChoiceState` accumulates the deltas of one choice (non-streaming responses, usage), O(delta) each.
 * :func:`run_until_disconnected` cancels a non-streaming request when its client goes away.
+* :func:`sse_body` is the body of every streamed response: chunks per engine step, errors as an event,
+  ``[DONE]`` at the end, the requests aborted if the client leaves.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import time
 from fastapi import Request
 
 __all__ = ["tracked", "MergedStreams", "ChoiceState", "run_until_disconnected", "sse", "SSE_DONE",
-           "ClientDisconnected", "ChunkTemplate", "to_json", "json_value"]
+           "ClientDisconnected", "ChunkTemplate", "to_json", "json_value", "sse_body"]
 
 SSE_DONE = b"data: [DONE]\n\n"
 
@@ -220,3 +222,24 @@ async def run_until_disconnected(request: Request, coro, *, poll_s: float = 0.2)
             task.cancel()
             with contextlib.suppress(BaseException):
                 await task
+
+
+async def sse_body(merged: MergedStreams, step_events, *, first: bytes = b"", last=None):
+    """An SSE response body: ``first``, then for every engine output ``(prompt index, delta)`` the chunks
+    ``step_events(i, delta)`` returns (one write per step), then ``last()`` (e.g. the usage chunk); an
+    exception becomes an error event (the status line is already sent); the streams are always closed
+    (aborting unfinished requests) and ``[DONE]`` ends the body."""
+    try:
+        if first:
+            yield first
+        async for i, out in merged:
+            events = step_events(i, out)
+            if events:
+                yield "".join(events).encode()
+        if last is not None:
+            yield last()
+    except Exception as exc:  # noqa: BLE001 - the status line is gone: report in the stream
+        yield sse({"error": {"message": str(exc), "type": "InternalServerError", "param": None, "code": 500}})
+    finally:
+        await merged.aclose()
+    yield SSE_DONE

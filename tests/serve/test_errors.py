@@ -109,6 +109,19 @@ def test_unknown_fields_are_listed_in_a_header(server):
     assert "x-blocks-ignored-fields" not in _post(server, "/v1/completions", {"prompt": "x", "max_tokens": 2}).headers
 
 
+@pytest.mark.parametrize("route,body", [
+    ("/v1/completions", {"prompt": "x", "max_tokens": 2}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}),
+])
+def test_unknown_field_names_cannot_break_the_header(server, route, body):
+    """A client's field name with control characters, or a very long one, must not make the warning header
+    invalid (uvicorn then dropped the connection without a response)."""
+    r = _post(server, route, {**body, "\u001f\n": None, "b" * 5000: 1})
+    assert r.status_code == 200
+    value = r.headers["x-blocks-ignored-fields"]
+    assert value.startswith("%1F%0A,bbb") and value.endswith("...") and len(value) <= 1027
+
+
 def test_detokenize_rejects_out_of_vocabulary_ids(server):
     _error(_post(server, "/detokenize", {"tokens": [1, -3]}), 400, "tokens")
     _error(_post(server, "/tokenize", {}), 400)
