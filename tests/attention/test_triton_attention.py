@@ -1,6 +1,6 @@
 """Triton KV write and paged attention against the torch reference.
 
-On a CPU machine the kernels run under ``TRITON_INTERPRET=1`` (see conftest.py) in fp32/fp16; on a
+On a CPU machine the kernels run under ``TRITON_INTERPRET=1`` (set by tests/conftest.py) in fp32/fp16; on a
 CUDA machine the same tests run compiled, and the ``gpu`` tests add bf16, FP8 KV and graph capture.
 Caches are poisoned with NaN outside the written slots, so any read past a sequence shows up.
 """
