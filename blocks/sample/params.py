@@ -42,6 +42,19 @@ class SamplingType(enum.IntEnum):
     RANDOM_SEED = 2
 
 
+def _check_filters(p) -> None:
+    """The sampling-filter fields ``SamplingParams`` and ``BeamSearchParams`` share (``top_k`` already mapped
+    from -1 to 0)."""
+    if not p.temperature >= 0.0:
+        raise ValueError(f"temperature must be non-negative, got {p.temperature}.")
+    if not 0.0 < p.top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {p.top_p}.")
+    if not _is_int(p.top_k) or p.top_k < 0:
+        raise ValueError(f"top_k must be 0 or -1 (disable), or at least 1, got {p.top_k!r}.")
+    if not 0.0 <= p.min_p <= 1.0:
+        raise ValueError(f"min_p must be in [0, 1], got {p.min_p}.")
+
+
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -147,14 +160,7 @@ class SamplingParams:
             raise ValueError(f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}.")
         if not self.repetition_penalty > 0.0:
             raise ValueError(f"repetition_penalty must be greater than zero, got {self.repetition_penalty}.")
-        if not self.temperature >= 0.0:
-            raise ValueError(f"temperature must be non-negative, got {self.temperature}.")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}.")
-        if not _is_int(self.top_k) or self.top_k < 0:
-            raise ValueError(f"top_k must be 0 or -1 (disable), or at least 1, got {self.top_k!r}.")
-        if not 0.0 <= self.min_p <= 1.0:
-            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}.")
+        _check_filters(self)
         _check_int("seed", self.seed, optional=True)
         _check_int("max_tokens", self.max_tokens, low=1, optional=True)
         _check_int("min_tokens", self.min_tokens, low=0)
@@ -241,14 +247,7 @@ class BeamSearchParams:
             self.top_k = 0
         for name in ("temperature", "length_penalty", "top_p", "min_p"):
             setattr(self, name, _check_number(name, getattr(self, name)))
-        if not self.temperature >= 0.0:
-            raise ValueError(f"temperature must be non-negative, got {self.temperature}.")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}.")
-        if not _is_int(self.top_k) or self.top_k < 0:
-            raise ValueError(f"top_k must be 0 or -1 (disable), or at least 1, got {self.top_k!r}.")
-        if not 0.0 <= self.min_p <= 1.0:
-            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}.")
+        _check_filters(self)
         if self.early_stopping not in _EARLY_STOPPING or isinstance(self.early_stopping, int | float) and not (
             isinstance(self.early_stopping, bool)
         ):
