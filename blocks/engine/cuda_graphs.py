@@ -82,7 +82,8 @@ class DecodeGraphs:
         self._host64 = torch.zeros(4 * n, dtype=torch.int64, pin_memory=True)
         self._host32 = torch.zeros(n * (w + 1), dtype=torch.int32, pin_memory=True)
         self._h64, self._h32 = self._host64.numpy(), self._host32.numpy()
-        self._copied: torch.cuda.Event | None = None
+        self._copied = torch.cuda.Event()  # recorded after each step's transfers
+        self._recorded = False
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = None
 
@@ -136,15 +137,15 @@ class DecodeGraphs:
         replay. Slots are derived from positions and block tables."""
         n = len(token_ids)
         bs = self.bucket_for(n)
-        if self._copied is not None:  # the last step's transfer has left the pinned buffers
+        if self._recorded:  # the last step's transfer has left the pinned buffers
             self._copied.synchronize()
         fill_decode_inputs(self._h64[: 4 * bs], self._h32[: bs * (self.width + 1)], bs, self.width,
                            self.block_size, token_ids, positions, seq_lens, block_tables, logits_rows)
         d64, d32 = self._dev[bs]
         d64.copy_(self._host64[: 4 * bs], non_blocking=True)
         d32.copy_(self._host32[: bs * (self.width + 1)], non_blocking=True)
-        self._copied = torch.cuda.Event()
         self._copied.record()
+        self._recorded = True
         graph, out = self.graphs[bs]
         graph.replay()
         return out[: len(logits_rows)]

@@ -350,9 +350,9 @@ class ModelRunner:
             return logits
         qlens = np.asarray(inputs.query_lens)
         arrays = plan_arrays(qlens, np.asarray(inputs.seq_lens), np.asarray(inputs.block_tables), self.block_size)
-        (input_ids, pos, slots), (qsl, seq_lens, table) = self.stager.stage(
+        (input_ids, pos, slots, rows), (qsl, seq_lens, table) = self.stager.stage(
             [np.asarray(inputs.token_ids, dtype=np.int64), np.asarray(inputs.positions, dtype=np.int64),
-             arrays["slot_mapping"]],
+             arrays["slot_mapping"], np.asarray(inputs.logits_rows, dtype=np.int64)],
             [arrays["query_start_loc"], arrays["seq_lens"], arrays["block_table"]])
         md = metadata_from_tensors(
             {"query_start_loc": qsl, "seq_lens": seq_lens, "block_table": table, "slot_mapping": slots},
@@ -363,7 +363,6 @@ class ModelRunner:
         self._count(inputs)
         if not inputs.logits_rows:
             return torch.empty(0, self.model.vocab_size, dtype=torch.float32, device=device)
-        rows = torch.tensor(inputs.logits_rows, dtype=torch.int64).to(device, non_blocking=True)
         return self.model.compute_logits(hidden, rows)
 
     def _count(self, inputs: StepInputs) -> None:
