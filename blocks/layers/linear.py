@@ -217,7 +217,15 @@ class QKVParallelLinear(_LinearBase):
         self.bias = _new_param((self.output_size_per_rank,), params_dtype, self.weight_loader) if bias else None
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: str | None = None) -> None:
-        """Copy this rank's heads of ``shard_id`` (``"q"``, ``"k"``, ``"v"``) from the full tensor."""
+        """Copy this rank's heads of ``shard_id`` (``"q"``, ``"k"``, ``"v"``) from the full tensor; with
+        ``shard_id=None`` the full tensor is the already-fused ``[q | k | v]`` of every head."""
+        if shard_id is None:
+            q_full = self.total_num_heads * self.head_dim
+            kv_full = self.total_num_kv_heads * self.head_dim
+            _check_full(loaded, (q_full + 2 * kv_full, *param.shape[1:]))
+            for part, start, size in (("q", 0, q_full), ("k", q_full, kv_full), ("v", q_full + kv_full, kv_full)):
+                self.weight_loader(param, loaded.narrow(0, start, size), part)
+            return
         if shard_id == "q":
             _check_full(loaded, (self.total_num_heads * self.head_dim, *param.shape[1:]))
             src = loaded.narrow(0, self.tp.rank * self.q_size, self.q_size)

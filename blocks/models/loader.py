@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import json
 import os
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -177,14 +178,26 @@ def iter_safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
                 yield name, reader.get_tensor(name)
 
 
-def _init_dummy(model: CausalLM, seed: int) -> None:
-    gen = torch.Generator(device=model.device).manual_seed(seed)
+def _init_dummy(model: CausalLM, seed: int, full_model: CausalLM | None = None) -> None:
+    """Random weights that depend only on ``seed`` and each parameter's name and FULL (unsharded) value.
+
+    Each parameter draws from its own generator (seeded by ``seed`` and the name), so a tensor-parallel
+    rank can draw the full tensor and keep its shard through the parameter's ``weight_loader``: TP=N
+    then computes the same model as TP=1. ``full_model`` is the unsharded twin on the meta device (shapes
+    only), given when ``model`` is sharded.
+    """
+    full_shapes = {n: tuple(p.shape) for n, p in full_model.named_parameters()} if full_model is not None else {}
     with torch.no_grad():
         for name, p in model.named_parameters():
+            gen = torch.Generator(device=p.device).manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+            shape = full_shapes.get(name, tuple(p.shape))
+            full = p if shape == tuple(p.shape) else torch.empty(shape, dtype=p.dtype, device=p.device)
             if p.dim() == 1 and "norm" in name:
-                p.fill_(1.0).add_(torch.randn(p.shape, generator=gen, device=p.device, dtype=p.dtype), alpha=0.01)
+                full.fill_(1.0).add_(torch.randn(shape, generator=gen, device=p.device, dtype=p.dtype), alpha=0.01)
             else:
-                p.normal_(0.0, 0.02, generator=gen)
+                full.normal_(0.0, 0.02, generator=gen)
+            if full is not p:
+                p.weight_loader(p, full)
 
 
 def load_model(
@@ -222,7 +235,11 @@ def load_model(
     with torch.device(device):
         net = model_cls(config, backend=backend, dtype=torch_dtype, tp=tp)
     if dummy:
-        _init_dummy(net, seed)
+        full = None
+        if tp is not None and tp.size > 1:
+            with torch.device("meta"):
+                full = model_cls(config, backend=backend, dtype=torch_dtype)
+        _init_dummy(net, seed, full)
     else:
         loaded = net.load_weights(iter_safetensors(files))
         missing = missing_weights(net, loaded, stacked_params_mapping=net.stacked_params_mapping)

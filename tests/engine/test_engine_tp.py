@@ -29,6 +29,21 @@ def test_tp2_greedy_equals_tp1(tmp_path, family):
     assert all(p.poll() is not None for p in procs)
 
 
+@pytest.mark.parametrize("family", ["llama3", "qwen2"])
+def test_tp2_dummy_weights_equal_tp1(tmp_path, family):
+    """Dummy weights are drawn per full tensor and sharded, so TP=2 runs the very model TP=1 runs."""
+    build_tiny_checkpoint(family, tmp_path)
+    prompts = [{"prompt_token_ids": p} for p in random_prompts((3, 20))]
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    kw = dict(skip_tokenizer_init=True, dtype="float32", device="cpu", load_format="dummy", seed=3)
+    want = [o.outputs[0].token_ids for o in LLM(str(tmp_path), **kw).generate(prompts, params, use_tqdm=False)]
+    llm = LLM(str(tmp_path), tensor_parallel_size=2, **kw)
+    try:
+        assert [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)] == want
+    finally:
+        llm.shutdown()
+
+
 def test_heads_not_divisible_fails_at_startup(tmp_path):
     build_tiny_checkpoint("llama2", tmp_path)  # 4 heads
     with pytest.raises(ValueError, match="divisible by the tensor-parallel size 3"):
