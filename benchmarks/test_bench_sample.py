@@ -118,7 +118,8 @@ def test_bench_sampler_step_cuda(benchmark, backend):
 
 @cuda
 def test_bench_triton_kernel_cuda(benchmark):
-    from blocks.sample.triton_topk_topp import triton_filter_and_sample
+    from blocks.sample.triton_sample import triton_sample
+    from blocks.sample.triton_topk_topp import triton_thresholds
 
     num_rows, vocab = FULL
     batch = mixed_batch(num_rows, vocab, "cuda")
@@ -130,28 +131,30 @@ def test_bench_triton_kernel_cuda(benchmark):
     if os.environ.get("BENCH_SAMPLE_SWEEP") == "1":
         sms = torch.cuda.get_device_properties(0).multi_processor_count
         configs += [
-            dict(block=b, num_pivots=p, num_programs=g, num_warps=w)
-            for b, p, w in [(1024, 16, 8), (2048, 8, 8), (1024, 8, 4), (512, 4, 4), (2048, 16, 16), (1024, 4, 8)]
+            dict(block=b, num_programs=g, num_warps=w)
+            for b, w in [(1024, 4), (1024, 8), (2048, 4), (2048, 8), (4096, 8), (4096, 16), (8192, 16)]
             for g in (sms, 2 * sms, num_rows)
         ]
-        configs += [dict(candidates=0), dict(candidates=1024), dict(candidates=16384)]
+        configs += [dict(candidates=1024), dict(candidates=16384), dict(num_pivots=8), dict(num_pivots=32)]
     best = None
     for cfg in configs:
-        seconds = _do_bench(lambda cfg=cfg: triton_filter_and_sample(*args, keys=keys, **cfg))
+        seconds = _do_bench(lambda cfg=cfg: triton_sample(*args, keys, **cfg))
         if best is None or seconds < best[0]:
             best = (seconds, cfg)
         if cfg:
             print(f"sweep {cfg}: {seconds * 1e6:.1f} us")
-    default_s = _do_bench(lambda: triton_filter_and_sample(*args, keys=keys))
-    benchmark.pedantic(lambda: triton_filter_and_sample(*args, keys=keys), rounds=5, iterations=1)
+    default_s = _do_bench(lambda: triton_sample(*args, keys))
+    benchmark.pedantic(lambda: triton_sample(*args, keys), rounds=5, iterations=1)
     _record(
         benchmark,
-        "triton filter+sample kernel cuda",
+        "triton sample kernel cuda",
         default_s,
         num_rows,
         vocab,
         sweep_best_us=best[0] * 1e6,
         sweep_best=str(best[1]),
     )
+    _record(benchmark, "triton threshold kernel cuda (processed logprobs only)",
+            _do_bench(lambda: triton_thresholds(*args)), num_rows, vocab)
     copy = _do_bench(lambda: logits.clone())
     _record(benchmark, "ceiling: clone of the logits (read+write)", copy, num_rows, vocab)

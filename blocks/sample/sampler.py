@@ -10,8 +10,10 @@ Randomness: every random row draws one 62-bit key per step: a seeded request fro
 whatever else is in the batch; the others from the sampler's generator. The ``"torch"`` backend
 draws the unseeded rows' noise with one ``exponential_`` and each seeded row's with a device
 generator seeded by its key; the ``"triton"`` backend feeds the keys to Philox inside the fused
-filter-and-sample kernel (no noise tensor). Both are reproducible per request; they do not produce
-the same streams as each other. Drawing keys is host work only: the step has no host sync.
+sampling kernel (no noise tensor). Both are reproducible per request; they do not produce
+the same streams as each other. Drawing keys is host work only: the step has no host sync. The Triton
+backend samples without computing the top-p threshold (``triton_sample``: rejection, see its module);
+thresholds are computed (``triton_thresholds``) only when processed logprobs or logits are asked for.
 
 The backend is chosen once: ``"auto"`` = Triton on CUDA, torch elsewhere.
 
@@ -58,8 +60,9 @@ class Sampler:
         logprobs_mode: ``"raw_logprobs"`` (vLLM's default: logprobs of the model's logits before any
             processing) or ``"processed_logprobs"`` (after penalties, temperature and filters).
         seed: seed of the generator used by unseeded rows (None = nondeterministic).
-        triton_options: keyword arguments for ``triton_filter_and_sample`` (``block``,
-            ``num_pivots``, ``num_programs``, ``num_warps``).
+        triton_options: keyword arguments for ``triton_sample`` (``block``, ``num_pivots``,
+            ``num_programs``, ``num_warps``, ``candidates``, ``max_rounds``); all but ``max_rounds`` also go
+            to ``triton_thresholds``.
     """
 
     def __init__(
@@ -86,9 +89,10 @@ class Sampler:
             self._generator.manual_seed(seed)
         self._device_generators: dict[torch.device, torch.Generator] = {}
         if backend == "triton":
-            from blocks.sample.triton_topk_topp import triton_filter_and_sample
+            from blocks.sample.triton_sample import triton_sample
+            from blocks.sample.triton_topk_topp import triton_thresholds
 
-            self._triton = triton_filter_and_sample
+            self._triton_sample, self._triton_thresholds = triton_sample, triton_thresholds
 
     # ------------------------------------------------------------------ public
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch, *, inplace: bool = False) -> SamplerOutput:
@@ -109,20 +113,17 @@ class Sampler:
         if keys is None:  # an all-greedy batch: exact argmax, one kernel, on either backend
             thr, ids = torch.full_like(bt.temperature, NEG_INF), x.argmax(dim=1)
         elif self.backend == "triton":
-            thr, ids = self._triton(
-                x,
-                bt.temperature,
-                bt.top_k,
-                bt.top_p,
-                bt.min_p,
-                keys=self._to_device(keys, x.device, bt.num_rows),
-                **self.triton_options,
-            )
+            thr = None  # computed below only if processed logprobs need it
+            dev_keys = self._to_device(keys, x.device, bt.num_rows)
+            ids = self._triton_sample(x, bt.temperature, bt.top_k, bt.top_p, bt.min_p, dev_keys, **self.triton_options)
         else:
             thr, ids = self._torch_sample(x, bt, keys, seeded)
         lp = None
         if want_lp:
-            source = raw if self.logprobs_mode == "raw_logprobs" else self._scaled(x, bt, thr)
+            if self.logprobs_mode == "raw_logprobs":
+                source = raw
+            else:
+                source = self._scaled(x, bt, thr if thr is not None else self._threshold(x, bt))
             lp = compute_logprobs(source, ids, bt.max_num_logprobs)
         return SamplerOutput(sampled_token_ids=ids, logprobs=lp)
 
@@ -170,7 +171,8 @@ class Sampler:
 
     def _threshold(self, x: torch.Tensor, bt: BatchTensors) -> torch.Tensor:
         if self.backend == "triton":
-            return self._triton(x, bt.temperature, bt.top_k, bt.top_p, bt.min_p, **self.triton_options)[0]
+            opts = {k: v for k, v in self.triton_options.items() if k != "max_rounds"}
+            return self._triton_thresholds(x, bt.temperature, bt.top_k, bt.top_p, bt.min_p, **opts)
         return filter_threshold(
             x, bt.temperature, bt.top_k, bt.top_p, bt.min_p, rows_need_sort=bt.any_top_k_or_p, sort_plan=bt.sort_plan
         )

@@ -1,10 +1,11 @@
-"""The Triton filter-and-sample kernel against the torch reference (interpreter on CPU, fp32)."""
+"""The Triton threshold and sampling kernels against the torch reference (interpreter on CPU, fp32)."""
 
 import pytest
 import torch
 
 from blocks.sample.ops import filter_threshold
-from blocks.sample.triton_topk_topp import triton_filter_and_sample
+from blocks.sample.triton_sample import triton_sample
+from blocks.sample.triton_topk_topp import triton_thresholds
 from tests.sample.helpers import TRITON_DEVICE as DEV
 
 
@@ -27,19 +28,16 @@ def test_kept_sets_match_reference(num_rows, vocab, block):
         x[1, : vocab // 3] = float("-inf")  # banned tokens
         x[2, 5:9] = x[2, 4]  # ties
     ref = filter_threshold(x, temp, top_k, top_p, min_p)
-    thr, tokens = triton_filter_and_sample(
-        *(t.to(DEV) for t in (x, temp, top_k, top_p, min_p)),
-        keys=torch.arange(num_rows, dtype=torch.int64, device=DEV),
-        block=block,
-        num_pivots=8,
-    )
-    thr, tokens = thr.cpu(), tokens.cpu()
+    args = tuple(t.to(DEV) for t in (x, temp, top_k, top_p, min_p))
+    thr = triton_thresholds(*args, block=block, num_pivots=8).cpu()
+    keys = torch.arange(num_rows, dtype=torch.int64, device=DEV) * 7919
+    tokens = triton_sample(*args, keys, block=block, num_pivots=8).cpu()
     kept_ref, kept = x >= ref[:, None], x >= thr[:, None]
     random_rows = temp > 0
     assert torch.equal(kept[random_rows], kept_ref[random_rows])
     greedy = ~random_rows
     assert torch.equal(tokens[greedy], x[greedy].argmax(dim=1))
-    assert bool(kept.gather(1, tokens[:, None]).all()), "a sampled token is outside the kept set"
+    assert bool(kept_ref.gather(1, tokens[:, None]).all()), "a sampled token is outside the kept set"
     if vocab > 20:
         assert int(kept[random_rows].sum()) < int(random_rows.sum()) * vocab, "nothing was filtered"
 
@@ -50,29 +48,54 @@ def test_persistent_programs_and_strided_rows_give_the_same_answer():
     wide[:, :200] = x
     view = wide[:, :200]  # row stride 256, not contiguous
     keys = torch.arange(100, 106, dtype=torch.int64, device=DEV)
-    a = triton_filter_and_sample(view, temp, top_k, top_p, min_p, keys=keys, block=64, num_programs=2)
-    b = triton_filter_and_sample(x, temp, top_k, top_p, min_p, keys=keys, block=64)
-    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    for fn, kw in ((triton_thresholds, {}), (triton_sample, {"keys": keys})):
+        a = fn(view, temp, top_k, top_p, min_p, block=64, num_programs=2, **kw)
+        b = fn(x, temp, top_k, top_p, min_p, block=64, **kw)
+        assert torch.equal(a, b), fn.__name__
 
 
 def test_rejects_bad_inputs():
     x = torch.randn(2, 8, device=DEV)
     args = tuple(t.to(DEV) for t in (torch.ones(2), torch.zeros(2, dtype=torch.int32), torch.ones(2), torch.zeros(2)))
-    with pytest.raises(ValueError, match="float32"):
-        triton_filter_and_sample(x.half(), *args)
-    with pytest.raises(ValueError, match="unit stride"):
-        triton_filter_and_sample(torch.randn(8, 2, device=DEV).t(), *args)
+    keys = torch.zeros(2, dtype=torch.int64, device=DEV)
+    for fn, extra in ((triton_thresholds, ()), (triton_sample, (keys,))):
+        with pytest.raises(ValueError, match="float32"):
+            fn(x.half(), *args, *extra)
+        with pytest.raises(ValueError, match="unit stride"):
+            fn(torch.randn(8, 2, device=DEV).t(), *args, *extra)
 
 
 def test_candidate_compaction_changes_nothing_but_the_reads():
-    # Same Philox noise per token id, so compacted (large scratch), partly compacted (a scratch too small
-    # for some rows) and whole-row runs must pick the same tokens and keep the same sets.
+    # The noise is a function of (key, round, token id), so compacted (large scratch), partly compacted (a
+    # scratch too small for some rows) and whole-row runs must pick the same tokens and keep the same sets.
     x, temp, top_k, top_p, min_p = (t.to(DEV) for t in _random_rows(10, 300, seed=11))
     keys = torch.arange(7, 17, dtype=torch.int64, device=DEV)
-    runs = [
-        triton_filter_and_sample(x, temp, top_k, top_p, min_p, keys=keys, block=64, candidates=c)
-        for c in (0, 16, 4096)
-    ]
-    for thr, tokens in runs[1:]:
-        assert torch.equal(tokens, runs[0][1])
-        assert torch.equal(x >= thr[:, None], x >= runs[0][0][:, None])
+    args = (x, temp, top_k, top_p, min_p)
+    thr = [triton_thresholds(*args, block=64, candidates=c) for c in (0, 16, 4096)]
+    tokens = [triton_sample(*args, keys, block=64, candidates=c) for c in (1, 16, 4096)]
+    for t in thr[1:]:
+        assert torch.equal(x >= t[:, None], x >= thr[0][:, None])
+    for t in tokens[1:]:
+        assert torch.equal(t, tokens[0])
+
+
+def test_rejection_rounds_and_the_exact_fallback_draw_from_the_kept_set():
+    """Top-p rows with a small ``top_p`` reject often; ``max_rounds=0`` and ``1`` force the exact fallback
+    for every such row. Whatever the route, every token is in the reference's kept set, and a fixed key
+    gives the same token on every call."""
+    gen = torch.Generator().manual_seed(5)
+    rows, vocab = 16, 200
+    x = torch.randn(rows, vocab, generator=gen) * 1.5
+    temp = torch.full((rows,), 1.0)
+    top_k = torch.zeros(rows, dtype=torch.int32)
+    top_p = torch.tensor([0.05, 0.2, 0.5, 0.9] * 4)
+    min_p = torch.tensor([0.0] * 8 + [0.3] * 8)
+    kept = x >= filter_threshold(x, temp, top_k, top_p, min_p)[:, None]
+    args = tuple(t.to(DEV) for t in (x, temp, top_k, top_p, min_p))
+    for max_rounds in (0, 1, 6):
+        for step in range(3):
+            keys = torch.arange(rows, dtype=torch.int64, device=DEV) + 1000 * step
+            tokens = triton_sample(*args, keys, block=64, max_rounds=max_rounds).cpu()
+            assert bool(kept.gather(1, tokens[:, None]).all()), (max_rounds, step)
+            again = triton_sample(*args, keys, block=64, max_rounds=max_rounds).cpu()
+            assert torch.equal(tokens, again)

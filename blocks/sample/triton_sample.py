@@ -1,0 +1,289 @@
+"""Triton kernel: top-k / top-p / min-p sampling by the exponential race, without computing the top-p
+threshold (rejection), reading most rows once or twice.
+
+The race: the sampled token is ``argmax(x / T - log(E))`` over the kept logits, ``E = -log(U)``, with
+``U`` a uniform from a counter-based hash of the row's 64-bit key (drawn on the host from the request's
+own generator, so a seeded request is reproducible whatever the batch), the round and the token id.
+Per row (one program walks whole rows):
+
+* **pass 1** reads the row once: its max and first argmax (the greedy answer), and, for random rows
+  without top-k, the race winner ``s`` over the WHOLE row (a draw from the unfiltered distribution);
+* **top-k rows** (with or without top-p / min-p): a lower bound of the top-k threshold from the per-lane
+  maxima of pass 1, one pass compacting the logits above it into the program's scratch (usually tens to
+  hundreds of candidates), then the exact top-k and top-p searches and the race inside the scratch (a
+  row whose candidates do not fit searches and races over the row instead: same answer);
+* **rows without top-k**: rejection. ``s`` is kept iff ``x_s >= max + T log(min_p)`` and (top-p) the mass
+  strictly above it is ``< top_p * Z`` (one pass computes ``Z`` and that mass). The kept set is
+  ``{x >= t}`` for one ``t``, so a draw from the whole row that lands in it is a draw from the kept
+  distribution; a rejected ``x_s`` is below every kept logit, so the next round races over ``x > x_s``
+  only (fresh noise) and accepts with probability at least ``top_p``. Min-p-only rows accept at once
+  or in their second round (its domain is the kept set). After ``MAX_ROUNDS`` rejections the exact top-p
+  search runs (rare: top-p 0.9 falls through with probability 0.1 ** MAX_ROUNDS at most).
+
+So at vocabulary 128k a greedy or unfiltered row reads its logits once, a top-k or min-p row twice, and a
+top-p row twice with probability ``>= top_p`` (once more per rejection, two at most on average).
+
+Runs under ``TRITON_INTERPRET=1`` on CPU tensors (fp32) and compiled on CUDA.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from blocks.sample.triton_search import lane_bound, topk_search, topp_search
+from blocks.sample.triton_topk_topp import check_rows, compact_candidates, default_programs, scratch
+
+__all__ = ["triton_sample"]
+
+
+@triton.jit
+def _mix32(h):
+    """A 32-bit integer finaliser (two multiply-xorshift rounds): every input bit flips every output bit
+    with probability ~1/2."""
+    h ^= h >> 16
+    h *= 0x7FEB352D
+    h ^= h >> 15
+    h *= 0x846CA68B
+    h ^= h >> 16
+    return h
+
+
+@triton.jit
+def _race(src, ids, n, FROM_IDS: tl.constexpr, lo, strict, thr_min, inv_t, k1, k2, offs, BIG, BLOCK: tl.constexpr):
+    """Exponential race over the values of ``src[0:n)`` in ``(lo, inf)`` (``[lo, inf)`` when ``strict`` is
+    0) that are also ``>= thr_min``; token ids are ``ids[j]`` when FROM_IDS else ``j``. Returns
+    ``(token, its logit)``; token ``BIG`` when nothing qualifies."""
+    best = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
+    best_i = tl.full([BLOCK], BIG, dtype=tl.int32)
+    best_x = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
+    for start in range(0, n, BLOCK):
+        j = start + offs
+        valid = j < n
+        x = tl.load(src + j, mask=valid, other=float("-inf"))
+        if FROM_IDS:
+            cols = tl.load(ids + j, mask=valid, other=0)
+        else:
+            cols = j
+        keep = valid & ((x > lo) | ((strict == 0) & (x >= lo))) & (x >= thr_min) & (x > float("-inf"))
+        h = _mix32(_mix32(cols.to(tl.uint32) ^ k1) + k2)
+        u = (h >> 8).to(tl.float32) * (1.0 / 16777216.0) + (0.5 / 16777216.0)  # in (0, 1)
+        score = tl.where(keep, x * inv_t - tl.log(-tl.log(u)), float("-inf"))
+        upd = score > best
+        best = tl.where(upd, score, best)
+        best_i = tl.where(upd, cols, best_i)
+        best_x = tl.where(upd, x, best_x)
+    top = tl.max(best, axis=0)
+    tok = tl.min(tl.where(best == top, best_i, BIG), axis=0)
+    x_tok = tl.max(tl.where((best == top) & (best_i == tok), best_x, float("-inf")), axis=0)
+    return tok, x_tok
+
+
+@triton.jit
+def _round_keys(key, r):
+    """Two 32-bit words of the row's key for rejection round ``r``."""
+    lo32 = (key & 0xFFFFFFFF).to(tl.uint32)
+    hi32 = ((key >> 32) & 0xFFFFFFFF).to(tl.uint32)
+    k1 = _mix32(lo32 ^ (r.to(tl.uint32) * 0x632BE5AB))
+    k2 = _mix32(hi32 + (r.to(tl.uint32) * 0x9E3779B9))
+    return k1, k2
+
+
+@triton.jit
+def _sample_kernel(
+    logits_ptr,
+    stride_row,
+    vocab,
+    num_rows,
+    temp_ptr,
+    topk_ptr,
+    topp_ptr,
+    minp_ptr,
+    key_ptr,
+    out_ptr,
+    cand_val_ptr,
+    cand_idx_ptr,
+    BLOCK: tl.constexpr,
+    NUM_PIVOTS: tl.constexpr,
+    MAX_PASSES: tl.constexpr,
+    MAX_ROUNDS: tl.constexpr,
+    CAP: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    offs = tl.arange(0, BLOCK)
+    piv_idx = tl.arange(0, NUM_PIVOTS)
+    cval = cand_val_ptr + pid * CAP
+    cidx = cand_idx_ptr + pid * CAP
+    for row in range(pid, num_rows, nprog):
+        row_ptr = logits_ptr + (tl.zeros([], dtype=tl.int64) + row) * stride_row
+        temp = tl.load(temp_ptr + row)
+        greedy = temp <= 0.0
+        inv_t = tl.where(greedy, 1.0, 1.0 / tl.maximum(temp, 1e-30))
+        top_k = tl.load(topk_ptr + row).to(tl.int32)
+        top_p = tl.load(topp_ptr + row)
+        min_p = tl.load(minp_ptr + row)
+        key = tl.load(key_ptr + row)
+        need_k = (greedy == 0) & (top_k > 0) & (top_k < vocab)
+        need_p = (greedy == 0) & (top_p < 1.0)
+        k1, k2 = _round_keys(key, tl.zeros([], dtype=tl.int32))
+
+        # Pass 1: max and first argmax; top-k and greedy rows also the smallest finite logit and the
+        # number of finite logits; other random rows the race over the whole row.
+        m_vec = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
+        i_vec = tl.zeros([BLOCK], dtype=tl.int32)
+        mn_vec = tl.full([BLOCK], float("inf"), dtype=tl.float32)
+        nfin_vec = tl.zeros([BLOCK], dtype=tl.int32)
+        tok = vocab + tl.zeros([], dtype=tl.int32)
+        x_tok = tl.full([], float("-inf"), dtype=tl.float32)
+        if need_k | greedy:
+            for start in range(0, vocab, BLOCK):
+                cols = start + offs
+                x = tl.load(row_ptr + cols, mask=cols < vocab, other=float("-inf"))
+                fin = x > float("-inf")
+                upd = x > m_vec
+                m_vec = tl.where(upd, x, m_vec)
+                i_vec = tl.where(upd, cols, i_vec)
+                mn_vec = tl.minimum(mn_vec, tl.where(fin, x, float("inf")))
+                nfin_vec += fin.to(tl.int32)
+        else:
+            best = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
+            best_i = tl.full([BLOCK], vocab, dtype=tl.int32)
+            best_x = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
+            for start in range(0, vocab, BLOCK):
+                cols = start + offs
+                x = tl.load(row_ptr + cols, mask=cols < vocab, other=float("-inf"))
+                upd = x > m_vec
+                m_vec = tl.where(upd, x, m_vec)
+                i_vec = tl.where(upd, cols, i_vec)
+                h = _mix32(_mix32(cols.to(tl.uint32) ^ k1) + k2)
+                u = (h >> 8).to(tl.float32) * (1.0 / 16777216.0) + (0.5 / 16777216.0)
+                score = tl.where(x > float("-inf"), x * inv_t - tl.log(-tl.log(u)), float("-inf"))
+                win = score > best
+                best = tl.where(win, score, best)
+                best_i = tl.where(win, cols, best_i)
+                best_x = tl.where(win, x, best_x)
+            top = tl.max(best, axis=0)
+            tok = tl.min(tl.where(best == top, best_i, vocab), axis=0)
+            x_tok = tl.max(tl.where((best == top) & (best_i == tok), best_x, float("-inf")), axis=0)
+        m = tl.max(m_vec, axis=0)
+        amax = tl.min(tl.where(m_vec == m, i_vec, vocab), axis=0)
+        thr_min = tl.where((min_p > 0.0) & (greedy == 0), m + tl.log(tl.maximum(min_p, 1e-30)) * temp,
+                           float("-inf"))
+        hi_top = m + tl.maximum(tl.abs(m) * 1e-6, 1e-6)
+        nfin = tl.sum(nfin_vec, axis=0)
+        if need_k & (top_k >= nfin):  # top-k keeps every finite logit (the rest are banned): race the row now
+            tok, x_tok = _race(row_ptr, cidx, vocab, False, float("-inf"), 0, float("-inf"), inv_t, k1, k2, offs,
+                               vocab, BLOCK)
+        need_k = need_k & (top_k < nfin)
+
+        if need_k:
+            # Exact route: candidates above a lane-maxima bound of the top-k threshold, searched in the scratch.
+            mn = tl.min(mn_vec, axis=0)
+            low = lane_bound(m_vec, mn, hi_top, top_k, m, inv_t, piv_idx, False, NUM_PIVOTS)
+            n_cand = compact_candidates(row_ptr, vocab, low, cval, cidx, offs, BLOCK, CAP)
+            thr = low
+            if n_cand <= CAP:
+                thr, mass_k = topk_search(cval, n_cand, m, inv_t, low, hi_top, n_cand, top_k, MAX_PASSES, piv_idx,
+                                          offs, BLOCK, NUM_PIVOTS)
+                if need_p:
+                    thr = topp_search(cval, n_cand, m, inv_t, thr, hi_top, top_p * mass_k, MAX_PASSES, piv_idx,
+                                      offs, BLOCK, NUM_PIVOTS)
+                tok, x_tok = _race(cval, cidx, n_cand, True, thr, 0, thr_min, inv_t, k1, k2, offs, vocab, BLOCK)
+            else:
+                thr, mass_k = topk_search(row_ptr, vocab, m, inv_t, low, hi_top, nfin, top_k, MAX_PASSES, piv_idx,
+                                          offs, BLOCK, NUM_PIVOTS)
+                if need_p:
+                    thr = topp_search(row_ptr, vocab, m, inv_t, thr, hi_top, top_p * mass_k, MAX_PASSES, piv_idx,
+                                      offs, BLOCK, NUM_PIVOTS)
+                tok, x_tok = _race(row_ptr, cidx, vocab, False, thr, 0, thr_min, inv_t, k1, k2, offs, vocab, BLOCK)
+        elif (greedy == 0) & (need_p | (thr_min > float("-inf"))):
+            # Rejection route: accept the race winner if it is in the kept set, else race above it.
+            z = tl.zeros([], dtype=tl.float32)
+            lo = tl.full([], float("-inf"), dtype=tl.float32)
+            accepted = tl.zeros([], dtype=tl.int32)
+            r = 0
+            while (accepted == 0) & (r < MAX_ROUNDS):
+                ok = x_tok >= thr_min
+                if need_p & ok:  # one pass: Z and the mass strictly above the candidate
+                    z_vec = tl.zeros([BLOCK], dtype=tl.float32)
+                    above = tl.zeros([BLOCK], dtype=tl.float32)
+                    for start in range(0, vocab, BLOCK):
+                        cols = start + offs
+                        x = tl.load(row_ptr + cols, mask=cols < vocab, other=float("-inf"))
+                        e = tl.where(x > float("-inf"), tl.exp((x - m) * inv_t), 0.0)
+                        z_vec += e
+                        above += tl.where(x > x_tok, e, 0.0)
+                    z = tl.sum(z_vec, axis=0)
+                    ok = tl.sum(above, axis=0) < top_p * z
+                if ok:
+                    accepted = tl.full([], 1, dtype=tl.int32)
+                else:
+                    lo = x_tok
+                    r += 1
+                    k1, k2 = _round_keys(key, tl.zeros([], dtype=tl.int32) + r)
+                    tok, x_tok = _race(row_ptr, cidx, vocab, False, lo, 1, thr_min, inv_t, k1, k2, offs, vocab,
+                                       BLOCK)
+            if accepted == 0:  # exact fallback: the top-p threshold above the last rejected logit
+                z_vec = tl.zeros([BLOCK], dtype=tl.float32)
+                for start in range(0, vocab, BLOCK):
+                    cols = start + offs
+                    x = tl.load(row_ptr + cols, mask=cols < vocab, other=float("-inf"))
+                    fin = x > float("-inf")
+                    z_vec += tl.where(fin, tl.exp((x - m) * inv_t), 0.0)
+                    mn_vec = tl.minimum(mn_vec, tl.where(fin, x, float("inf")))
+                z = tl.sum(z_vec, axis=0)
+                lo = tl.maximum(lo, tl.min(mn_vec, axis=0))  # no rejection yet: start from the smallest logit
+                thr = topp_search(row_ptr, vocab, m, inv_t, lo, hi_top, top_p * z, MAX_PASSES, piv_idx, offs, BLOCK,
+                                  NUM_PIVOTS)
+                k1, k2 = _round_keys(key, tl.zeros([], dtype=tl.int32) + MAX_ROUNDS + 1)
+                tok, x_tok = _race(row_ptr, cidx, vocab, False, thr, 0, thr_min, inv_t, k1, k2, offs, vocab, BLOCK)
+        token = tl.where(greedy, amax, tok)
+        tl.store(out_ptr + row, token.to(tl.int64))
+
+
+def triton_sample(
+    logits: torch.Tensor,
+    temperature: torch.Tensor,
+    top_k: torch.Tensor,
+    top_p: torch.Tensor,
+    min_p: torch.Tensor,
+    keys: torch.Tensor,
+    *,
+    block: int = 2048,
+    num_pivots: int = 16,
+    num_programs: int | None = None,
+    num_warps: int = 8,
+    candidates: int = 4096,
+    max_rounds: int = 6,
+) -> torch.Tensor:
+    """Sample one token per row from the top-k / top-p / min-p filtered softmax of ``logits / T``.
+
+    Args:
+        logits: ``[num_rows, vocab]`` float32, unit stride along the vocabulary (not modified).
+        temperature: ``[num_rows]`` float32 (0 = greedy: the first argmax). top_k: ``[num_rows]`` int32/int64
+            (0 = off). top_p, min_p: ``[num_rows]`` float32 (1 and 0 = off).
+        keys: ``[num_rows]`` int64 random keys, one per row and step.
+        block, num_pivots, num_programs, num_warps: tile width (capped at the vocabulary's next power of
+            two), pivots per search pass, persistent programs (default one per row, at most 4 per SM), warps.
+        candidates: scratch slots per program for a top-k row's candidates (a power of two; more go the
+            slow whole-row way).
+        max_rounds: rejection rounds of a row without top-k before the exact top-p search.
+
+    Returns:
+        ``[num_rows]`` int64 token ids.
+    """
+    check_rows(logits)
+    num_rows, vocab = logits.shape
+    out = torch.empty(num_rows, dtype=torch.int64, device=logits.device)
+    if num_rows == 0:
+        return out
+    block = max(16, min(block, triton.next_power_of_2(vocab)))
+    num_programs = num_programs or default_programs(logits)
+    cap, cand_val, cand_idx = scratch(num_programs, max(candidates, 1), logits.device)
+    _sample_kernel[(num_programs,)](
+        logits, logits.stride(0), vocab, num_rows, temperature, top_k, top_p, min_p, keys, out, cand_val, cand_idx,
+        BLOCK=block, NUM_PIVOTS=num_pivots, MAX_PASSES=12, MAX_ROUNDS=max_rounds, CAP=cap, num_warps=num_warps,
+    )
+    return out
