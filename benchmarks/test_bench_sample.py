@@ -27,18 +27,21 @@ FULL = (256, 128256)
 SMALL = (32, 32000)
 
 
-def mixed_batch(num_rows: int, vocab: int, device: str) -> SamplingBatch:
-    """The benchmark batch (see the module docstring)."""
+KINDS = [
+    dict(temperature=0.0),
+    dict(temperature=0.8, top_k=50),
+    dict(temperature=0.7, top_p=0.9),
+    dict(temperature=1.0, top_k=100, top_p=0.95),
+    dict(temperature=0.9, min_p=0.05),
+    dict(temperature=0.6, top_k=20, top_p=0.8, min_p=0.02),
+]
+
+
+def mixed_batch(num_rows: int, vocab: int, device: str, kinds: list[dict] | None = None) -> SamplingBatch:
+    """The benchmark batch (see the module docstring); ``kinds`` replaces the rotation of row kinds."""
     gen = torch.Generator().manual_seed(0)
     batch = SamplingBatch(max_num_rows=num_rows, vocab_size=vocab, max_len=640, device=device)
-    kinds = [
-        dict(temperature=0.0),
-        dict(temperature=0.8, top_k=50),
-        dict(temperature=0.7, top_p=0.9),
-        dict(temperature=1.0, top_k=100, top_p=0.95),
-        dict(temperature=0.9, min_p=0.05),
-        dict(temperature=0.6, top_k=20, top_p=0.8, min_p=0.02),
-    ]
+    kinds = kinds or KINDS
     for r in range(num_rows):
         kw = dict(kinds[r % len(kinds)])
         if r % 2:
@@ -110,10 +113,21 @@ def test_bench_sampler_step_cuda(benchmark, backend):
     batch = mixed_batch(num_rows, vocab, "cuda")
     logits = _logits(num_rows, vocab, "cuda")
     sampler = Sampler(backend=backend, seed=0)
-    step = lambda: sampler(logits, batch, inplace=True)  # noqa: E731
-    seconds = _do_bench(step)
+    work = torch.empty_like(logits)
+
+    def step():  # fresh logits every step, as the engine's LM head gives (in place on the same tensor,
+        work.copy_(logits)  # the penalties would compound step after step and skew the rows)
+        return sampler(work, batch, inplace=True)
+
+    copy = _do_bench(lambda: work.copy_(logits))
+    seconds = _do_bench(step) - copy
     benchmark.pedantic(step, rounds=5, iterations=1, warmup_rounds=1)
-    _record(benchmark, f"sampler step {backend} cuda", seconds, num_rows, vocab, target_us=150.0)
+    _record(benchmark, f"sampler step {backend} cuda", seconds, num_rows, vocab, target_us=150.0,
+            logits_copy_us_subtracted=copy * 1e6)
+    if backend == "triton":
+        bt = batch.prepare()
+        processing = _do_bench(lambda: sampler.process_logits(work.copy_(logits), bt)) - copy
+        _record(benchmark, "sampler logits processing (penalties, masks) cuda", processing, num_rows, vocab)
 
 
 @cuda
@@ -135,7 +149,7 @@ def test_bench_triton_kernel_cuda(benchmark):
             for b, w in [(1024, 4), (1024, 8), (2048, 4), (2048, 8), (4096, 8), (4096, 16), (8192, 16)]
             for g in (sms, 2 * sms, num_rows)
         ]
-        configs += [dict(candidates=1024), dict(candidates=16384), dict(num_pivots=8), dict(num_pivots=32)]
+        configs += [dict(candidates=256), dict(candidates=4096), dict(num_pivots=8), dict(num_pivots=32)]
     best = None
     for cfg in configs:
         seconds = _do_bench(lambda cfg=cfg: triton_sample(*args, keys, **cfg))
@@ -143,6 +157,10 @@ def test_bench_triton_kernel_cuda(benchmark):
             best = (seconds, cfg)
         if cfg:
             print(f"sweep {cfg}: {seconds * 1e6:.1f} us")
+        for kind in KINDS:  # where the time goes: a batch of one row kind at a time
+            bk = mixed_batch(num_rows, vocab, "cuda", kinds=[kind]).prepare()
+            one = (logits, bk.temperature, bk.top_k, bk.top_p, bk.min_p)
+            print(f"kind {kind}: {_do_bench(lambda one=one: triton_sample(*one, keys)) * 1e6:.1f} us")
     default_s = _do_bench(lambda: triton_sample(*args, keys))
     benchmark.pedantic(lambda: triton_sample(*args, keys), rounds=5, iterations=1)
     _record(

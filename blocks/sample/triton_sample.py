@@ -9,19 +9,21 @@ Per row (one program walks whole rows):
 * **pass 1** reads the row once: its max and first argmax (the greedy answer), and, for random rows
   without top-k, the race winner ``s`` over the WHOLE row (a draw from the unfiltered distribution);
 * **top-k rows** (with or without top-p / min-p): a lower bound of the top-k threshold from the per-lane
-  maxima of pass 1, one pass compacting the logits above it into the program's scratch (usually tens to
-  hundreds of candidates), then the exact top-k and top-p searches and the race inside the scratch (a
-  row whose candidates do not fit searches and races over the row instead: same answer);
-* **rows without top-k**: rejection. ``s`` is kept iff ``x_s >= max + T log(min_p)`` and (top-p) the mass
+  maxima of pass 1, one pass gathering the logits above it into the program's scratch (usually a few
+  more than ``k``; gathered by atomics, so in no particular order), then an in-register sort of those
+  values gives the exact top-k and top-p thresholds, and the race runs over the scratch (a row with more
+  than ``candidates`` searches and races over the whole row instead: same answer);
+* **min-p-only rows**: the threshold ``max + T log(min_p)`` is known after pass 1; the logits above it
+  are gathered the same way and raced in the scratch;
+* **top-p rows without top-k**: rejection. ``s`` is kept iff ``x_s >= max + T log(min_p)`` and (top-p) the mass
   strictly above it is ``< top_p * Z`` (one pass computes ``Z`` and that mass). The kept set is
   ``{x >= t}`` for one ``t``, so a draw from the whole row that lands in it is a draw from the kept
   distribution; a rejected ``x_s`` is below every kept logit, so the next round races over ``x > x_s``
-  only (fresh noise) and accepts with probability at least ``top_p``. Min-p-only rows accept at once
-  or in their second round (its domain is the kept set). After ``MAX_ROUNDS`` rejections the exact top-p
-  search runs (rare: top-p 0.9 falls through with probability 0.1 ** MAX_ROUNDS at most).
+  only (fresh noise) and accepts with probability at least ``top_p``. After ``MAX_ROUNDS`` rejections
+  the exact top-p search runs (rare: top-p 0.9 falls through with probability 0.1 ** MAX_ROUNDS at most).
 
-So at vocabulary 128k a greedy or unfiltered row reads its logits once, a top-k or min-p row twice, and a
-top-p row twice with probability ``>= top_p`` (once more per rejection, two at most on average).
+So at vocabulary 128k a greedy or unfiltered row reads its logits once, a top-k or min-p row twice (the
+second pass only compares and rarely stores), and a top-p row twice with probability ``>= top_p``.
 
 Runs under ``TRITON_INTERPRET=1`` on CPU tensors (fp32) and compiled on CUDA.
 """
@@ -33,7 +35,7 @@ import triton
 import triton.language as tl
 
 from blocks.sample.triton_search import lane_bound, topk_search, topp_search
-from blocks.sample.triton_topk_topp import check_rows, compact_candidates, default_programs, scratch
+from blocks.sample.triton_topk_topp import check_rows, default_programs, scratch
 
 __all__ = ["triton_sample"]
 
@@ -91,6 +93,40 @@ def _round_keys(key, r):
 
 
 @triton.jit
+def _gather(row_ptr, vocab, low, cval, cidx, counter, offs, BLOCK: tl.constexpr, CAP: tl.constexpr):
+    """Copy the logits ``>= low`` and their token ids into ``cval`` / ``cidx`` (at most ``CAP``, in no
+    particular order: slots come from an atomic counter); returns how many there are."""
+    tl.atomic_xchg(counter, 0)
+    tl.debug_barrier()
+    for start in range(0, vocab, BLOCK):
+        cols = start + offs
+        x = tl.load(row_ptr + cols, mask=cols < vocab, other=float("-inf"))
+        sel = (cols < vocab) & (x >= low)
+        pos = tl.atomic_add(counter + offs * 0, 1, mask=sel)
+        fits = sel & (pos < CAP)
+        tl.store(cval + pos, x, mask=fits)
+        tl.store(cidx + pos, cols, mask=fits)
+    tl.debug_barrier()
+    return tl.atomic_add(counter, 0)
+
+
+@triton.jit
+def _sorted_threshold(cval, n, m, inv_t, top_k, top_p, need_p, N: tl.constexpr):
+    """Exact top-k (then top-p on the top-k mass) threshold of the ``n <= N`` values in ``cval``, by
+    sorting them in registers: the ``k``-th largest value, then the value where the mass, summed from the
+    top, first reaches ``top_p`` of the top-k mass (ties at either threshold are kept)."""
+    j = tl.arange(0, N)
+    v = tl.sort(tl.load(cval + j, mask=j < n, other=float("-inf")), descending=True)
+    thr = tl.max(tl.where(j == top_k - 1, v, float("-inf")), axis=0)
+    if need_p:
+        e = tl.where(v >= thr, tl.exp((v - m) * inv_t), 0.0)
+        cum = tl.cumsum(e, axis=0)
+        first = tl.min(tl.where(cum >= top_p * tl.sum(e, axis=0), j, N), axis=0)
+        thr = tl.maximum(thr, tl.max(tl.where(j == first, v, float("-inf")), axis=0))
+    return thr
+
+
+@triton.jit
 def _sample_kernel(
     logits_ptr,
     stride_row,
@@ -104,11 +140,13 @@ def _sample_kernel(
     out_ptr,
     cand_val_ptr,
     cand_idx_ptr,
+    counter_ptr,
     BLOCK: tl.constexpr,
     NUM_PIVOTS: tl.constexpr,
     MAX_PASSES: tl.constexpr,
     MAX_ROUNDS: tl.constexpr,
     CAP: tl.constexpr,
+    SMALL: tl.constexpr,
 ):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
@@ -116,6 +154,7 @@ def _sample_kernel(
     piv_idx = tl.arange(0, NUM_PIVOTS)
     cval = cand_val_ptr + pid * CAP
     cidx = cand_idx_ptr + pid * CAP
+    counter = counter_ptr + pid
     for row in range(pid, num_rows, nprog):
         row_ptr = logits_ptr + (tl.zeros([], dtype=tl.int64) + row) * stride_row
         temp = tl.load(temp_ptr + row)
@@ -127,17 +166,18 @@ def _sample_kernel(
         key = tl.load(key_ptr + row)
         need_k = (greedy == 0) & (top_k > 0) & (top_k < vocab)
         need_p = (greedy == 0) & (top_p < 1.0)
+        need_min = (greedy == 0) & (min_p > 0.0)
         k1, k2 = _round_keys(key, tl.zeros([], dtype=tl.int32))
 
-        # Pass 1: max and first argmax; top-k and greedy rows also the smallest finite logit and the
-        # number of finite logits; other random rows the race over the whole row.
+        # Pass 1: max and first argmax; rows that race the whole row (top-p without top-k, or no filter)
+        # also the race; the others the smallest finite logit and the number of finite logits.
         m_vec = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
         i_vec = tl.zeros([BLOCK], dtype=tl.int32)
         mn_vec = tl.full([BLOCK], float("inf"), dtype=tl.float32)
         nfin_vec = tl.zeros([BLOCK], dtype=tl.int32)
         tok = vocab + tl.zeros([], dtype=tl.int32)
         x_tok = tl.full([], float("-inf"), dtype=tl.float32)
-        if need_k | greedy:
+        if greedy | need_k | (need_min & (need_p == 0)):
             for start in range(0, vocab, BLOCK):
                 cols = start + offs
                 x = tl.load(row_ptr + cols, mask=cols < vocab, other=float("-inf"))
@@ -169,44 +209,47 @@ def _sample_kernel(
             x_tok = tl.max(tl.where((best == top) & (best_i == tok), best_x, float("-inf")), axis=0)
         m = tl.max(m_vec, axis=0)
         amax = tl.min(tl.where(m_vec == m, i_vec, vocab), axis=0)
-        thr_min = tl.where((min_p > 0.0) & (greedy == 0), m + tl.log(tl.maximum(min_p, 1e-30)) * temp,
-                           float("-inf"))
+        thr_min = tl.where(need_min, m + tl.log(tl.maximum(min_p, 1e-30)) * temp, float("-inf"))
         hi_top = m + tl.maximum(tl.abs(m) * 1e-6, 1e-6)
         nfin = tl.sum(nfin_vec, axis=0)
-        if need_k & (top_k >= nfin):  # top-k keeps every finite logit (the rest are banned): race the row now
-            tok, x_tok = _race(row_ptr, cidx, vocab, False, float("-inf"), 0, float("-inf"), inv_t, k1, k2, offs,
-                               vocab, BLOCK)
-        need_k = need_k & (top_k < nfin)
+        if need_k & (top_k >= nfin):  # top-k keeps every finite logit (the rest are banned)
+            need_k = need_k & False
+            if need_p:  # the rejection route below needs its first draw
+                tok, x_tok = _race(row_ptr, cidx, vocab, False, float("-inf"), 0, float("-inf"), inv_t, k1, k2, offs,
+                                   vocab, BLOCK)
 
-        if need_k:
-            # Exact route: candidates above a lane-maxima bound of the top-k threshold, searched in the scratch.
-            mn = tl.min(mn_vec, axis=0)
-            low = lane_bound(m_vec, mn, hi_top, top_k, m, inv_t, piv_idx, False, NUM_PIVOTS)
-            n_cand = compact_candidates(row_ptr, vocab, low, cval, cidx, offs, BLOCK, CAP)
-            thr = low
+        if need_k | (need_min & (need_p == 0)):
+            # Known threshold (min-p) or a lower bound of it (top-k, from the lane maxima): gather the logits
+            # above it, find the exact threshold by sorting them, race in the scratch.
+            thr = thr_min
+            low = thr_min
+            if need_k:
+                low = lane_bound(m_vec, tl.min(mn_vec, axis=0), hi_top, top_k, m, inv_t, piv_idx, False, NUM_PIVOTS)
+            n_cand = _gather(row_ptr, vocab, low, cval, cidx, counter, offs, BLOCK, CAP)
             if n_cand <= CAP:
-                thr, mass_k = topk_search(cval, n_cand, m, inv_t, low, hi_top, n_cand, top_k, MAX_PASSES, piv_idx,
-                                          offs, BLOCK, NUM_PIVOTS)
-                if need_p:
-                    thr = topp_search(cval, n_cand, m, inv_t, thr, hi_top, top_p * mass_k, MAX_PASSES, piv_idx,
-                                      offs, BLOCK, NUM_PIVOTS)
+                if need_k:
+                    if n_cand <= SMALL:
+                        thr = _sorted_threshold(cval, n_cand, m, inv_t, top_k, top_p, need_p, SMALL)
+                    else:
+                        thr = _sorted_threshold(cval, n_cand, m, inv_t, top_k, top_p, need_p, CAP)
                 tok, x_tok = _race(cval, cidx, n_cand, True, thr, 0, thr_min, inv_t, k1, k2, offs, vocab, BLOCK)
-            else:
-                thr, mass_k = topk_search(row_ptr, vocab, m, inv_t, low, hi_top, nfin, top_k, MAX_PASSES, piv_idx,
-                                          offs, BLOCK, NUM_PIVOTS)
-                if need_p:
-                    thr = topp_search(row_ptr, vocab, m, inv_t, thr, hi_top, top_p * mass_k, MAX_PASSES, piv_idx,
-                                      offs, BLOCK, NUM_PIVOTS)
+            else:  # too many candidates: exact searches over the whole row (token order: reproducible)
+                if need_k:
+                    thr, mass_k = topk_search(row_ptr, vocab, m, inv_t, low, hi_top, nfin, top_k, MAX_PASSES,
+                                              piv_idx, offs, BLOCK, NUM_PIVOTS)
+                    if need_p:
+                        thr = topp_search(row_ptr, vocab, m, inv_t, thr, hi_top, top_p * mass_k, MAX_PASSES,
+                                          piv_idx, offs, BLOCK, NUM_PIVOTS)
                 tok, x_tok = _race(row_ptr, cidx, vocab, False, thr, 0, thr_min, inv_t, k1, k2, offs, vocab, BLOCK)
-        elif (greedy == 0) & (need_p | (thr_min > float("-inf"))):
+        elif need_p:
             # Rejection route: accept the race winner if it is in the kept set, else race above it.
             z = tl.zeros([], dtype=tl.float32)
             lo = tl.full([], float("-inf"), dtype=tl.float32)
             accepted = tl.zeros([], dtype=tl.int32)
-            r = 0
+            r = tl.zeros([], dtype=tl.int32)
             while (accepted == 0) & (r < MAX_ROUNDS):
                 ok = x_tok >= thr_min
-                if need_p & ok:  # one pass: Z and the mass strictly above the candidate
+                if ok:  # one pass: Z and the mass strictly above the candidate
                     z_vec = tl.zeros([BLOCK], dtype=tl.float32)
                     above = tl.zeros([BLOCK], dtype=tl.float32)
                     for start in range(0, vocab, BLOCK):
@@ -218,11 +261,11 @@ def _sample_kernel(
                     z = tl.sum(z_vec, axis=0)
                     ok = tl.sum(above, axis=0) < top_p * z
                 if ok:
-                    accepted = tl.full([], 1, dtype=tl.int32)
+                    accepted = accepted + 1
                 else:
                     lo = x_tok
                     r += 1
-                    k1, k2 = _round_keys(key, tl.zeros([], dtype=tl.int32) + r)
+                    k1, k2 = _round_keys(key, r)
                     tok, x_tok = _race(row_ptr, cidx, vocab, False, lo, 1, thr_min, inv_t, k1, k2, offs, vocab,
                                        BLOCK)
             if accepted == 0:  # exact fallback: the top-p threshold above the last rejected logit
@@ -237,7 +280,7 @@ def _sample_kernel(
                 lo = tl.maximum(lo, tl.min(mn_vec, axis=0))  # no rejection yet: start from the smallest logit
                 thr = topp_search(row_ptr, vocab, m, inv_t, lo, hi_top, top_p * z, MAX_PASSES, piv_idx, offs, BLOCK,
                                   NUM_PIVOTS)
-                k1, k2 = _round_keys(key, tl.zeros([], dtype=tl.int32) + MAX_ROUNDS + 1)
+                k1, k2 = _round_keys(key, r + 1)
                 tok, x_tok = _race(row_ptr, cidx, vocab, False, thr, 0, thr_min, inv_t, k1, k2, offs, vocab, BLOCK)
         token = tl.where(greedy, amax, tok)
         tl.store(out_ptr + row, token.to(tl.int64))
@@ -255,7 +298,7 @@ def triton_sample(
     num_pivots: int = 16,
     num_programs: int | None = None,
     num_warps: int = 8,
-    candidates: int = 4096,
+    candidates: int = 1024,
     max_rounds: int = 6,
 ) -> torch.Tensor:
     """Sample one token per row from the top-k / top-p / min-p filtered softmax of ``logits / T``.
@@ -267,9 +310,9 @@ def triton_sample(
         keys: ``[num_rows]`` int64 random keys, one per row and step.
         block, num_pivots, num_programs, num_warps: tile width (capped at the vocabulary's next power of
             two), pivots per search pass, persistent programs (default one per row, at most 4 per SM), warps.
-        candidates: scratch slots per program for a top-k row's candidates (a power of two; more go the
-            slow whole-row way).
-        max_rounds: rejection rounds of a row without top-k before the exact top-p search.
+        candidates: scratch slots per program (rounded up to a power of two, at least 16) for the logits
+            above a top-k or min-p row's bound, sorted in registers; a row with more takes the whole-row way.
+        max_rounds: rejection rounds of a top-p row without top-k before the exact top-p search.
 
     Returns:
         ``[num_rows]`` int64 token ids.
@@ -281,9 +324,11 @@ def triton_sample(
         return out
     block = max(16, min(block, triton.next_power_of_2(vocab)))
     num_programs = num_programs or default_programs(logits)
-    cap, cand_val, cand_idx = scratch(num_programs, max(candidates, 1), logits.device)
+    cap, cand_val, cand_idx = scratch(num_programs, max(candidates, 16), logits.device)
+    counters = torch.empty(num_programs, dtype=torch.int32, device=logits.device)
     _sample_kernel[(num_programs,)](
         logits, logits.stride(0), vocab, num_rows, temperature, top_k, top_p, min_p, keys, out, cand_val, cand_idx,
-        BLOCK=block, NUM_PIVOTS=num_pivots, MAX_PASSES=12, MAX_ROUNDS=max_rounds, CAP=cap, num_warps=num_warps,
+        counters, BLOCK=block, NUM_PIVOTS=num_pivots, MAX_PASSES=12, MAX_ROUNDS=max_rounds, CAP=cap,
+        SMALL=min(cap, 128), num_warps=num_warps,
     )
     return out
