@@ -36,7 +36,7 @@ from blocks.engine.request_table import RequestTable
 from blocks.engine.shapes import MODEL_SHAPES, shape_config
 from blocks.engine.staging import InputStager
 from blocks.engine.step_inputs import StepInputs
-from blocks.engine.tp_workers import TPWorkers, broadcast_inputs
+from blocks.engine.tp_workers import TPWorkers
 from blocks.layers.tp import TP_SINGLE, TPInfo
 from blocks.models.base import CausalLM
 from blocks.models.loader import load_model
@@ -111,7 +111,7 @@ class ModelRunner:
                 tp = init_tensor_parallel(config.tensor_parallel_size, config=DistConfig(
                     rank=0, world_size=config.tensor_parallel_size, master_port=self.workers.port))
             except BaseException:
-                self.workers.shutdown(torch.device("cpu"))
+                self.workers.shutdown()
                 raise
         self.tp = tp or TP_SINGLE
         try:
@@ -144,6 +144,8 @@ class ModelRunner:
         self.block_size = config.block_size
         self.kv_dtype = torch.float8_e4m3fn if config.kv_cache_dtype.startswith("fp8") else self.model.dtype
         self.num_blocks = self._num_kv_blocks()
+        if self.workers is not None:  # before the collective below: the workers attach after it
+            self.workers.open_channel(self.max_model_len)
         if self.tp.size > 1:  # every rank holds the same block ids: take the smallest budget
             n = torch.tensor([self.num_blocks], dtype=torch.int64, device=self.comm_device)
             dist.all_reduce(n, op=dist.ReduceOp.MIN)
@@ -174,7 +176,7 @@ class ModelRunner:
         if self.tp.size > 1:
             self.release_graphs()  # graphs hold captured collectives: drop them before the group goes
         if self.workers is not None:  # leaves the group together with the workers
-            self.workers.shutdown(getattr(self, "comm_device", torch.device("cpu")))
+            self.workers.shutdown()
             self.workers = None
         elif self.tp.size > 1:
             destroy_tensor_parallel()
@@ -336,10 +338,9 @@ class ModelRunner:
     def run_model(self, inputs: StepInputs) -> torch.Tensor:
         """The forward of one step on this rank: block copies, the model (graph replay or eager) and the
         LM head on ``inputs.logits_rows``; returns ``[len(logits_rows), vocab]`` float32. Rank 0 of a
-        tensor-parallel engine first broadcasts ``inputs`` so every rank runs the same step."""
+        tensor-parallel engine first sends ``inputs`` to the workers so every rank runs the same step."""
         if self.workers is not None:
-            self.workers.check_alive()
-            broadcast_inputs(inputs, self.comm_device)
+            self.workers.send(inputs)
         self._copy_blocks(inputs.copies)
         device = self.device
         if inputs.use_graph:  # one replay: the forward and the LM head on the wanted rows
