@@ -13,7 +13,8 @@ generator seeded by its key; the ``"triton"`` backend feeds the keys to Philox i
 sampling kernel (no noise tensor). Both are reproducible per request; they do not produce
 the same streams as each other. Drawing keys is host work only: the step has no host sync. The Triton
 backend samples without computing the top-p threshold (``triton_sample``: rejection, see its module);
-thresholds are computed (``triton_thresholds``) only when processed logprobs or logits are asked for.
+thresholds are computed (``triton_thresholds``) only when processed logprobs or logits are asked for;
+its penalties are one kernel (``triton_apply_penalties``).
 
 The backend is chosen once: ``"auto"`` = Triton on CUDA, torch elsewhere.
 
@@ -88,11 +89,14 @@ class Sampler:
         else:
             self._generator.manual_seed(seed)
         self._device_generators: dict[torch.device, torch.Generator] = {}
+        self._apply_penalties = apply_penalties
         if backend == "triton":
+            from blocks.sample.triton_penalties import triton_apply_penalties
             from blocks.sample.triton_sample import triton_sample
             from blocks.sample.triton_topk_topp import triton_thresholds
 
             self._triton_sample, self._triton_thresholds = triton_sample, triton_thresholds
+            self._apply_penalties = triton_apply_penalties
 
     # ------------------------------------------------------------------ public
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch, *, inplace: bool = False) -> SamplerOutput:
@@ -140,7 +144,7 @@ class Sampler:
         if bt.dynamic_ban_rows is not None:
             x[bt.dynamic_ban_rows[:, None], bt.dynamic_ban_ids] = NEG_INF
         if bt.any_penalty and bt.token_ids is not None and bt.output_counts is not None:
-            apply_penalties(
+            self._apply_penalties(
                 x,
                 bt.token_ids,
                 bt.output_counts,

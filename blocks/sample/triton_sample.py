@@ -19,8 +19,8 @@ Per row (one program walks whole rows):
   strictly above it is ``< top_p * Z`` (one pass computes ``Z`` and that mass). The kept set is
   ``{x >= t}`` for one ``t``, so a draw from the whole row that lands in it is a draw from the kept
   distribution; a rejected ``x_s`` is below every kept logit, so the next round races over ``x > x_s``
-  only (fresh noise) and accepts with probability at least ``top_p``. After ``MAX_ROUNDS`` rejections
-  the exact top-p search runs (rare: top-p 0.9 falls through with probability 0.1 ** MAX_ROUNDS at most).
+  only (fresh noise) and accepts with probability at least ``top_p``. After ``max_rounds`` rejections
+  the exact top-p search runs (rare: top-p 0.9 falls through with probability 0.1 ** max_rounds at most).
 
 So at vocabulary 128k a greedy or unfiltered row reads its logits once, a top-k or min-p row twice (the
 second pass only compares and rarely stores), and a top-p row twice with probability ``>= top_p``.
@@ -53,7 +53,39 @@ def _mix32(h):
 
 
 @triton.jit
-def _race(src, ids, n, FROM_IDS: tl.constexpr, lo, strict, thr_min, inv_t, k1, k2, offs, BIG, BLOCK: tl.constexpr):
+def _log2(x, FAST: tl.constexpr):
+    """``log2(x)``; FAST (CUDA) uses the hardware approximation (one MUFU op; ``tl.log`` compiles to a
+    ~30-instruction libdevice routine, which made the race compute-bound)."""
+    if FAST:
+        return tl.inline_asm_elementwise("lg2.approx.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True,
+                                         pack=1)
+    else:
+        return tl.log2(x)
+
+
+@triton.jit
+def _exp2(x, FAST: tl.constexpr):
+    """``2 ** x``; FAST (CUDA) uses the hardware approximation."""
+    if FAST:
+        return tl.inline_asm_elementwise("ex2.approx.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True,
+                                         pack=1)
+    else:
+        return tl.exp2(x)
+
+
+@triton.jit
+def _score(x, cols, c, k1, k2, FAST: tl.constexpr):
+    """The race score of logits ``x`` with token ids ``cols``: ``x / T - log(E)`` in base 2 (``c`` =
+    ``log2(e) / T``; the constant ``log2(ln 2)`` is dropped): ``x * c - log2(-log2(U))``. ``U`` takes 23
+    hash bits as the mantissa of a float in [1, 2), minus 1, plus 2^-24: in (0, 1), never 0 or 1."""
+    h = _mix32(_mix32(cols.to(tl.uint32) ^ k1) + k2)
+    u = ((h >> 9) | 0x3F800000).to(tl.float32, bitcast=True) - (1.0 - 1.0 / 16777216.0)
+    return x * c - _log2(-_log2(u, FAST), FAST)
+
+
+@triton.jit
+def _race(src, ids, n, FROM_IDS: tl.constexpr, lo, strict, thr_min, c, k1, k2, offs, BIG, BLOCK: tl.constexpr,
+          FAST: tl.constexpr):
     """Exponential race over the values of ``src[0:n)`` in ``(lo, inf)`` (``[lo, inf)`` when ``strict`` is
     0) that are also ``>= thr_min``; token ids are ``ids[j]`` when FROM_IDS else ``j``. Returns
     ``(token, its logit)``; token ``BIG`` when nothing qualifies."""
@@ -69,9 +101,7 @@ def _race(src, ids, n, FROM_IDS: tl.constexpr, lo, strict, thr_min, inv_t, k1, k
         else:
             cols = j
         keep = valid & ((x > lo) | ((strict == 0) & (x >= lo))) & (x >= thr_min) & (x > float("-inf"))
-        h = _mix32(_mix32(cols.to(tl.uint32) ^ k1) + k2)
-        u = (h >> 8).to(tl.float32) * (1.0 / 16777216.0) + (0.5 / 16777216.0)  # in (0, 1)
-        score = tl.where(keep, x * inv_t - tl.log(-tl.log(u)), float("-inf"))
+        score = tl.where(keep, _score(x, cols, c, k1, k2, FAST), float("-inf"))
         upd = score > best
         best = tl.where(upd, score, best)
         best_i = tl.where(upd, cols, best_i)
@@ -96,18 +126,18 @@ def _round_keys(key, r):
 def _gather(row_ptr, vocab, low, cval, cidx, counter, offs, BLOCK: tl.constexpr, CAP: tl.constexpr):
     """Copy the logits ``>= low`` and their token ids into ``cval`` / ``cidx`` (at most ``CAP``, in no
     particular order: slots come from an atomic counter); returns how many there are."""
-    tl.atomic_xchg(counter, 0)
+    tl.atomic_xchg(counter, 0, sem="relaxed")
     tl.debug_barrier()
     for start in range(0, vocab, BLOCK):
         cols = start + offs
         x = tl.load(row_ptr + cols, mask=cols < vocab, other=float("-inf"))
         sel = (cols < vocab) & (x >= low)
-        pos = tl.atomic_add(counter + offs * 0, 1, mask=sel)
+        pos = tl.atomic_add(counter + offs * 0, 1, mask=sel, sem="relaxed")  # relaxed: no fence per tile
         fits = sel & (pos < CAP)
         tl.store(cval + pos, x, mask=fits)
         tl.store(cidx + pos, cols, mask=fits)
     tl.debug_barrier()
-    return tl.atomic_add(counter, 0)
+    return tl.atomic_add(counter, 0, sem="relaxed")
 
 
 @triton.jit
@@ -141,12 +171,13 @@ def _sample_kernel(
     cand_val_ptr,
     cand_idx_ptr,
     counter_ptr,
+    max_rounds,
     BLOCK: tl.constexpr,
     NUM_PIVOTS: tl.constexpr,
     MAX_PASSES: tl.constexpr,
-    MAX_ROUNDS: tl.constexpr,
     CAP: tl.constexpr,
     SMALL: tl.constexpr,
+    FAST: tl.constexpr,
 ):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
@@ -160,6 +191,7 @@ def _sample_kernel(
         temp = tl.load(temp_ptr + row)
         greedy = temp <= 0.0
         inv_t = tl.where(greedy, 1.0, 1.0 / tl.maximum(temp, 1e-30))
+        c = inv_t * 1.4426950408889634  # log2(e) / T: scores and masses in base 2
         top_k = tl.load(topk_ptr + row).to(tl.int32)
         top_p = tl.load(topp_ptr + row)
         min_p = tl.load(minp_ptr + row)
@@ -197,9 +229,7 @@ def _sample_kernel(
                 upd = x > m_vec
                 m_vec = tl.where(upd, x, m_vec)
                 i_vec = tl.where(upd, cols, i_vec)
-                h = _mix32(_mix32(cols.to(tl.uint32) ^ k1) + k2)
-                u = (h >> 8).to(tl.float32) * (1.0 / 16777216.0) + (0.5 / 16777216.0)
-                score = tl.where(x > float("-inf"), x * inv_t - tl.log(-tl.log(u)), float("-inf"))
+                score = tl.where(x > float("-inf"), _score(x, cols, c, k1, k2, FAST), float("-inf"))
                 win = score > best
                 best = tl.where(win, score, best)
                 best_i = tl.where(win, cols, best_i)
@@ -215,8 +245,8 @@ def _sample_kernel(
         if need_k & (top_k >= nfin):  # top-k keeps every finite logit (the rest are banned)
             need_k = need_k & False
             if need_p:  # the rejection route below needs its first draw
-                tok, x_tok = _race(row_ptr, cidx, vocab, False, float("-inf"), 0, float("-inf"), inv_t, k1, k2, offs,
-                                   vocab, BLOCK)
+                tok, x_tok = _race(row_ptr, cidx, vocab, False, float("-inf"), 0, float("-inf"), c, k1, k2, offs,
+                                   vocab, BLOCK, FAST)
 
         if need_k | (need_min & (need_p == 0)):
             # Known threshold (min-p) or a lower bound of it (top-k, from the lane maxima): gather the logits
@@ -232,7 +262,7 @@ def _sample_kernel(
                         thr = _sorted_threshold(cval, n_cand, m, inv_t, top_k, top_p, need_p, SMALL)
                     else:
                         thr = _sorted_threshold(cval, n_cand, m, inv_t, top_k, top_p, need_p, CAP)
-                tok, x_tok = _race(cval, cidx, n_cand, True, thr, 0, thr_min, inv_t, k1, k2, offs, vocab, BLOCK)
+                tok, x_tok = _race(cval, cidx, n_cand, True, thr, 0, thr_min, c, k1, k2, offs, vocab, BLOCK, FAST)
             else:  # too many candidates: exact searches over the whole row (token order: reproducible)
                 if need_k:
                     thr, mass_k = topk_search(row_ptr, vocab, m, inv_t, low, hi_top, nfin, top_k, MAX_PASSES,
@@ -240,14 +270,14 @@ def _sample_kernel(
                     if need_p:
                         thr = topp_search(row_ptr, vocab, m, inv_t, thr, hi_top, top_p * mass_k, MAX_PASSES,
                                           piv_idx, offs, BLOCK, NUM_PIVOTS)
-                tok, x_tok = _race(row_ptr, cidx, vocab, False, thr, 0, thr_min, inv_t, k1, k2, offs, vocab, BLOCK)
+                tok, x_tok = _race(row_ptr, cidx, vocab, False, thr, 0, thr_min, c, k1, k2, offs, vocab, BLOCK, FAST)
         elif need_p:
             # Rejection route: accept the race winner if it is in the kept set, else race above it.
             z = tl.zeros([], dtype=tl.float32)
             lo = tl.full([], float("-inf"), dtype=tl.float32)
             accepted = tl.zeros([], dtype=tl.int32)
             r = tl.zeros([], dtype=tl.int32)
-            while (accepted == 0) & (r < MAX_ROUNDS):
+            while (accepted == 0) & (r < max_rounds):
                 ok = x_tok >= thr_min
                 if ok:  # one pass: Z and the mass strictly above the candidate
                     z_vec = tl.zeros([BLOCK], dtype=tl.float32)
@@ -255,7 +285,7 @@ def _sample_kernel(
                     for start in range(0, vocab, BLOCK):
                         cols = start + offs
                         x = tl.load(row_ptr + cols, mask=cols < vocab, other=float("-inf"))
-                        e = tl.where(x > float("-inf"), tl.exp((x - m) * inv_t), 0.0)
+                        e = tl.where(x > float("-inf"), _exp2((x - m) * c, FAST), 0.0)
                         z_vec += e
                         above += tl.where(x > x_tok, e, 0.0)
                     z = tl.sum(z_vec, axis=0)
@@ -266,8 +296,8 @@ def _sample_kernel(
                     lo = x_tok
                     r += 1
                     k1, k2 = _round_keys(key, r)
-                    tok, x_tok = _race(row_ptr, cidx, vocab, False, lo, 1, thr_min, inv_t, k1, k2, offs, vocab,
-                                       BLOCK)
+                    tok, x_tok = _race(row_ptr, cidx, vocab, False, lo, 1, thr_min, c, k1, k2, offs, vocab,
+                                       BLOCK, FAST)
             if accepted == 0:  # exact fallback: the top-p threshold above the last rejected logit
                 z_vec = tl.zeros([BLOCK], dtype=tl.float32)
                 for start in range(0, vocab, BLOCK):
@@ -281,7 +311,7 @@ def _sample_kernel(
                 thr = topp_search(row_ptr, vocab, m, inv_t, lo, hi_top, top_p * z, MAX_PASSES, piv_idx, offs, BLOCK,
                                   NUM_PIVOTS)
                 k1, k2 = _round_keys(key, r + 1)
-                tok, x_tok = _race(row_ptr, cidx, vocab, False, thr, 0, thr_min, inv_t, k1, k2, offs, vocab, BLOCK)
+                tok, x_tok = _race(row_ptr, cidx, vocab, False, thr, 0, thr_min, c, k1, k2, offs, vocab, BLOCK, FAST)
         token = tl.where(greedy, amax, tok)
         tl.store(out_ptr + row, token.to(tl.int64))
 
@@ -294,10 +324,10 @@ def triton_sample(
     min_p: torch.Tensor,
     keys: torch.Tensor,
     *,
-    block: int = 2048,
+    block: int = 4096,
     num_pivots: int = 16,
     num_programs: int | None = None,
-    num_warps: int = 8,
+    num_warps: int = 16,
     candidates: int = 1024,
     max_rounds: int = 6,
 ) -> torch.Tensor:
@@ -318,6 +348,8 @@ def triton_sample(
         ``[num_rows]`` int64 token ids.
     """
     check_rows(logits)
+    if max_rounds < 0:
+        raise ValueError(f"max_rounds must be non-negative, got {max_rounds}.")
     num_rows, vocab = logits.shape
     out = torch.empty(num_rows, dtype=torch.int64, device=logits.device)
     if num_rows == 0:
@@ -328,7 +360,7 @@ def triton_sample(
     counters = torch.empty(num_programs, dtype=torch.int32, device=logits.device)
     _sample_kernel[(num_programs,)](
         logits, logits.stride(0), vocab, num_rows, temperature, top_k, top_p, min_p, keys, out, cand_val, cand_idx,
-        counters, BLOCK=block, NUM_PIVOTS=num_pivots, MAX_PASSES=12, MAX_ROUNDS=max_rounds, CAP=cap,
-        SMALL=min(cap, 128), num_warps=num_warps,
+        counters, max_rounds, BLOCK=block, NUM_PIVOTS=num_pivots, MAX_PASSES=12, CAP=cap, SMALL=min(cap, 128),
+        FAST=logits.is_cuda, num_warps=num_warps,
     )
     return out

@@ -99,3 +99,27 @@ def test_rejection_rounds_and_the_exact_fallback_draw_from_the_kept_set():
             assert bool(kept.gather(1, tokens[:, None]).all()), (max_rounds, step)
             again = triton_sample(*args, keys, block=64, max_rounds=max_rounds).cpu()
             assert torch.equal(tokens, again)
+
+
+@pytest.mark.parametrize("num_rows,vocab,max_len,block", [(1, 7, 3, 16), (5, 300, 40, 16), (3, 1000, 97, 32)])
+def test_triton_penalties_equal_the_torch_reference(num_rows, vocab, max_len, block):
+    from blocks.sample.ops import apply_penalties
+    from blocks.sample.triton_penalties import triton_apply_penalties
+
+    gen = torch.Generator().manual_seed(num_rows * max_len)
+    x = torch.randn(num_rows, vocab, generator=gen) * 3
+    ids = torch.randint(vocab, (num_rows, max_len), generator=gen)
+    ids[:, -max_len // 3 :] = ids[:, :1]  # padding repeats the first token (and ids repeat anyway)
+    counts = torch.zeros(num_rows, vocab, dtype=torch.int32)
+    counts.scatter_add_(1, ids[:, max_len // 2 :], torch.ones_like(ids[:, max_len // 2 :], dtype=torch.int32))
+    rep = 1.0 + torch.rand(num_rows, generator=gen)
+    rep[0] = 1.0
+    freq, pres = torch.rand(num_rows, generator=gen), torch.rand(num_rows, generator=gen)
+    if num_rows > 1:
+        freq[1], pres[1], rep[1] = 0.0, 0.0, 1.0  # a row without penalties is left alone
+    kw = dict(repetition_penalty=rep, frequency_penalty=freq, presence_penalty=pres)
+    want = apply_penalties(x.clone(), ids, counts, **kw)
+    got = triton_apply_penalties(x.clone().to(DEV), ids.to(DEV), counts.to(DEV),
+                                 **{k: v.to(DEV) for k, v in kw.items()}, block=block).cpu()
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert not torch.equal(got, x)

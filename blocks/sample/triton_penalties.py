@@ -1,0 +1,75 @@
+"""Triton kernel: vLLM's repetition / frequency / presence penalties in one launch (the torch reference,
+:func:`blocks.sample.ops.apply_penalties`, takes about ten small kernels, which cost more in launches than
+in bytes at batch 256).
+
+One program per row, two phases over the row's ``max_len`` seen tokens: (1) read each seen token's logit
+and output count and write the penalised value to a scratch row; (2) after a barrier, scatter the scratch
+into the logits. Every new value is computed from the original logits, so repeated token ids (padding
+repeats a row's first token) write the same value and the update stays idempotent, as in the reference.
+Rows without penalties return at once.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["triton_apply_penalties"]
+
+
+@triton.jit
+def _penalty_kernel(logits_ptr, stride_l, ids_ptr, stride_ids, counts_ptr, stride_c, rep_ptr, freq_ptr, pres_ptr,
+                    scratch_ptr, max_len, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    rep = tl.load(rep_ptr + row)
+    freq = tl.load(freq_ptr + row)
+    pres = tl.load(pres_ptr + row)
+    if (rep != 1.0) | (freq != 0.0) | (pres != 0.0):
+        row64 = row.to(tl.int64)
+        logits = logits_ptr + row64 * stride_l
+        ids_row = ids_ptr + row64 * stride_ids
+        scratch = scratch_ptr + row64 * max_len
+        offs = tl.arange(0, BLOCK)
+        for start in range(0, max_len, BLOCK):
+            j = start + offs
+            valid = j < max_len
+            ids = tl.load(ids_row + j, mask=valid, other=0)
+            x = tl.load(logits + ids, mask=valid, other=0.0)
+            cnt = tl.load(counts_ptr + row64 * stride_c + ids, mask=valid, other=0).to(tl.float32)
+            x = tl.where(x > 0, x / rep, x * rep)
+            x = x - freq * cnt - pres * (cnt > 0).to(tl.float32)
+            tl.store(scratch + j, x, mask=valid)
+        tl.debug_barrier()
+        for start in range(0, max_len, BLOCK):
+            j = start + offs
+            valid = j < max_len
+            ids = tl.load(ids_row + j, mask=valid, other=0)
+            tl.store(logits + ids, tl.load(scratch + j, mask=valid), mask=valid)
+
+
+def triton_apply_penalties(
+    logits: torch.Tensor,
+    token_ids: torch.Tensor,
+    output_counts: torch.Tensor,
+    *,
+    repetition_penalty: torch.Tensor,
+    frequency_penalty: torch.Tensor,
+    presence_penalty: torch.Tensor,
+    block: int = 1024,
+) -> torch.Tensor:
+    """Same contract as :func:`blocks.sample.ops.apply_penalties` (in place on ``logits`` ``[num_rows, vocab]``
+    float32, which is returned; ``token_ids`` ``[num_rows, max_len]`` int64; ``output_counts``
+    ``[num_rows, vocab]`` int32; the penalties ``[num_rows]`` float32)."""
+    num_rows, max_len = token_ids.shape
+    if num_rows == 0 or max_len == 0:
+        return logits
+    if logits.stride(1) != 1 or token_ids.stride(1) != 1 or output_counts.stride(1) != 1:
+        raise ValueError("logits, token_ids and output_counts must have unit stride along their last dimension.")
+    scratch = torch.empty(num_rows * max_len, dtype=torch.float32, device=logits.device)
+    block = max(16, min(block, triton.next_power_of_2(max_len)))
+    _penalty_kernel[(num_rows,)](
+        logits, logits.stride(0), token_ids, token_ids.stride(0), output_counts, output_counts.stride(0),
+        repetition_penalty, frequency_penalty, presence_penalty, scratch, max_len, BLOCK=block, num_warps=4,
+    )
+    return logits
