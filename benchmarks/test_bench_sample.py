@@ -144,15 +144,16 @@ def test_bench_triton_kernel_cuda(benchmark):
     configs = [{}]
     if os.environ.get("BENCH_SAMPLE_SWEEP") == "1":
         sms = torch.cuda.get_device_properties(0).multi_processor_count
-        configs += [
-            dict(block=b, num_programs=g, num_warps=w)
-            for b, w in [(1024, 4), (1024, 8), (2048, 4), (2048, 8), (4096, 8), (4096, 16), (8192, 16)]
-            for g in (sms, 2 * sms, num_rows)
-        ]
-        configs += [dict(candidates=256), dict(candidates=4096), dict(num_pivots=8), dict(num_pivots=32)]
+        configs += [dict(block=b, num_warps=w) for b, w in [(2048, 8), (2048, 16), (4096, 8), (8192, 16), (8192, 32)]]
+        configs += [dict(num_programs=sms), dict(prefetch=False), dict(maxnreg=64), dict(maxnreg=80),
+                    dict(maxnreg=96), dict(prefetch=False, maxnreg=64), dict(num_pivots=8)]
     best = None
     for cfg in configs:
-        seconds = _do_bench(lambda cfg=cfg: triton_sample(*args, keys, **cfg))
+        try:
+            seconds = _do_bench(lambda cfg=cfg: triton_sample(*args, keys, **cfg))
+        except Exception as e:  # a configuration this Triton cannot build: report, go on
+            print(f"sweep {cfg}: failed: {type(e).__name__}: {str(e)[:200]}")
+            continue
         if best is None or seconds < best[0]:
             best = (seconds, cfg)
         if cfg:

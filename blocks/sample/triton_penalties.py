@@ -37,7 +37,7 @@ def _penalty_kernel(logits_ptr, stride_l, ids_ptr, stride_ids, counts_ptr, strid
             ids = tl.load(ids_row + j, mask=valid, other=0)
             x = tl.load(logits + ids, mask=valid, other=0.0)
             cnt = tl.load(counts_ptr + row64 * stride_c + ids, mask=valid, other=0).to(tl.float32)
-            x = tl.where(x > 0, x / rep, x * rep)
+            x = tl.where(x > 0, tl.math.div_rn(x, rep), x * rep)  # IEEE division, as torch's
             x = x - freq * cnt - pres * (cnt > 0).to(tl.float32)
             tl.store(scratch + j, x, mask=valid)
         tl.debug_barrier()

@@ -123,14 +123,37 @@ def _round_keys(key, r):
 
 
 @triton.jit
-def _gather(row_ptr, vocab, low, cval, cidx, counter, offs, BLOCK: tl.constexpr, CAP: tl.constexpr):
+def _first_tile(row_ptr, vocab, offs, PREFETCH: tl.constexpr):
+    """The pending (prefetched) first tile of a row walk; a dummy scalar without PREFETCH."""
+    if PREFETCH:
+        return tl.load(row_ptr + offs, mask=offs < vocab, other=float("-inf"))
+    else:
+        return 0.0
+
+
+@triton.jit
+def _tile(row_ptr, vocab, cols, pending, BLOCK: tl.constexpr, PREFETCH: tl.constexpr):
+    """``(tile at cols, new pending)``: with PREFETCH the tile was loaded one step earlier and the next one is
+    issued now, so two tiles of loads are in flight while one is used (one program streams a whole row:
+    bytes in flight per SM set its bandwidth)."""
+    if PREFETCH:
+        nxt = cols + BLOCK
+        return pending, tl.load(row_ptr + nxt, mask=nxt < vocab, other=float("-inf"))
+    else:
+        return tl.load(row_ptr + cols, mask=cols < vocab, other=float("-inf")), pending
+
+
+@triton.jit
+def _gather(row_ptr, vocab, low, cval, cidx, counter, offs, BLOCK: tl.constexpr, CAP: tl.constexpr,
+            PREFETCH: tl.constexpr):
     """Copy the logits ``>= low`` and their token ids into ``cval`` / ``cidx`` (at most ``CAP``, in no
     particular order: slots come from an atomic counter); returns how many there are."""
     tl.atomic_xchg(counter, 0, sem="relaxed")
     tl.debug_barrier()
+    pending = _first_tile(row_ptr, vocab, offs, PREFETCH)
     for start in range(0, vocab, BLOCK):
         cols = start + offs
-        x = tl.load(row_ptr + cols, mask=cols < vocab, other=float("-inf"))
+        x, pending = _tile(row_ptr, vocab, cols, pending, BLOCK, PREFETCH)
         sel = (cols < vocab) & (x >= low)
         pos = tl.atomic_add(counter + offs * 0, 1, mask=sel, sem="relaxed")  # relaxed: no fence per tile
         fits = sel & (pos < CAP)
@@ -178,6 +201,7 @@ def _sample_kernel(
     CAP: tl.constexpr,
     SMALL: tl.constexpr,
     FAST: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
@@ -210,9 +234,10 @@ def _sample_kernel(
         tok = vocab + tl.zeros([], dtype=tl.int32)
         x_tok = tl.full([], float("-inf"), dtype=tl.float32)
         if greedy | need_k | (need_min & (need_p == 0)):
+            pending = _first_tile(row_ptr, vocab, offs, PREFETCH)
             for start in range(0, vocab, BLOCK):
                 cols = start + offs
-                x = tl.load(row_ptr + cols, mask=cols < vocab, other=float("-inf"))
+                x, pending = _tile(row_ptr, vocab, cols, pending, BLOCK, PREFETCH)
                 fin = x > float("-inf")
                 upd = x > m_vec
                 m_vec = tl.where(upd, x, m_vec)
@@ -223,9 +248,10 @@ def _sample_kernel(
             best = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
             best_i = tl.full([BLOCK], vocab, dtype=tl.int32)
             best_x = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
+            pending = _first_tile(row_ptr, vocab, offs, PREFETCH)
             for start in range(0, vocab, BLOCK):
                 cols = start + offs
-                x = tl.load(row_ptr + cols, mask=cols < vocab, other=float("-inf"))
+                x, pending = _tile(row_ptr, vocab, cols, pending, BLOCK, PREFETCH)
                 upd = x > m_vec
                 m_vec = tl.where(upd, x, m_vec)
                 i_vec = tl.where(upd, cols, i_vec)
@@ -255,7 +281,7 @@ def _sample_kernel(
             low = thr_min
             if need_k:
                 low = lane_bound(m_vec, tl.min(mn_vec, axis=0), hi_top, top_k, m, inv_t, piv_idx, False, NUM_PIVOTS)
-            n_cand = _gather(row_ptr, vocab, low, cval, cidx, counter, offs, BLOCK, CAP)
+            n_cand = _gather(row_ptr, vocab, low, cval, cidx, counter, offs, BLOCK, CAP, PREFETCH)
             if n_cand <= CAP:
                 if need_k:
                     if n_cand <= SMALL:
@@ -282,9 +308,10 @@ def _sample_kernel(
                 if ok:  # one pass: Z and the mass strictly above the candidate
                     z_vec = tl.zeros([BLOCK], dtype=tl.float32)
                     above = tl.zeros([BLOCK], dtype=tl.float32)
+                    pending = _first_tile(row_ptr, vocab, offs, PREFETCH)
                     for start in range(0, vocab, BLOCK):
                         cols = start + offs
-                        x = tl.load(row_ptr + cols, mask=cols < vocab, other=float("-inf"))
+                        x, pending = _tile(row_ptr, vocab, cols, pending, BLOCK, PREFETCH)
                         e = tl.where(x > float("-inf"), _exp2((x - m) * c, FAST), 0.0)
                         z_vec += e
                         above += tl.where(x > x_tok, e, 0.0)
@@ -330,6 +357,8 @@ def triton_sample(
     num_warps: int = 16,
     candidates: int = 1024,
     max_rounds: int = 6,
+    prefetch: bool = True,
+    maxnreg: int | None = None,
 ) -> torch.Tensor:
     """Sample one token per row from the top-k / top-p / min-p filtered softmax of ``logits / T``.
 
@@ -343,6 +372,8 @@ def triton_sample(
         candidates: scratch slots per program (rounded up to a power of two, at least 16) for the logits
             above a top-k or min-p row's bound, sorted in registers; a row with more takes the whole-row way.
         max_rounds: rejection rounds of a top-p row without top-k before the exact top-p search.
+        prefetch: load the next tile while using this one in the whole-row passes (two tiles in flight).
+        maxnreg: cap on registers per thread (CUDA; None = the compiler's choice).
 
     Returns:
         ``[num_rows]`` int64 token ids.
@@ -361,6 +392,6 @@ def triton_sample(
     _sample_kernel[(num_programs,)](
         logits, logits.stride(0), vocab, num_rows, temperature, top_k, top_p, min_p, keys, out, cand_val, cand_idx,
         counters, max_rounds, BLOCK=block, NUM_PIVOTS=num_pivots, MAX_PASSES=12, CAP=cap, SMALL=min(cap, 128),
-        FAST=logits.is_cuda, num_warps=num_warps,
+        FAST=logits.is_cuda, PREFETCH=prefetch, num_warps=num_warps, **({"maxnreg": maxnreg} if maxnreg else {}),
     )
     return out
