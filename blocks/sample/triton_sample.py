@@ -352,13 +352,13 @@ def triton_sample(
     keys: torch.Tensor,
     *,
     block: int = 4096,
-    num_pivots: int = 16,
+    num_pivots: int = 8,
     num_programs: int | None = None,
     num_warps: int = 16,
     candidates: int = 1024,
     max_rounds: int = 6,
     prefetch: bool = True,
-    maxnreg: int | None = None,
+    maxnreg: int | None = 64,
 ) -> torch.Tensor:
     """Sample one token per row from the top-k / top-p / min-p filtered softmax of ``logits / T``.
 
@@ -373,7 +373,8 @@ def triton_sample(
             above a top-k or min-p row's bound, sorted in registers; a row with more takes the whole-row way.
         max_rounds: rejection rounds of a top-p row without top-k before the exact top-p search.
         prefetch: load the next tile while using this one in the whole-row passes (two tiles in flight).
-        maxnreg: cap on registers per thread (CUDA; None = the compiler's choice).
+        maxnreg: cap on registers per thread on CUDA (None = the compiler's choice). 64 lets two 16-warp
+            programs share an SM (H200 sweep: 188 us against 193 us uncapped at batch 256 x 128256).
 
     Returns:
         ``[num_rows]`` int64 token ids.
@@ -392,6 +393,7 @@ def triton_sample(
     _sample_kernel[(num_programs,)](
         logits, logits.stride(0), vocab, num_rows, temperature, top_k, top_p, min_p, keys, out, cand_val, cand_idx,
         counters, max_rounds, BLOCK=block, NUM_PIVOTS=num_pivots, MAX_PASSES=12, CAP=cap, SMALL=min(cap, 128),
-        FAST=logits.is_cuda, PREFETCH=prefetch, num_warps=num_warps, **({"maxnreg": maxnreg} if maxnreg else {}),
+        FAST=logits.is_cuda, PREFETCH=prefetch, num_warps=num_warps,
+        **({"maxnreg": maxnreg} if maxnreg and logits.is_cuda else {}),
     )
     return out

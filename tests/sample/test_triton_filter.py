@@ -121,5 +121,6 @@ def test_triton_penalties_equal_the_torch_reference(num_rows, vocab, max_len, bl
     want = apply_penalties(x.clone(), ids, counts, **kw)
     got = triton_apply_penalties(x.clone().to(DEV), ids.to(DEV), counts.to(DEV),
                                  **{k: v.to(DEV) for k, v in kw.items()}, block=block).cpu()
-    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    # one rounding apart at most: the GPU fuses ``x - f * c - p * (c > 0)`` into FMAs
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
     assert not torch.equal(got, x)
