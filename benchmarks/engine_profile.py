@@ -63,6 +63,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--max-model-len", type=int, default=2048)
     p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument("-tp", "--tensor-parallel-size", type=int, default=1,
+                   help="profile rank 0 of a TP engine (no GPU-alone replay: its graph waits on the workers)")
     p.add_argument("--trace", default=None, help="write a Chrome trace of 5 steps here")
     p.add_argument("--json", default=None, help="write the phase table here")
     args = p.parse_args()
@@ -73,7 +75,7 @@ def main() -> None:
     model = None if args.model == "default" else args.model
     llm = LLM(model, load_format=args.load_format, skip_tokenizer_init=True, max_model_len=args.max_model_len,
               max_num_seqs=max(8, args.batch_size), enable_prefix_caching=False, enforce_eager=args.enforce_eager,
-              seed=0)
+              seed=0, tensor_parallel_size=args.tensor_parallel_size)
     eng = llm.engine
     runner = eng.runner
     cuda = runner.device.type == "cuda"
@@ -117,7 +119,8 @@ def main() -> None:
     wall_ms = walls[len(walls) // 2] * 1e3
 
     gpu_ms = None
-    if cuda and runner.graphs is not None and args.batch_size <= runner.graphs.buckets[-1]:
+    solo = args.tensor_parallel_size == 1
+    if cuda and solo and runner.graphs is not None and args.batch_size <= runner.graphs.buckets[-1]:
         bs = runner.graphs.bucket_for(args.batch_size)
         graph, out = runner.graphs.graphs[bs]
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -151,6 +154,8 @@ def main() -> None:
         for _ in range(5):
             eng.step()
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=60))
+    if cuda:  # the GPU side (under TP the all-reduce kernels include waiting for the other ranks)
+        print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=60))
     if args.trace:
         prof.export_chrome_trace(args.trace)
     if args.json:
