@@ -155,7 +155,12 @@ def main() -> None:
             eng.step()
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=60))
     if cuda:  # the GPU side (under TP the all-reduce kernels include waiting for the other ranks)
-        print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=60))
+        for key in ("self_device_time_total", "self_cuda_time_total"):  # the name changed across torch versions
+            try:
+                print(prof.key_averages().table(sort_by=key, row_limit=25, max_name_column_width=60))
+                break
+            except (AttributeError, KeyError, ValueError):
+                continue
     if args.trace:
         prof.export_chrome_trace(args.trace)
     if args.json:
