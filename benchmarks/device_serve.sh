@@ -121,6 +121,7 @@ fi
 stop_server 30
 echo "server stopped ($((SECONDS - START)) s so far)"
 tail -3 "$OUT/server.log"
+grep -E "^engine loop:" "$OUT/server.log"  # the engine process's own time split (printed at its shutdown)
 # the GPU memory of the engine process must be free before the offline engine sizes its KV cache
 if command -v nvidia-smi >/dev/null; then
   for _ in $(seq 1 30); do

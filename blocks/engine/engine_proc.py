@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import sys
+import time
 import traceback
 from dataclasses import asdict
 from typing import Any
@@ -89,9 +91,23 @@ class _Loop:
         self.core = core
         self.conn = conn
         self.running = True
+        # where the loop's time goes (seconds), printed to stderr at shutdown: the server log shows it
+        self.timing = {"handle": 0.0, "step": 0.0, "encode": 0.0, "send": 0.0}
+        self.counts = {"steps": 0, "sends": 0, "deltas": 0, "running_sum": 0, "tokens_sum": 0}
 
     def send(self, message: list) -> None:
+        t = time.perf_counter()
         self.conn.send_bytes(pack(message))
+        self.timing["send"] += time.perf_counter() - t
+        self.counts["sends"] += 1
+
+    def report(self) -> str:
+        """One line: steps, mean running requests and tokens a step, milliseconds a step in each phase."""
+        n = max(self.counts["steps"], 1)
+        ms = " ".join(f"{k} {v / n * 1e3:.2f}" for k, v in self.timing.items())
+        return (f"engine loop: {self.counts['steps']} steps, {self.counts['running_sum'] / n:.1f} running and "
+                f"{self.counts['tokens_sum'] / n:.1f} tokens a step, {self.counts['deltas']} deltas in "
+                f"{self.counts['sends']} messages; ms a step: {ms}")
 
     def handle(self, message: list) -> list:
         """Apply one message; returns deltas of requests it finished (aborts)."""
@@ -131,16 +147,30 @@ class _Loop:
             busy = self.core.has_unfinished_requests()
             finished: list = []
             if self.conn.poll(0 if busy else None):
+                t = time.perf_counter()
                 while self.running and self.conn.poll(0):
                     finished.extend(self.handle(unpack(self.conn.recv_bytes())))
+                self.timing["handle"] += time.perf_counter() - t
             if not self.running:
                 break
             if self.core.has_unfinished_requests():
-                finished.extend(encode_output(o) for o in self.core.step())
+                t0 = time.perf_counter()
+                outs = self.core.step()
+                t1 = time.perf_counter()
+                finished.extend(encode_output(o) for o in outs)
+                self.timing["step"] += t1 - t0
+                self.timing["encode"] += time.perf_counter() - t1
+                stats = self.core.stats()
+                self.counts["steps"] += 1
+                self.counts["running_sum"] += stats.num_running
+                self.counts["tokens_sum"] += stats.num_tokens
             if finished:
-                self.send(["outs", [d for d in finished if d is not None], asdict(self.core.stats())])
+                deltas = [d for d in finished if d is not None]
+                self.counts["deltas"] += len(deltas)
+                self.send(["outs", deltas, asdict(self.core.stats())])
         for rid in self.core.unfinished_request_ids():  # shutdown: abort what is left, free its blocks
             self.core.abort_request(rid)
+        print(self.report(), file=sys.stderr, flush=True)
 
 
 def run_engine_proc(conn, config_kwargs: dict[str, Any], model_path: str | None) -> None:
