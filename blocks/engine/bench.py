@@ -117,7 +117,7 @@ def run_throughput(args) -> dict[str, Any]:
         "input_tokens": in_tok, "output_tokens": out_tok, "elapsed_s": elapsed,
         "requests_per_s": args.num_prompts / elapsed,
         "output_tokens_per_s": out_tok / elapsed, "total_tokens_per_s": (in_tok + out_tok) / elapsed,
-        "steps": runner.counters["steps"], "bytes_moved": moved,
+        "steps": runner.counters["steps"], "graph_steps": runner.counters["graph_steps"], "bytes_moved": moved,
     }
     if args.bandwidth_tbps:
         floor = moved / (args.bandwidth_tbps * 1e12)

@@ -105,7 +105,9 @@ class _Loop:
         """One line: steps, mean running requests and tokens a step, milliseconds a step in each phase."""
         n = max(self.counts["steps"], 1)
         ms = " ".join(f"{k} {v / n * 1e3:.2f}" for k, v in self.timing.items())
-        return (f"engine loop: {self.counts['steps']} steps, {self.counts['running_sum'] / n:.1f} running and "
+        counters = getattr(getattr(self.core, "runner", None), "counters", {})
+        graphs = f", {counters['graph_steps']} by CUDA graph" if "graph_steps" in counters else ""
+        return (f"engine loop: {self.counts['steps']} steps{graphs}, {self.counts['running_sum'] / n:.1f} running and "
                 f"{self.counts['tokens_sum'] / n:.1f} tokens a step, {self.counts['deltas']} deltas in "
                 f"{self.counts['sends']} messages; ms a step: {ms}")
 
