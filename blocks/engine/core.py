@@ -26,6 +26,7 @@ from blocks.engine.config import EngineConfig
 from blocks.engine.detokenizer import IncrementalDetokenizer
 from blocks.engine.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from blocks.engine.runner import ModelRunner, SamplingInfo
+from blocks.engine.step_profile import StepProfiler
 from blocks.engine.stream_delta import StreamCursor, StreamDelta, make_delta
 from blocks.sample.parallel import ParallelGroup, fork_parallel
 from blocks.sample.params import BeamSearchParams, SamplingParams
@@ -98,6 +99,7 @@ class EngineCore:
         self._seqs: dict[str, _Sequence] = {}
         self._parents: dict[str, _Parent] = {}
         self.runner = ModelRunner(config, model_path, self._sampling_info)
+        self._step_profiler = StepProfiler()  # BLOCKS_ENGINE_PROFILE: see step_profile.py
         mc = self.runner.model.config
         self.max_model_len = self.runner.max_model_len
         self.vocab_size = mc.vocab_size
@@ -296,6 +298,7 @@ class EngineCore:
     # ------------------------------------------------------------------ the loop
     def step(self) -> list[RequestOutput | StreamDelta | BeamSearchOutput]:
         """Run one engine step; returns outputs of finished requests and the deltas of streaming ones."""
+        self._step_profiler.before_step()
         start = time.perf_counter()
         sched_out = self.scheduler.schedule()
         if sched_out.scheduled_new_reqs:

@@ -24,6 +24,7 @@ always equal the finished text. A request that does not stream sends one delta: 
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import sys
 import time
@@ -201,8 +202,6 @@ def run_engine_proc(conn, config_kwargs: dict[str, Any], model_path: str | None)
         conn.send_bytes(pack(["fatal", f"engine failed to start: {type(exc).__name__}: {exc}"]))
         conn.close()
         return
-    import os
-
     conn.send_bytes(pack(["ready", {
         "max_model_len": core.max_model_len, "vocab_size": core.vocab_size, "eos_token_id": core.eos_token_id,
         "num_blocks": core.runner.num_blocks, "block_size": config.block_size, "pid": os.getpid(),
