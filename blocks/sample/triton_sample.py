@@ -270,9 +270,10 @@ def _sample_kernel(
         nfin = tl.sum(nfin_vec, axis=0)
         if need_k & (top_k >= nfin):  # top-k keeps every finite logit (the rest are banned)
             need_k = need_k & False
-            if need_p:  # the rejection route below needs its first draw
-                tok, x_tok = _race(row_ptr, cidx, vocab, False, float("-inf"), 0, float("-inf"), c, k1, k2, offs,
-                                   vocab, BLOCK, FAST)
+            # the draw over the whole row: the answer when no other filter is on, else the rejection route's
+            # first candidate (a min-p row replaces it below)
+            tok, x_tok = _race(row_ptr, cidx, vocab, False, float("-inf"), 0, float("-inf"), c, k1, k2, offs,
+                               vocab, BLOCK, FAST)
 
         if need_k | (need_min & (need_p == 0)):
             # Known threshold (min-p) or a lower bound of it (top-k, from the lane maxima): gather the logits
@@ -339,7 +340,7 @@ def _sample_kernel(
                                   NUM_PIVOTS)
                 k1, k2 = _round_keys(key, r + 1)
                 tok, x_tok = _race(row_ptr, cidx, vocab, False, thr, 0, thr_min, c, k1, k2, offs, vocab, BLOCK, FAST)
-        token = tl.where(greedy, amax, tok)
+        token = tl.where(greedy | (tok >= vocab), amax, tok)  # a row with no finite logit: its argmax, in range
         tl.store(out_ptr + row, token.to(tl.int64))
 
 

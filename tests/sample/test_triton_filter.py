@@ -124,3 +124,23 @@ def test_triton_penalties_equal_the_torch_reference(num_rows, vocab, max_len, bl
     # one rounding apart at most: the GPU fuses ``x - f * c - p * (c > 0)`` into FMAs
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
     assert not torch.equal(got, x)
+
+
+def test_top_k_above_the_finite_count_and_all_banned_rows_sample_in_range():
+    """Rows whose top-k keeps every finite logit (the rest banned, e.g. ``allowed_token_ids``) draw among the
+    finite ones on every route; a row with no finite logit still returns an id inside the vocabulary."""
+    vocab = 100
+    x = torch.full((6, vocab), float("-inf"))
+    allowed = torch.tensor([3, 40, 77])
+    x[:, allowed] = torch.tensor([0.5, 1.5, -0.2])
+    x[5] = float("-inf")
+    temp = torch.ones(6)
+    top_k = torch.tensor([10, 10, 10, 3, 0, 10], dtype=torch.int32)
+    top_p = torch.tensor([1.0, 0.9, 1.0, 1.0, 1.0, 1.0])
+    min_p = torch.tensor([0.0, 0.0, 0.1, 0.0, 0.0, 0.0])
+    args = tuple(t.to(DEV) for t in (x, temp, top_k, top_p, min_p))
+    for step in range(4):
+        keys = torch.arange(6, dtype=torch.int64, device=DEV) + 17 * step
+        tokens = triton_sample(*args, keys, block=32).cpu()
+        assert all(int(t) in allowed.tolist() for t in tokens[:5]), tokens
+        assert 0 <= int(tokens[5]) < vocab
