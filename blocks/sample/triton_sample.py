@@ -34,8 +34,14 @@ import torch
 import triton
 import triton.language as tl
 
-from blocks.sample.triton_search import lane_bound, topk_search, topp_search
-from blocks.sample.triton_topk_topp import check_rows, default_programs, scratch
+from blocks.sample.triton_search import (
+    check_rows,
+    default_programs,
+    lane_bound,
+    row_params,
+    threshold_search,
+    workspace,
+)
 
 __all__ = ["triton_sample"]
 
@@ -212,13 +218,8 @@ def _sample_kernel(
     counter = counter_ptr + pid
     for row in range(pid, num_rows, nprog):
         row_ptr = logits_ptr + (tl.zeros([], dtype=tl.int64) + row) * stride_row
-        temp = tl.load(temp_ptr + row)
-        greedy = temp <= 0.0
-        inv_t = tl.where(greedy, 1.0, 1.0 / tl.maximum(temp, 1e-30))
+        temp, greedy, inv_t, top_k, top_p, min_p = row_params(row, temp_ptr, topk_ptr, topp_ptr, minp_ptr)
         c = inv_t * 1.4426950408889634  # log2(e) / T: scores and masses in base 2
-        top_k = tl.load(topk_ptr + row).to(tl.int32)
-        top_p = tl.load(topp_ptr + row)
-        min_p = tl.load(minp_ptr + row)
         key = tl.load(key_ptr + row)
         need_k = (greedy == 0) & (top_k > 0) & (top_k < vocab)
         need_p = (greedy == 0) & (top_p < 1.0)
@@ -292,11 +293,11 @@ def _sample_kernel(
                 tok, x_tok = _race(cval, cidx, n_cand, True, thr, 0, thr_min, c, k1, k2, offs, vocab, BLOCK, FAST)
             else:  # too many candidates: exact searches over the whole row (token order: reproducible)
                 if need_k:
-                    thr, mass_k = topk_search(row_ptr, vocab, m, inv_t, low, hi_top, nfin, top_k, MAX_PASSES,
-                                              piv_idx, offs, BLOCK, NUM_PIVOTS)
+                    thr, mass_k = threshold_search(row_ptr, vocab, m, inv_t, low, hi_top, top_k, MAX_PASSES,
+                                                   piv_idx, offs, BLOCK, NUM_PIVOTS, False)
                     if need_p:
-                        thr = topp_search(row_ptr, vocab, m, inv_t, thr, hi_top, top_p * mass_k, MAX_PASSES,
-                                          piv_idx, offs, BLOCK, NUM_PIVOTS)
+                        thr, _ = threshold_search(row_ptr, vocab, m, inv_t, thr, hi_top, top_p * mass_k, MAX_PASSES,
+                                                  piv_idx, offs, BLOCK, NUM_PIVOTS, True)
                 tok, x_tok = _race(row_ptr, cidx, vocab, False, thr, 0, thr_min, c, k1, k2, offs, vocab, BLOCK, FAST)
         elif need_p:
             # Rejection route: accept the race winner if it is in the kept set, else race above it.
@@ -336,8 +337,8 @@ def _sample_kernel(
                     mn_vec = tl.minimum(mn_vec, tl.where(fin, x, float("inf")))
                 z = tl.sum(z_vec, axis=0)
                 lo = tl.maximum(lo, tl.min(mn_vec, axis=0))  # no rejection yet: start from the smallest logit
-                thr = topp_search(row_ptr, vocab, m, inv_t, lo, hi_top, top_p * z, MAX_PASSES, piv_idx, offs, BLOCK,
-                                  NUM_PIVOTS)
+                thr, _ = threshold_search(row_ptr, vocab, m, inv_t, lo, hi_top, top_p * z, MAX_PASSES, piv_idx, offs,
+                                          BLOCK, NUM_PIVOTS, True)
                 k1, k2 = _round_keys(key, r + 1)
                 tok, x_tok = _race(row_ptr, cidx, vocab, False, thr, 0, thr_min, c, k1, k2, offs, vocab, BLOCK, FAST)
         token = tl.where(greedy | (tok >= vocab), amax, tok)  # a row with no finite logit: its argmax, in range
@@ -389,8 +390,7 @@ def triton_sample(
         return out
     block = max(16, min(block, triton.next_power_of_2(vocab)))
     num_programs = num_programs or default_programs(logits)
-    cap, cand_val, cand_idx = scratch(num_programs, max(candidates, 16), logits.device)
-    counters = torch.empty(num_programs, dtype=torch.int32, device=logits.device)
+    cap, cand_val, cand_idx, counters = workspace(num_programs, max(candidates, 16), logits.device)
     _sample_kernel[(num_programs,)](
         logits, logits.stride(0), vocab, num_rows, temperature, top_k, top_p, min_p, keys, out, cand_val, cand_idx,
         counters, max_rounds, BLOCK=block, NUM_PIVOTS=num_pivots, MAX_PASSES=12, CAP=cap, SMALL=min(cap, 128),

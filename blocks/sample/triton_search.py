@@ -1,14 +1,15 @@
-"""Triton building blocks shared by the threshold and sampling kernels: exact top-k / top-p threshold
-searches in logit space over a row (or a compacted candidate list), without sorting.
+"""Triton building blocks shared by the threshold and sampling kernels: each row's parameters, exact
+top-k / top-p threshold searches in logit space over a row (or a compacted candidate list) without
+sorting, and the host side both kernels share (input checks, program count, a reused scratch workspace).
 
-Both searches keep an interval ``[lo, hi)`` of logit values and narrow it by counting, in one pass over
-the ``n`` values, how many are ``>=`` each of ``NUM_PIVOTS`` pivots spread over the interval (and their
-probability mass ``exp((x - m) / T)``):
+:func:`threshold_search` keeps an interval ``[lo, hi)`` of logit values and narrows it by counting, in one
+pass over the ``n`` values, how many are ``>=`` each of ``NUM_PIVOTS`` pivots spread over the interval (and
+their probability mass ``exp((x - m) / T)``):
 
-* :func:`topk_search`: invariant ``count(x >= lo) >= k > count(x >= hi)``; it stops when exactly ``k`` are
-  ``>= lo``, when the interval holds at most one value, or when it cannot be split any more (ties at the
-  threshold are all kept, as transformers keeps them);
-* :func:`topp_search`: the same on the mass, ``mass(x >= lo) >= target > mass(x >= hi)``.
+* top-k (``USE_MASS=False``, ``need = k``): invariant ``count(x >= lo) >= k > count(x >= hi)``; it stops
+  when exactly ``k`` are ``>= lo``, when the interval holds at most one value, or when it cannot be split
+  any more (ties at the threshold are all kept, as transformers keeps them);
+* top-p (``USE_MASS=True``, ``need = target``): the same on the mass, ``mass(x >= lo) >= target > mass(x >= hi)``.
 
 After ``max_passes`` passes ``lo`` is a lower bound (a superset is kept). :func:`lane_bound` gives a
 starting ``lo`` from per-lane maxima alone (a subset of the row, so any count or mass reached by them is
@@ -17,6 +18,9 @@ reached by the row), without a memory pass.
 
 from __future__ import annotations
 
+import functools
+
+import torch
 import triton
 import triton.language as tl
 
@@ -65,44 +69,82 @@ def lane_bound(m_vec, lo, hi, need, m, inv_t, piv_idx, USE_MASS: tl.constexpr, N
 
 
 @triton.jit
-def topk_search(src, n, m, inv_t, lo, hi, count_lo, top_k, max_passes, piv_idx, offs,
-                BLOCK: tl.constexpr, NUM_PIVOTS: tl.constexpr):
-    """Top-k threshold: ``(lo, mass of x >= lo)``; ``count_lo`` = ``count(x >= lo)`` at the start (or more)."""
-    cnt_lo = count_lo
-    cnt_hi = 0 * count_lo
+def threshold_search(src, n, m, inv_t, lo, hi, need, max_passes, piv_idx, offs, BLOCK: tl.constexpr,
+                     NUM_PIVOTS: tl.constexpr, USE_MASS: tl.constexpr):
+    """The top-k (count) or top-p (mass) threshold: ``(lo, mass of x >= lo)``. ``lo`` must satisfy the
+    invariant on entry (its count or mass reaches ``need``)."""
+    cnt_lo = tl.full([], 2147483647, dtype=tl.int32)
+    cnt_hi = tl.zeros([], dtype=tl.int32)
     mass_lo = tl.full([], float("inf"), dtype=tl.float32)
     done = tl.zeros([], dtype=tl.int32)
     passes = 0
     while (done == 0) & (passes < max_passes):
         pivots, cnt, mass = search_pass(src, n, m, inv_t, lo, hi, piv_idx, offs, BLOCK, NUM_PIVOTS)
-        ok = cnt >= top_k
+        if USE_MASS:
+            ok = mass >= need
+        else:
+            ok = cnt >= need
         lo = tl.max(tl.where(ok, pivots, lo), axis=0)
         hi = tl.min(tl.where(ok, hi, pivots), axis=0)
         cnt_lo = tl.min(tl.where(ok, cnt, cnt_lo), axis=0)
         mass_lo = tl.min(tl.where(ok, mass, mass_lo), axis=0)  # masses fall as pivots rise: the one at lo
         cnt_hi = tl.max(tl.where(ok, cnt_hi, cnt), axis=0)
         splittable = lo + (hi - lo) * (1.0 / NUM_PIVOTS) > lo
-        done = ((cnt_lo == top_k) | (cnt_lo - cnt_hi <= 1) | (splittable == 0)).to(tl.int32)
+        stop = (cnt_lo - cnt_hi <= 1) | (splittable == 0)
+        if not USE_MASS:
+            stop = stop | (cnt_lo == need)
+        done = stop.to(tl.int32)
         passes += 1
     return lo, mass_lo
 
 
 @triton.jit
-def topp_search(src, n, m, inv_t, lo, hi, target, max_passes, piv_idx, offs,
-                BLOCK: tl.constexpr, NUM_PIVOTS: tl.constexpr):
-    """Top-p threshold: the largest ``lo`` with ``mass(x >= lo) >= target`` (``lo`` must satisfy it)."""
-    cnt_lo = tl.full([], 2147483647, dtype=tl.int32)
-    cnt_hi = tl.zeros([], dtype=tl.int32)
-    done = tl.zeros([], dtype=tl.int32)
-    passes = 0
-    while (done == 0) & (passes < max_passes):
-        pivots, cnt, mass = search_pass(src, n, m, inv_t, lo, hi, piv_idx, offs, BLOCK, NUM_PIVOTS)
-        ok = mass >= target
-        lo = tl.max(tl.where(ok, pivots, lo), axis=0)
-        hi = tl.min(tl.where(ok, hi, pivots), axis=0)
-        cnt_lo = tl.min(tl.where(ok, cnt, cnt_lo), axis=0)
-        cnt_hi = tl.max(tl.where(ok, cnt_hi, cnt), axis=0)
-        splittable = lo + (hi - lo) * (1.0 / NUM_PIVOTS) > lo
-        done = ((cnt_lo - cnt_hi <= 1) | (splittable == 0)).to(tl.int32)
-        passes += 1
-    return lo
+def row_params(row, temp_ptr, topk_ptr, topp_ptr, minp_ptr):
+    """One row's ``(temperature, greedy, 1 / T (1 when greedy), top_k int32, top_p, min_p)``."""
+    temp = tl.load(temp_ptr + row)
+    greedy = temp <= 0.0
+    inv_t = tl.where(greedy, 1.0, 1.0 / tl.maximum(temp, 1e-30))
+    return temp, greedy, inv_t, tl.load(topk_ptr + row).to(tl.int32), tl.load(topp_ptr + row), tl.load(minp_ptr + row)
+
+
+def check_rows(logits: torch.Tensor) -> None:
+    """The logits contract of both Triton sampler kernels: ``[num_rows, vocab]`` float32, unit stride."""
+    if logits.dim() != 2 or logits.dtype != torch.float32:
+        raise ValueError(f"logits must be a 2-D float32 tensor, got {tuple(logits.shape)} {logits.dtype}.")
+    if logits.stride(1) != 1:
+        raise ValueError("logits must have unit stride along the vocabulary dimension.")
+
+
+@functools.cache
+def _max_programs(device: torch.device, per_sm: int) -> int:
+    return per_sm * torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def default_programs(logits: torch.Tensor, per_sm: int = 4) -> int:
+    """Persistent programs: one per row, at most ``per_sm`` per SM on CUDA."""
+    num_rows = logits.shape[0]
+    return min(num_rows, _max_programs(logits.device, per_sm)) if logits.is_cuda else num_rows
+
+
+_WORKSPACES: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+
+def workspace(num_programs: int, candidates: int, device: torch.device
+              ) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(CAP, values, token ids, counters)``: ``candidates`` scratch slots (rounded up to a power of two) per
+    program and one int32 counter per program. Kept per (device, stream, CAP) and grown when a call needs
+    more programs, so a sampling step allocates nothing; calls on one stream run in order, so they may
+    share it."""
+    if candidates < 0:
+        raise ValueError(f"candidates must be non-negative, got {candidates}.")
+    cap = triton.next_power_of_2(candidates) if candidates else 0
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (device, stream, cap)
+    ws = _WORKSPACES.get(key)
+    if ws is None or ws[2].numel() < num_programs:
+        n = max(num_programs, 0 if ws is None else ws[2].numel())
+        ws = (torch.empty(n * max(cap, 1), dtype=torch.float32, device=device),
+              torch.empty(n * max(cap, 1), dtype=torch.int32, device=device),
+              torch.empty(n, dtype=torch.int32, device=device))
+        _WORKSPACES[key] = ws
+    return cap, *ws

@@ -24,7 +24,14 @@ import torch
 import triton
 import triton.language as tl
 
-from blocks.sample.triton_search import lane_bound, topk_search, topp_search
+from blocks.sample.triton_search import (
+    check_rows,
+    default_programs,
+    lane_bound,
+    row_params,
+    threshold_search,
+    workspace,
+)
 
 __all__ = ["triton_thresholds", "compact_candidates"]
 
@@ -74,12 +81,7 @@ def _threshold_kernel(
     cidx = cand_idx_ptr + pid * CAP
     for row in range(pid, num_rows, nprog):
         row_ptr = logits_ptr + (tl.zeros([], dtype=tl.int64) + row) * stride_row
-        temp = tl.load(temp_ptr + row)
-        greedy = temp <= 0.0
-        inv_t = tl.where(greedy, 1.0, 1.0 / tl.maximum(temp, 1e-30))
-        top_k = tl.load(topk_ptr + row).to(tl.int32)
-        top_p = tl.load(topp_ptr + row)
-        min_p = tl.load(minp_ptr + row)
+        temp, greedy, inv_t, top_k, top_p, min_p = row_params(row, temp_ptr, topk_ptr, topp_ptr, minp_ptr)
 
         # Pass 1: max, smallest finite logit, number of finite logits, and the softmax normaliser
         # (per-lane online rescaling).
@@ -131,42 +133,17 @@ def _threshold_kernel(
         lo = low
         mass_lo = z
         if need_k:
-            lo, mass_lo = topk_search(src, n_src, m, inv_t, low, hi_top, nfin, top_k, MAX_PASSES, piv_idx, offs,
-                                      BLOCK, NUM_PIVOTS)
+            lo, mass_lo = threshold_search(src, n_src, m, inv_t, low, hi_top, top_k, MAX_PASSES, piv_idx, offs,
+                                           BLOCK, NUM_PIVOTS, False)
         if need_p:
             target = top_p * mass_lo
             lane_max = tl.where(m_vec >= lo, m_vec, float("-inf"))
             lo = lane_bound(lane_max, lo, hi_top, target, m, inv_t, piv_idx, True, NUM_PIVOTS)
-            lo = topp_search(src, n_src, m, inv_t, lo, hi_top, target, MAX_PASSES, piv_idx, offs, BLOCK, NUM_PIVOTS)
+            lo, _ = threshold_search(src, n_src, m, inv_t, lo, hi_top, target, MAX_PASSES, piv_idx, offs, BLOCK,
+                                     NUM_PIVOTS, True)
         thr = tl.maximum(tl.where(need_k | need_p, lo, float("-inf")), thr_min)
         thr = tl.where(greedy, float("-inf"), thr)
         tl.store(thr_ptr + row, thr)
-
-
-def check_rows(logits: torch.Tensor) -> None:
-    """The logits contract of both Triton sampler kernels: ``[num_rows, vocab]`` float32, unit stride."""
-    if logits.dim() != 2 or logits.dtype != torch.float32:
-        raise ValueError(f"logits must be a 2-D float32 tensor, got {tuple(logits.shape)} {logits.dtype}.")
-    if logits.stride(1) != 1:
-        raise ValueError("logits must have unit stride along the vocabulary dimension.")
-
-
-def default_programs(logits: torch.Tensor, per_sm: int = 4) -> int:
-    """Persistent programs: one per row, at most ``per_sm`` per SM on CUDA."""
-    num_rows = logits.shape[0]
-    if logits.is_cuda:
-        return min(num_rows, per_sm * torch.cuda.get_device_properties(logits.device).multi_processor_count)
-    return num_rows
-
-
-def scratch(num_programs: int, candidates: int, device: torch.device) -> tuple[int, torch.Tensor, torch.Tensor]:
-    """``(CAP, values, token ids)``: ``candidates`` slots (rounded up to a power of two) per program."""
-    if candidates < 0:
-        raise ValueError(f"candidates must be non-negative, got {candidates}.")
-    cap = triton.next_power_of_2(candidates) if candidates else 0
-    vals = torch.empty(num_programs * max(cap, 1), dtype=torch.float32, device=device)
-    ids = torch.empty(num_programs * max(cap, 1), dtype=torch.int32, device=device)
-    return cap, vals, ids
 
 
 def triton_thresholds(
@@ -203,7 +180,7 @@ def triton_thresholds(
         return thr
     block = max(16, min(block, triton.next_power_of_2(vocab)))  # small vocabularies: a narrower tile
     num_programs = num_programs or default_programs(logits)
-    cap, cand_val, cand_idx = scratch(num_programs, candidates, logits.device)
+    cap, cand_val, cand_idx, _ = workspace(num_programs, candidates, logits.device)
     _threshold_kernel[(num_programs,)](
         logits, logits.stride(0), vocab, num_rows, temperature, top_k, top_p, min_p, thr, cand_val, cand_idx,
         BLOCK=block, NUM_PIVOTS=num_pivots, MAX_PASSES=12, CAP=cap, num_warps=num_warps,

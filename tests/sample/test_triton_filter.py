@@ -144,3 +144,16 @@ def test_top_k_above_the_finite_count_and_all_banned_rows_sample_in_range():
         tokens = triton_sample(*args, keys, block=32).cpu()
         assert all(int(t) in allowed.tolist() for t in tokens[:5]), tokens
         assert 0 <= int(tokens[5]) < vocab
+
+
+def test_workspace_is_reused_per_size_and_grows_when_needed():
+    from blocks.sample.triton_search import workspace
+
+    cap, vals, ids, counters = workspace(4, 100, torch.device("cpu"))
+    assert cap == 128 and vals.numel() >= 4 * 128 and counters.numel() >= 4
+    again = workspace(2, 100, torch.device("cpu"))
+    assert again[1] is vals and again[3] is counters  # a smaller call allocates nothing
+    grown = workspace(counters.numel() + 3, 100, torch.device("cpu"))
+    assert grown[1].numel() >= (counters.numel() + 3) * 128 and grown[3].numel() >= counters.numel() + 3
+    with pytest.raises(ValueError, match="candidates"):
+        workspace(1, -1, torch.device("cpu"))
