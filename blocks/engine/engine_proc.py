@@ -156,21 +156,24 @@ class _Loop:
                 self.timing["handle"] += time.perf_counter() - t
             if not self.running:
                 break
-            if self.core.has_unfinished_requests():
+            stepped = self.core.has_unfinished_requests()
+            if stepped:
                 t0 = time.perf_counter()
                 outs = self.core.step()
                 t1 = time.perf_counter()
                 finished.extend(encode_output(o) for o in outs)
                 self.timing["step"] += t1 - t0
                 self.timing["encode"] += time.perf_counter() - t1
-                stats = self.core.stats()
-                self.counts["steps"] += 1
-                self.counts["running_sum"] += stats.num_running
-                self.counts["tokens_sum"] += stats.num_tokens
+            if stepped or finished:
+                stats = self.core.stats()  # once a step: the report's counts and the message
+                if stepped:
+                    self.counts["steps"] += 1
+                    self.counts["running_sum"] += stats.num_running
+                    self.counts["tokens_sum"] += stats.num_tokens
             if finished:
                 deltas = [d for d in finished if d is not None]
                 self.counts["deltas"] += len(deltas)
-                self.send(["outs", deltas, asdict(self.core.stats())])
+                self.send(["outs", deltas, asdict(stats)])
         for rid in self.core.unfinished_request_ids():  # shutdown: abort what is left, free its blocks
             self.core.abort_request(rid)
         print(self.report(), file=sys.stderr, flush=True)
