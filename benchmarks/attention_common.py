@@ -122,8 +122,8 @@ def prefill_inputs(length: int = PREFILL_LEN) -> PagedInputs:
 def mixed_inputs() -> PagedInputs:
     m = MIXED
     n_p, chunk, prefix, n_d, dctx = m["prefill_chunks"], m["chunk"], m["prefix"], m["decode_rows"], m["decode_ctx"]
-    qlens = [chunk] * n_p + [1] * n_d
-    slens = [prefix + chunk] * n_p + [dctx] * n_d
+    qlens = [1] * n_d + [chunk] * n_p  # decode rows first, as the engine orders a step
+    slens = [dctx] * n_d + [prefix + chunk] * n_p
     kc, vc, tables = _paged_cache(slens)
     md = plan_attention(qlens, slens, tables, BLOCK_SIZE, device="cuda")
     q = torch.randn(sum(qlens), NUM_HEADS, HEAD_DIM, device="cuda", dtype=DTYPE)
@@ -131,10 +131,10 @@ def mixed_inputs() -> PagedInputs:
     pairs = n_p * NUM_HEADS * (chunk * prefix + chunk * (chunk + 1) / 2) + n_d * NUM_HEADS * dctx
     flops = 4.0 * HEAD_DIM * pairs
     ks, vs = _contiguous(kc, vc, tables, slens)
-    kp, vp = torch.stack(ks[:n_p]), torch.stack(vs[:n_p])
-    kd, vd = torch.stack(ks[n_p:]), torch.stack(vs[n_p:])
-    qp = q[: n_p * chunk].view(n_p, chunk, NUM_HEADS, HEAD_DIM).transpose(1, 2).contiguous()
-    qd = q[n_p * chunk:].view(n_d, NUM_HEADS, 1, HEAD_DIM)
+    kd, vd = torch.stack(ks[:n_d]), torch.stack(vs[:n_d])
+    kp, vp = torch.stack(ks[n_d:]), torch.stack(vs[n_d:])
+    qd = q[:n_d].view(n_d, NUM_HEADS, 1, HEAD_DIM)
+    qp = q[n_d:].view(n_p, chunk, NUM_HEADS, HEAD_DIM).transpose(1, 2).contiguous()
     pos_q = torch.arange(prefix, prefix + chunk, device="cuda")[:, None]
     mask = torch.arange(prefix + chunk, device="cuda")[None, :] <= pos_q  # causal, aligned bottom-right
 

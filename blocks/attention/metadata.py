@@ -19,7 +19,8 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["AttentionMetadata", "plan_attention", "plan_attention_arrays", "plan_arrays", "metadata_from_tensors"]
+__all__ = ["AttentionMetadata", "leading_decode_rows", "plan_attention", "plan_attention_arrays", "plan_arrays",
+           "metadata_from_tensors"]
 
 
 @dataclass
@@ -36,7 +37,8 @@ class AttentionMetadata:
             token; ``-1`` marks a padding token whose K/V is not written.
         max_query_len: host int, longest query of the batch (kernel selection only).
         max_seq_len: host int, longest context of the batch (kernel selection only).
-        num_decode_tokens: host int, number of rows with exactly one query token.
+        num_decode_tokens: host int, number of *leading* rows with exactly one query token (the
+            engine puts decode rows first; a kernel may give those rows their own launch).
         block_size: tokens per KV block.
         plan: backend-specific state built once per step by ``backend.plan(metadata)``
             (kernel choice, split count, workspace); ``None`` until planned.
@@ -186,4 +188,11 @@ def plan_attention_arrays(
     qlens, slens = np.asarray(query_lens), arrays["seq_lens"]
     return metadata_from_tensors(tensors, max_query_len=int(qlens.max()) if qlens.size else 0,
                                  max_seq_len=int(slens.max()) if slens.size else 0,
-                                 num_decode_tokens=int((qlens == 1).sum()), block_size=block_size)
+                                 num_decode_tokens=leading_decode_rows(qlens), block_size=block_size)
+
+
+def leading_decode_rows(query_lens) -> int:
+    """How many rows at the front of the batch have exactly one query token (``num_decode_tokens``)."""
+    qlens = np.asarray(query_lens)
+    not_one = np.flatnonzero(qlens != 1)
+    return int(not_one[0]) if not_one.size else int(qlens.size)

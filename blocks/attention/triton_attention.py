@@ -2,7 +2,7 @@
 
 Kernels (launched by :func:`paged_attention` and by the Triton backend):
 
-* ``_paged_attn_kernel``: each program owns ``BLOCK_Q`` query tokens of one sequence and the
+* ``paged_attn_kernel``: each program owns ``BLOCK_Q`` query tokens of one sequence and the
   ``GROUP = num_heads // num_kv_heads`` query heads that share one KV head, packed into a
   ``BLOCK_M`` row tile (row ``r`` is token ``r // GROUP``, head ``r % GROUP``), so every K/V tile
   loaded through ``block_table`` serves all heads of the group. Online softmax in float32
@@ -12,11 +12,13 @@ Kernels (launched by :func:`paged_attention` and by the Triton backend):
   stride, so caches past 2**31 elements are addressed correctly.
 * With ``USE_SPLIT`` the same kernel gets a third grid axis that cuts each sequence's KV range
   into ``num_splits`` chunks (flash-decoding) and writes float32 partial outputs with their
-  log-sum-exp; ``_merge_splits_kernel`` combines them.
+  log-sum-exp; ``merge_splits_kernel`` combines them.
 
 Programs find their sequence without any host data: sequence ``i`` owns the program ids
 ``[query_start_loc[i] // BLOCK_Q + i, ...)`` (``query_start_loc[i]`` when ``BLOCK_Q == 1``), and a
-program binary-searches ``query_start_loc``. Tokens beyond ``query_start_loc[-1]`` (CUDA-graph
+program binary-searches ``query_start_loc``. A launch may cover only the sequences
+``[seq_base, seq_base + num_seqs)`` (token ids then count from that part's first token): a mixed
+batch launches its leading decode rows with one-token tiles and its prefill chunks with wide tiles. Tokens beyond ``query_start_loc[-1]`` (CUDA-graph
 padding) form a virtual last sequence of length 0; rows with ``seq_len == 0`` are written as zeros.
 """
 
@@ -96,11 +98,13 @@ def _attn_tile(
     return acc, m_new, l_i
 
 
-@triton.jit
+# ints that change every step are not specialized (== 1, % 16): each new combination would compile a
+# new variant mid-run (seconds each on a serving engine)
+@triton.jit(do_not_specialize=["seq_base", "num_seqs", "num_tokens", "num_programs_q"])
 def paged_attn_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, part_out_ptr, part_lse_ptr,
     query_start_loc_ptr, seq_lens_ptr, block_table_ptr, k_scale_ptr, v_scale_ptr,
-    qk_scale, soft_cap, sliding_window, num_seqs, num_tokens, num_programs_q,
+    qk_scale, soft_cap, sliding_window, seq_base, num_seqs, num_tokens, num_programs_q,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     stride_bt, stride_ps, stride_pt, stride_ph, stride_ls, stride_lt,
@@ -115,15 +119,22 @@ def paged_attn_kernel(
     split = tl.program_id(2)
     num_splits = tl.num_programs(2)
 
+    # this launch covers sequences [seq_base, seq_base + num_seqs): a part of a mixed batch (decode rows
+    # and prefill chunks get their own launches and tiles); its tokens start at tok_base
+    query_start_loc_ptr += seq_base
+    seq_lens_ptr += seq_base
+    block_table_ptr += seq_base.to(tl.int64) * stride_bt
+    tok_base = tl.load(query_start_loc_ptr)
+
     # binary search: largest i in [0, num_seqs] with first_program(i) <= pid
     lo = pid * 0
     hi = num_seqs + pid * 0
     while lo < hi:
         mid = (lo + hi + 1) // 2
         if BLOCK_Q == 1:
-            first = tl.load(query_start_loc_ptr + mid)
+            first = tl.load(query_start_loc_ptr + mid) - tok_base
         else:
-            first = tl.load(query_start_loc_ptr + mid) // BLOCK_Q + mid
+            first = (tl.load(query_start_loc_ptr + mid) - tok_base) // BLOCK_Q + mid
         if first <= pid:
             lo = mid
         else:
@@ -131,9 +142,9 @@ def paged_attn_kernel(
     seq = lo
     q_start = tl.load(query_start_loc_ptr + seq)
     if BLOCK_Q == 1:
-        first_prog = q_start
+        first_prog = q_start - tok_base
     else:
-        first_prog = q_start // BLOCK_Q + seq
+        first_prog = (q_start - tok_base) // BLOCK_Q + seq
     if seq < num_seqs:
         q_end = tl.load(query_start_loc_ptr + seq + 1)
         seq_len = tl.load(seq_lens_ptr + seq)
@@ -220,14 +231,14 @@ def paged_attn_kernel(
         tl.store(out_ptr + o_off, o.to(out_ptr.dtype.element_ty), mask=io_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["tok_base", "num_splits"])
 def merge_splits_kernel(
-    part_out_ptr, part_lse_ptr, out_ptr, num_splits,
+    part_out_ptr, part_lse_ptr, out_ptr, tok_base, num_splits,
     stride_ps, stride_pt, stride_ph, stride_ls, stride_lt, stride_ot, stride_oh,
     SPLITS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
 ):
     """out[t, h] = sum_s 2**(lse_s - lse) * part_out[s, t, h], lse = log2 sum_s 2**lse_s (base 2)."""
-    token = tl.program_id(0).to(tl.int64)
+    token = tok_base + tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     s = tl.arange(0, SPLITS_PAD)
     s_ok = s < num_splits

@@ -14,6 +14,9 @@ Kernel choice (host integers only):
   chunks (merged by log-sum-exp): enough to fill them twice and to keep each chunk at most
   ``SPLIT_TOKENS`` keys (8 x 32768 on an H100: 16 splits 394 us, 5 splits 430 us; RESULTS.md),
   never below 256 keys a chunk.
+* a mixed batch whose first ``num_decode_tokens`` rows are decode rows (the engine's order): two
+  launches, those rows as above (as a decode batch of that many sequences) and the prefill chunks as
+  below; one 128-row tile per one-token row would cost 8x the tensor-core work of the 16-row tile.
 * otherwise (prefill chunks, mixed batches): 128-row tiles of ``BLOCK_M // GROUP`` tokens times
   ``GROUP`` heads against 128-key tiles, 3 pipeline stages (64-row / 32-key / 2 stages for fp32 or
   head_dim > 128, for shared memory), no split.
@@ -32,7 +35,7 @@ from blocks.attention.metadata import AttentionMetadata
 from blocks.attention.triton_attention import merge_splits_kernel, paged_attn_kernel
 from blocks.attention.validation import check_attention
 
-__all__ = ["LaunchConfig", "TritonPlan", "WorkspacePool", "choose_config", "paged_attention"]
+__all__ = ["Launch", "LaunchConfig", "TritonPlan", "WorkspacePool", "choose_config", "paged_attention"]
 
 MAX_SPLITS = 64
 MIN_SPLIT_TOKENS = 256
@@ -114,12 +117,26 @@ class WorkspacePool:
 DEFAULT_WORKSPACE_POOL = WorkspacePool()
 
 
+@dataclass(frozen=True)
+class Launch:
+    """One kernel launch of a layer: sequences ``[seq_start, seq_start + num_seqs)``, whose tokens are
+    ``[tok_start, tok_end)`` (``tok_end`` of the last part includes padding tokens), with its config and
+    split workspace (or ``None``)."""
+
+    seq_start: int
+    num_seqs: int
+    tok_start: int
+    tok_end: int
+    config: LaunchConfig
+    workspace: tuple | None
+
+
 @dataclass
 class TritonPlan:
     """Per-step plan: host integers of the batch plus one launch config per layer shape.
 
     Attributes:
-        num_seqs, num_tokens, max_query_len, max_seq_len: copied from the metadata.
+        num_seqs, num_tokens, max_query_len, max_seq_len, num_decode_tokens: copied from the metadata.
         overrides: fields forced on every chosen :class:`LaunchConfig` (tuning, tests).
         pool: where split workspaces come from (a backend passes its own; default: a process-wide pool).
         configs: ``(num_heads, num_kv_heads, head_dim, dtype, device) -> (LaunchConfig, workspace)``; the
@@ -131,15 +148,52 @@ class TritonPlan:
     num_tokens: int
     max_query_len: int
     max_seq_len: int
+    num_decode_tokens: int = 0
     overrides: dict = field(default_factory=dict)
     pool: WorkspacePool = field(default=DEFAULT_WORKSPACE_POOL, repr=False)
     configs: dict = field(default_factory=dict)
+    launches: dict = field(default_factory=dict)
 
     @classmethod
     def from_metadata(cls, metadata: AttentionMetadata, *, pool: WorkspacePool | None = None,
                       **overrides) -> TritonPlan:
         return cls(metadata.num_seqs, metadata.num_tokens, metadata.max_query_len, metadata.max_seq_len,
-                   overrides=dict(overrides), pool=pool or DEFAULT_WORKSPACE_POOL)
+                   metadata.num_decode_tokens, overrides=dict(overrides), pool=pool or DEFAULT_WORKSPACE_POOL)
+
+    def launches_for(self, query: torch.Tensor, num_kv_heads: int) -> list[Launch]:
+        """The (cached) kernel launches of this layer shape: one for the whole batch, or two for a mixed
+        batch that starts with decode rows (``num_decode_tokens`` leading one-token rows): those rows
+        with the decode tiles (16 rows, optional split-KV) and the prefill chunks with the wide tiles,
+        which would otherwise spend a 128-row tile on each one-token row."""
+        num_tokens, num_heads, head_dim = query.shape
+        key = (num_heads, num_kv_heads, head_dim, query.dtype, query.device)
+        hit = self.launches.get(key)
+        if hit is not None:
+            return hit
+        d = self.num_decode_tokens
+        if self.max_query_len <= 1 or d <= 0 or d >= self.num_seqs:
+            cfg, workspace = self.config_for(query, num_kv_heads)
+            parts = [Launch(0, self.num_seqs, 0, num_tokens, cfg, workspace)]
+        else:
+            parts = []
+            for seq_start, num_seqs, tok_start, tok_end, max_query_len in (
+                    (0, d, 0, d, 1), (d, self.num_seqs - d, d, num_tokens, self.max_query_len)):
+                cfg = self._choose(num_seqs, max_query_len, num_heads, num_kv_heads, head_dim, query)
+                workspace = None
+                if cfg.num_splits > 1:  # rows indexed by token id: sized to the part's last token
+                    workspace = self.pool.get(cfg.num_splits, tok_end, num_heads, head_dim, query.device)
+                parts.append(Launch(seq_start, num_seqs, tok_start, tok_end, cfg, workspace))
+        self.launches[key] = parts
+        return parts
+
+    def _choose(self, num_seqs: int, max_query_len: int, num_heads: int, num_kv_heads: int, head_dim: int,
+                query: torch.Tensor) -> LaunchConfig:
+        cfg = choose_config(
+            num_seqs=num_seqs, max_query_len=max_query_len, max_seq_len=self.max_seq_len,
+            num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
+            num_sms=_num_sms(query.device), dtype=query.dtype,
+        )
+        return replace(cfg, **self.overrides) if self.overrides else cfg
 
     def config_for(self, query: torch.Tensor, num_kv_heads: int):
         """The (cached) launch config and split workspace for this layer shape."""
@@ -148,13 +202,7 @@ class TritonPlan:
         hit = self.configs.get(key)
         if hit is not None:
             return hit
-        cfg = choose_config(
-            num_seqs=self.num_seqs, max_query_len=self.max_query_len, max_seq_len=self.max_seq_len,
-            num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
-            num_sms=_num_sms(query.device), dtype=query.dtype,
-        )
-        if self.overrides:
-            cfg = replace(cfg, **self.overrides)
+        cfg = self._choose(self.num_seqs, self.max_query_len, num_heads, num_kv_heads, head_dim, query)
         workspace = None
         if cfg.num_splits > 1:
             workspace = self.pool.get(cfg.num_splits, num_tokens, num_heads, head_dim, query.device)
@@ -216,44 +264,47 @@ def paged_attention(
         out = torch.empty_like(query, memory_format=torch.contiguous_format)
     if num_tokens == 0:
         return out
-    cfg, workspace = plan.config_for(query, num_kv_heads)
     group = num_heads // num_kv_heads
-    if cfg.block_q == 1:
-        grid_q = num_tokens
-    else:
-        grid_q = num_tokens // cfg.block_q + metadata.num_seqs + 1
-    split = cfg.num_splits > 1
-    part_out, part_lse = workspace if split else (out, out)
     dummy = metadata.seq_lens
     use_window = sliding_window is not None and sliding_window > 0
     use_softcap = soft_cap is not None and soft_cap > 0
-    paged_attn_kernel[(grid_q, num_kv_heads, cfg.num_splits)](
-        query, key_cache, value_cache, out, part_out, part_lse,
-        metadata.query_start_loc, metadata.seq_lens, metadata.block_table,
-        k_scale if fp8 else dummy, v_scale if fp8 else dummy,
-        float(scale), float(soft_cap) if use_softcap else 1.0, int(sliding_window) if use_window else 0,
-        metadata.num_seqs, num_tokens, grid_q,
-        query.stride(0), query.stride(1), out.stride(0), out.stride(1),
-        key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
-        value_cache.stride(0), value_cache.stride(1), value_cache.stride(2),
-        metadata.block_table.stride(0),
-        part_out.stride(0) if split else 0, part_out.stride(1) if split else 0, part_out.stride(2) if split else 0,
-        part_lse.stride(0) if split else 0, part_lse.stride(1) if split else 0,
-        GROUP=group, BLOCK_Q=cfg.block_q, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        HEAD_DIM=head_dim, HEAD_DIM_PAD=triton.next_power_of_2(head_dim), BLOCK_SIZE=key_cache.shape[1],
-        USE_SPLIT=split, USE_WINDOW=use_window, USE_SOFTCAP=use_softcap, KV_FP8=fp8,
-        DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
-        ALIGN=_alignment(head_dim, *query.stride()[:2], *out.stride()[:2], *key_cache.stride()[:3],
-                         *value_cache.stride()[:3]),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
-    if split:
-        merge_splits_kernel[(num_tokens, num_heads)](
-            part_out, part_lse, out, cfg.num_splits,
-            part_out.stride(0), part_out.stride(1), part_out.stride(2), part_lse.stride(0), part_lse.stride(1),
-            out.stride(0), out.stride(1),
-            SPLITS_PAD=triton.next_power_of_2(cfg.num_splits), HEAD_DIM=head_dim,
-            HEAD_DIM_PAD=triton.next_power_of_2(head_dim), num_warps=4,
+    align = _alignment(head_dim, *query.stride()[:2], *out.stride()[:2], *key_cache.stride()[:3],
+                       *value_cache.stride()[:3])
+    for part in plan.launches_for(query, num_kv_heads):
+        cfg, workspace = part.config, part.workspace
+        part_tokens = part.tok_end - part.tok_start
+        if cfg.block_q == 1:
+            grid_q = part_tokens
+        else:
+            grid_q = part_tokens // cfg.block_q + part.num_seqs + 1
+        split = cfg.num_splits > 1
+        part_out, part_lse = workspace if split else (out, out)
+        paged_attn_kernel[(grid_q, num_kv_heads, cfg.num_splits)](
+            query, key_cache, value_cache, out, part_out, part_lse,
+            metadata.query_start_loc, metadata.seq_lens, metadata.block_table,
+            k_scale if fp8 else dummy, v_scale if fp8 else dummy,
+            float(scale), float(soft_cap) if use_softcap else 1.0, int(sliding_window) if use_window else 0,
+            part.seq_start, part.num_seqs, part.tok_end, grid_q,
+            query.stride(0), query.stride(1), out.stride(0), out.stride(1),
+            key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
+            value_cache.stride(0), value_cache.stride(1), value_cache.stride(2),
+            metadata.block_table.stride(0),
+            part_out.stride(0) if split else 0, part_out.stride(1) if split else 0,
+            part_out.stride(2) if split else 0, part_lse.stride(0) if split else 0, part_lse.stride(1) if split else 0,
+            GROUP=group, BLOCK_Q=cfg.block_q, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+            HEAD_DIM=head_dim, HEAD_DIM_PAD=triton.next_power_of_2(head_dim), BLOCK_SIZE=key_cache.shape[1],
+            USE_SPLIT=split, USE_WINDOW=use_window, USE_SOFTCAP=use_softcap, KV_FP8=fp8,
+            DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32", ALIGN=align,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
+        if split:
+            merge_splits_kernel[(part_tokens, num_heads)](
+                part_out, part_lse, out, part.tok_start, cfg.num_splits,
+                part_out.stride(0), part_out.stride(1), part_out.stride(2), part_lse.stride(0), part_lse.stride(1),
+                out.stride(0), out.stride(1),
+                # two variants only (a new power of two per step would mean a compile mid-run)
+                SPLITS_PAD=8 if cfg.num_splits <= 8 else triton.next_power_of_2(max(cfg.num_splits, MAX_SPLITS)),
+                HEAD_DIM=head_dim, HEAD_DIM_PAD=triton.next_power_of_2(head_dim), num_warps=4,
+            )
     return out
 

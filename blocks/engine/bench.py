@@ -26,6 +26,8 @@ from typing import Any
 
 import torch
 
+from blocks.engine.step_profile import triton_variants
+
 __all__ = ["add_parser", "run_latency", "run_throughput"]
 
 
@@ -107,7 +109,9 @@ def run_throughput(args) -> dict[str, Any]:
     _timed_generate(llm, prompts[:4], [4] * 4)  # warm-up
     runner = llm.engine.runner
     runner.reset_counters()
+    compiled = sum(triton_variants().values())
     elapsed = _timed_generate(llm, prompts, outputs)
+    variants = triton_variants()
     in_tok, out_tok = sum(map(len, prompts)), sum(outputs)
     weight = _weight_bytes(runner.model)
     moved = runner.counters["steps"] * weight + runner.counters["kv_tokens_read"] * runner.bytes_per_token
@@ -118,6 +122,8 @@ def run_throughput(args) -> dict[str, Any]:
         "requests_per_s": args.num_prompts / elapsed,
         "output_tokens_per_s": out_tok / elapsed, "total_tokens_per_s": (in_tok + out_tok) / elapsed,
         "steps": runner.counters["steps"], "graph_steps": runner.counters["graph_steps"], "bytes_moved": moved,
+        # kernels compiled inside the timed run (each costs about a second of it) and the variants per kernel
+        "triton_compiles_in_run": sum(variants.values()) - compiled, "triton_variants": variants,
     }
     if args.bandwidth_tbps:
         floor = moved / (args.bandwidth_tbps * 1e12)

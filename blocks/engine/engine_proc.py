@@ -34,6 +34,8 @@ from typing import Any
 
 import msgpack
 
+from blocks.engine.step_profile import triton_variants
+
 __all__ = ["run_engine_proc", "pack", "unpack", "sampling_params_to_dict", "encode_output"]
 
 
@@ -108,9 +110,11 @@ class _Loop:
         ms = " ".join(f"{k} {v / n * 1e3:.2f}" for k, v in self.timing.items())
         counters = getattr(getattr(self.core, "runner", None), "counters", {})
         graphs = f", {counters['graph_steps']} by CUDA graph" if "graph_steps" in counters else ""
+        variants = triton_variants()
+        compiled = f"; Triton variants compiled: {sum(variants.values())} {variants}" if variants else ""
         return (f"engine loop: {self.counts['steps']} steps{graphs}, {self.counts['running_sum'] / n:.1f} running and "
                 f"{self.counts['tokens_sum'] / n:.1f} tokens a step, {self.counts['deltas']} deltas in "
-                f"{self.counts['sends']} messages; ms a step: {ms}")
+                f"{self.counts['sends']} messages; ms a step: {ms}{compiled}")
 
     def handle(self, message: list) -> list:
         """Apply one message; returns deltas of requests it finished (aborts)."""

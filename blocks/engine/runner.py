@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from blocks.attention.metadata import metadata_from_tensors, plan_arrays
+from blocks.attention.metadata import leading_decode_rows, metadata_from_tensors, plan_arrays
 from blocks.cache.block_copy import block_copy
 from blocks.cache.kv_tensors import allocate_kv_cache, layer_views
 from blocks.engine.config import EngineConfig
@@ -358,7 +358,7 @@ class ModelRunner:
         md = metadata_from_tensors(
             {"query_start_loc": qsl, "seq_lens": seq_lens, "block_table": table, "slot_mapping": slots},
             max_query_len=int(qlens.max()), max_seq_len=max(inputs.seq_lens),
-            num_decode_tokens=int((qlens == 1).sum()), block_size=self.block_size)
+            num_decode_tokens=leading_decode_rows(qlens), block_size=self.block_size)
         md = self.model.attn_backend.plan(md)
         hidden = self.model(input_ids, pos, self.kv_caches, md)
         self._count(inputs)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import time
 
-__all__ = ["StepProfiler"]
+__all__ = ["StepProfiler", "triton_variants"]
 
 START, COUNT = 300, 10
 
@@ -52,3 +52,32 @@ class StepProfiler:
                         continue
             self._prof = None
             self.prefix = None
+
+
+def triton_variants() -> dict[str, int]:
+    """Compiled variants of each of this package's Triton kernels in this process (kernels never compiled
+    are left out; empty under the Triton interpreter).
+
+    A kernel compiles once per combination of its constexprs and of the specializations of its other
+    arguments; a count that grows during a run means compiles (about a second each) inside steps.
+    """
+    import sys
+
+    try:
+        from triton.runtime.jit import JITFunction
+    except ImportError:
+        return {}
+    counts: dict[str, int] = {}
+    for name, module in list(sys.modules.items()):
+        if module is None or not (name == "blocks" or name.startswith("blocks.")):
+            continue
+        for obj in list(vars(module).values()):
+            if not isinstance(obj, JITFunction):
+                continue
+            n = 0
+            for entry in getattr(obj, "device_caches", {}).values():  # device -> (kernel cache, ...)
+                if isinstance(entry, tuple) and entry and isinstance(entry[0], dict):
+                    n += len(entry[0])
+            if n:
+                counts[getattr(obj, "__name__", repr(obj))] = n
+    return counts

@@ -23,7 +23,7 @@ __all__ = ["skinny_linear", "MAX_ROWS"]
 MAX_ROWS = 16  # rows of x one launch handles (tl.dot's smallest M)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "stride_os"])  # the row count changes every step
 def _gemv_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om, stride_os, k_per_split,
                  HAS_BIAS: tl.constexpr, DIRECT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_K: tl.constexpr):
@@ -52,7 +52,7 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride_wn, st
         tl.store(out_ptr + pid_s * stride_os + offs_m[:, None] * stride_om + offs_n[None, :], acc, mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])
 def _reduce_kernel(part_ptr, b_ptr, out_ptr, M, N, stride_ps, stride_pm, stride_om, SPLIT_K: tl.constexpr,
                    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr):
     m = tl.program_id(0)

@@ -18,7 +18,7 @@ import triton.language as tl
 __all__ = ["triton_apply_penalties"]
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_ids", "max_len"])  # they change every step
 def _penalty_kernel(logits_ptr, stride_l, ids_ptr, stride_ids, counts_ptr, stride_c, rep_ptr, freq_ptr, pres_ptr,
                     scratch_ptr, max_len, BLOCK: tl.constexpr):
     row = tl.program_id(0)
@@ -67,7 +67,7 @@ def triton_apply_penalties(
     if logits.stride(1) != 1 or token_ids.stride(1) != 1 or output_counts.stride(1) != 1:
         raise ValueError("logits, token_ids and output_counts must have unit stride along their last dimension.")
     scratch = torch.empty(num_rows * max_len, dtype=torch.float32, device=logits.device)
-    block = max(16, min(block, triton.next_power_of_2(max_len)))
+    block = min(block, 256) if max_len <= 256 else block  # two tile sizes: one compiled variant each, not one per length
     _penalty_kernel[(num_rows,)](
         logits, logits.stride(0), token_ids, token_ids.stride(0), output_counts, output_counts.stride(0),
         repetition_penalty, frequency_penalty, presence_penalty, scratch, max_len, BLOCK=block, num_warps=4,

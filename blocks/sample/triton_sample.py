@@ -185,7 +185,7 @@ def _sorted_threshold(cval, n, m, inv_t, top_k, top_p, need_p, N: tl.constexpr):
     return thr
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_rows"])  # the batch size changes every step
 def _sample_kernel(
     logits_ptr,
     stride_row,

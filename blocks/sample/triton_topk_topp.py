@@ -55,7 +55,7 @@ def compact_candidates(row_ptr, vocab, low, cval, cidx, offs, BLOCK: tl.constexp
     return n_cand
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_rows"])  # the batch size changes every step
 def _threshold_kernel(
     logits_ptr,
     stride_row,

@@ -128,3 +128,22 @@ def test_cupy_backend_routes_prefill_to_triton_and_rejects_cpu_tensors():
     for fn in (cupy_paged_decode_attention, cupy_split_decode_attention):
         with pytest.raises(ValueError, match="CUDA"):
             fn(cpu.query, cpu.key_cache, cpu.value_cache, cpu.metadata, scale=1.0)
+
+
+def test_batches_of_every_size_reuse_one_compiled_kernel():
+    """Step-varying integers (sequence and token counts, the part's first sequence) are not specialized:
+    a serving engine whose batch sizes change every step must not compile a new variant mid-run."""
+    from blocks.engine.step_profile import triton_variants
+
+    def run(pairs):
+        batch = make_batch(pairs, num_heads=32, num_kv_heads=8, head_dim=128, block_size=16, dtype=BF16,
+                           device="cuda")
+        run_and_check(batch, BF16)
+
+    shapes = [[(1, 40), (1, 7), (16, 80)], [(1, 30)] * 16 + [(33, 33)], [(1, 9)] * 17 + [(48, 60), (1, 5)],
+              [(1, 300)] * 3 + [(7, 19), (64, 64)]]
+    run(shapes[0])
+    before = triton_variants()
+    for pairs in shapes[1:]:
+        run(pairs)
+    assert triton_variants().get("paged_attn_kernel") == before.get("paged_attn_kernel")

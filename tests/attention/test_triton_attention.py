@@ -108,6 +108,21 @@ def test_mixed_batch_with_forced_split_and_strided_query():
     run_and_check(batch, torch.float32, backend=TritonAttentionBackend(num_splits=4), sliding_window=9)
 
 
+@pytest.mark.parametrize("dtype,heads", [(torch.float32, (8, 2)), (torch.float16, (7, 1))])
+def test_mixed_batch_launches_its_leading_decode_rows_apart(dtype, heads):
+    """Decode rows first (the engine's order): one launch with decode tiles (split-KV here: few long
+    rows) and one with prefill tiles for the rest, a one-token row after a chunk and padding included."""
+    pairs = [(1, 600), (1, 300), (1, 17), (5, 40), (1, 9), (16, 16)]
+    batch = make_batch(pairs, num_heads=heads[0], num_kv_heads=heads[1], head_dim=64, block_size=16,
+                       dtype=dtype, device=DEVICE, pad_rows=1, pad_tokens=2)
+    assert batch.metadata.num_decode_tokens == 3
+    out = run_and_check(batch, dtype)
+    parts = next(iter(batch.metadata.plan.launches.values()))
+    assert [(p.seq_start, p.num_seqs, p.tok_start, p.tok_end) for p in parts] == [(0, 3, 0, 3), (3, 4, 3, 27)]
+    assert parts[0].config.block_q == 1 and parts[0].config.num_splits > 1 and parts[1].config.block_q > 1
+    assert (out[-2:] == 0).all()
+
+
 def test_padding_rows_and_tokens_are_zero_and_unwritten():
     batch = make_batch([(3, 20), (1, 9)], num_heads=4, num_kv_heads=2, head_dim=64, block_size=16,
                        dtype=torch.float16, device=DEVICE, pad_rows=2, pad_tokens=3)
@@ -188,7 +203,7 @@ def test_backend_registry_and_plan_reuse_across_layers():
                        dtype=torch.float32, device=DEVICE)
     out = run_and_check(batch, torch.float32, backend=be)
     plan = batch.metadata.plan
-    assert isinstance(plan, TritonPlan) and len(plan.configs) == 1
+    assert isinstance(plan, TritonPlan) and len(plan.launches) == 1
     again = be.attend(batch.query, batch.key_cache, batch.value_cache, batch.metadata, scale=0.3)
-    assert batch.metadata.plan is plan and len(plan.configs) == 1  # second "layer" reuses the plan
+    assert batch.metadata.plan is plan and len(plan.launches) == 1  # second "layer" reuses the plan
     assert not torch.equal(again, out)  # different scale, same plan

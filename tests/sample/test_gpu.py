@@ -78,3 +78,23 @@ def test_sampler_step_makes_no_host_sync(backend):
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert out.sampled_token_ids.shape == (24,)
+
+
+def test_sampling_kernel_compiles_once_for_every_batch_size():
+    """The row count changes every step: it must not be specialized (a compile mid-run each time)."""
+    from blocks.engine.step_profile import triton_variants
+
+    def sample(rows):
+        x = torch.randn(rows, 1000, device="cuda")
+        p = dict(temperature=torch.full((rows,), 0.7, device="cuda"), top_k=torch.full((rows,), 5, device="cuda",
+                 dtype=torch.int32), top_p=torch.full((rows,), 0.9, device="cuda"),
+                 min_p=torch.zeros(rows, device="cuda"))
+        ids = triton_sample(x, p["temperature"], p["top_k"], p["top_p"], p["min_p"],
+                            torch.arange(rows, device="cuda", dtype=torch.int64))
+        assert ids.shape == (rows,) and bool(((ids >= 0) & (ids < 1000)).all())
+
+    sample(3)
+    before = triton_variants()["_sample_kernel"]
+    for rows in (1, 16, 17, 64, 250):
+        sample(rows)
+    assert triton_variants()["_sample_kernel"] == before
