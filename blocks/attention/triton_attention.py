@@ -98,9 +98,11 @@ def _attn_tile(
     return acc, m_new, l_i
 
 
-# ints that change every step are not specialized (== 1, % 16): each new combination would compile a
-# new variant mid-run (seconds each on a serving engine)
-@triton.jit(do_not_specialize=["seq_base", "num_seqs", "num_tokens", "num_programs_q"])
+# ints that change every step (counts, the block table's width, the split workspace's per-split strides)
+# are not specialized (== 1, % 16): each new combination would compile a new variant mid-run (about a
+# second each on a serving engine)
+@triton.jit(do_not_specialize=["seq_base", "num_seqs", "num_tokens", "num_programs_q", "stride_bt", "stride_ps",
+                              "stride_ls"])
 def paged_attn_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, part_out_ptr, part_lse_ptr,
     query_start_loc_ptr, seq_lens_ptr, block_table_ptr, k_scale_ptr, v_scale_ptr,
@@ -231,7 +233,7 @@ def paged_attn_kernel(
         tl.store(out_ptr + o_off, o.to(out_ptr.dtype.element_ty), mask=io_mask)
 
 
-@triton.jit(do_not_specialize=["tok_base", "num_splits"])
+@triton.jit(do_not_specialize=["tok_base", "num_splits", "stride_ps", "stride_ls"])
 def merge_splits_kernel(
     part_out_ptr, part_lse_ptr, out_ptr, tok_base, num_splits,
     stride_ps, stride_pt, stride_ph, stride_ls, stride_lt, stride_ot, stride_oh,

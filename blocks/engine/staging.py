@@ -2,7 +2,8 @@
 
 The runner packs the step's int64 arrays (token ids, positions, slots) and int32 arrays (query start
 locations, sequence lengths, block table) into two pinned buffers and copies each with one
-asynchronous transfer; the device tensors are views of the two copies. Before a buffer is refilled we
+asynchronous transfer; the device tensors are views of the two copies, each starting on a 16-element
+boundary. Before a buffer is refilled we
 wait on the event recorded after its last copy, so a step that ends without a host sync (a prefill
 chunk that samples nothing) can never overwrite bytes still in flight.
 """
@@ -12,7 +13,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-__all__ = ["InputStager"]
+__all__ = ["InputStager", "ALIGN"]
+
+ALIGN = 16  # elements: 64 bytes (int32) or 128 bytes (int64)
 
 
 class _Buffer:
@@ -23,24 +26,30 @@ class _Buffer:
 
     def stage(self, arrays: list[np.ndarray]) -> list[torch.Tensor]:
         sizes = [a.size for a in arrays]
-        total = sum(sizes)
-        flat = np.concatenate([a.ravel() for a in arrays]) if arrays else np.zeros(0)
+        # every array starts ALIGN elements apart: a Triton kernel is specialized on whether its pointer
+        # arguments are 16-byte aligned, and views at offsets that change with the batch size would
+        # compile a new variant mid-run
+        starts = np.zeros(len(arrays), dtype=np.int64)
+        np.cumsum([-(-n // ALIGN) * ALIGN for n in sizes[:-1]], out=starts[1:])
+        total = int(starts[-1]) + sizes[-1] if arrays else 0
+        np_dtype = np.int64 if self.dtype == torch.int64 else np.int32
         if self.device.type != "cuda":
-            dev = torch.from_numpy(flat.astype(np.int64 if self.dtype == torch.int64 else np.int32, copy=False))
+            flat = np.zeros(total, dtype=np_dtype)
         else:
             if self.event is not None:
                 self.event.synchronize()
             if self.host is None or self.host.numel() < total:
                 self.host = torch.empty(max(total, 1024) * 2, dtype=self.dtype, pin_memory=True)
-            self.host[:total].numpy()[:] = flat
+            flat = self.host[:total].numpy()
+        for a, start in zip(arrays, starts):
+            flat[start:start + a.size] = a.ravel()  # the gaps between arrays are never read
+        if self.device.type != "cuda":
+            dev = torch.from_numpy(flat)
+        else:
             dev = self.host[:total].to(self.device, non_blocking=True)
             self.event = torch.cuda.Event()
             self.event.record()
-        out, offset = [], 0
-        for a, n in zip(arrays, sizes):
-            out.append(dev[offset : offset + n].view(a.shape))
-            offset += n
-        return out
+        return [dev[start:start + a.size].view(a.shape) for a, start in zip(arrays, starts.tolist())]
 
 
 class InputStager:

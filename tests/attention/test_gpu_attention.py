@@ -140,8 +140,9 @@ def test_batches_of_every_size_reuse_one_compiled_kernel():
                            device="cuda")
         run_and_check(batch, BF16)
 
-    shapes = [[(1, 40), (1, 7), (16, 80)], [(1, 30)] * 16 + [(33, 33)], [(1, 9)] * 17 + [(48, 60), (1, 5)],
-              [(1, 300)] * 3 + [(7, 19), (64, 64)]]
+    # block-table widths 5, 3, 1, 16, 19 (the row stride), 1 to 17 decode rows
+    shapes = [[(1, 40), (1, 7), (16, 80)], [(1, 30)] * 16 + [(33, 33)], [(1, 9)] * 17 + [(12, 12), (1, 5)],
+              [(1, 256), (16, 250)], [(1, 300)] * 3 + [(7, 19), (64, 64)]]
     run(shapes[0])
     before = triton_variants()
     for pairs in shapes[1:]:
