@@ -2,18 +2,20 @@
 
 One program reads one chunk of one row, so a batch of 256 rows at vocabulary 128k runs about a thousand
 programs instead of one per row: a single program streaming a whole row reaches only about half of the
-card's read bandwidth. Per chunk it writes (``[num_rows, num_parts, 5]`` float32 and ``[.., 3]`` int32):
+card's read bandwidth. Per chunk it writes (``[num_rows, num_parts, 6]`` float32 and ``[.., 3]`` int32):
 
 * the chunk's max and its first argmax (the greedy answer after the merge), its smallest finite logit
   and how many logits are finite;
 * for rows that race their whole row (random rows without top-k, except min-p-only rows): the race
   winner of the chunk (score, token id, logit) in round 0 (see :mod:`blocks.sample.triton_race`);
-* for top-k rows: a lower bound of the row's top-k threshold from the chunk's per-lane maxima alone (if
-  ``k`` lane maxima of a chunk are ``>= t``, the row has at least ``k`` logits ``>= t``), or ``-inf``.
+* for top-k rows: two bounds from the chunk's per-lane maxima alone: ``t`` with ``k`` lane maxima
+  ``>= t`` (then the row has ``k`` logits ``>= t``), and ``t'`` with ``ceil(k / num_parts)`` of them (if
+  every chunk has that many, the row has ``k``: the smallest ``t'`` over the chunks is a bound, and a
+  much closer one than the first, since one chunk's ``k``-th largest is far below the row's).
 
 :func:`merge_stats` (called by the sampling kernel, one program per row) combines a row's chunks: the max
 and first argmax, the min, the count, the race winner (highest score, then lowest token id: the same token
-as one race over the whole row) and the best bound.
+as one race over the whole row) and the best top-k bound.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from blocks.sample.triton_search import lane_bound, row_params
 
 __all__ = ["row_stats_kernel", "merge_stats", "stats_layout", "stats_buffers", "NUM_FLOAT_STATS", "NUM_INT_STATS"]
 
-NUM_FLOAT_STATS = 5  # max, min finite, race score, race logit, top-k bound
+NUM_FLOAT_STATS = 6  # max, min finite, race score, race logit, top-k bounds (k in one chunk, k / parts in each)
 NUM_INT_STATS = 3  # first argmax, finite count, race token
 
 
@@ -37,17 +39,19 @@ def races_whole_row(greedy, need_k, need_p, need_min):
     return (greedy == 0) & (need_k == 0) & ((need_min == 0) | need_p)
 
 
-@triton.jit(do_not_specialize=["chunk"])
+@triton.jit(do_not_specialize=["chunk_tiles"])
 def row_stats_kernel(
-    logits_ptr, stride_row, vocab, chunk, temp_ptr, topk_ptr, topp_ptr, minp_ptr, key_ptr, fstats_ptr, istats_ptr,
-    BLOCK: tl.constexpr, NUM_PIVOTS: tl.constexpr, FAST: tl.constexpr, PREFETCH: tl.constexpr,
+    logits_ptr, stride_row, vocab, chunk_tiles, temp_ptr, topk_ptr, topp_ptr, minp_ptr, key_ptr, fstats_ptr,
+    istats_ptr, BLOCK: tl.constexpr, NUM_PIVOTS: tl.constexpr, FAST: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     row = tl.program_id(0)
     part = tl.program_id(1)
     num_parts = tl.num_programs(1)
-    start0 = part * chunk
-    n = tl.minimum(vocab - start0, chunk)  # this chunk's logits: [start0, start0 + n)
-    base = logits_ptr + row.to(tl.int64) * stride_row + start0
+    # this chunk's logits: [start0, end), whole tiles; columns stay absolute and the only mask is
+    # ``cols < vocab`` (a multiple of 16 when the vocabulary is: the loads stay 16-byte vector loads)
+    start0 = part * chunk_tiles * BLOCK
+    end = tl.minimum(start0 + chunk_tiles * BLOCK, vocab)
+    row_ptr = logits_ptr + row.to(tl.int64) * stride_row
     temp, greedy, inv_t, top_k, top_p, min_p = row_params(row, temp_ptr, topk_ptr, topp_ptr, minp_ptr)
     need_k = (greedy == 0) & (top_k > 0) & (top_k < vocab)
     need_p = (greedy == 0) & (top_p < 1.0)
@@ -67,10 +71,10 @@ def row_stats_kernel(
         best = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
         best_i = tl.full([BLOCK], vocab, dtype=tl.int32)
         best_x = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
-        pending = first_tile(base, n, offs, PREFETCH)
-        for s in range(0, n, BLOCK):
-            x, pending = next_tile(base, n, s + offs, pending, BLOCK, PREFETCH)
-            cols = start0 + s + offs
+        pending = first_tile(row_ptr + start0, vocab - start0, offs, PREFETCH)
+        for s in range(start0, end, BLOCK):
+            cols = s + offs
+            x, pending = next_tile(row_ptr, vocab, cols, pending, BLOCK, PREFETCH)
             fin = x > float("-inf")
             upd = x > m_vec
             m_vec = tl.where(upd, x, m_vec)
@@ -86,13 +90,14 @@ def row_stats_kernel(
         tok = tl.min(tl.where(best == top, best_i, vocab), axis=0)
         x_tok = tl.max(tl.where((best == top) & (best_i == tok), best_x, float("-inf")), axis=0)
     else:
-        pending = first_tile(base, n, offs, PREFETCH)
-        for s in range(0, n, BLOCK):
-            x, pending = next_tile(base, n, s + offs, pending, BLOCK, PREFETCH)
+        pending = first_tile(row_ptr + start0, vocab - start0, offs, PREFETCH)
+        for s in range(start0, end, BLOCK):
+            cols = s + offs
+            x, pending = next_tile(row_ptr, vocab, cols, pending, BLOCK, PREFETCH)
             fin = x > float("-inf")
             upd = x > m_vec
             m_vec = tl.where(upd, x, m_vec)
-            i_vec = tl.where(upd, start0 + s + offs, i_vec)
+            i_vec = tl.where(upd, cols, i_vec)
             mn_vec = tl.minimum(mn_vec, tl.where(fin, x, float("inf")))
             nfin_vec += fin.to(tl.int32)
     m = tl.max(m_vec, axis=0)
@@ -100,21 +105,26 @@ def row_stats_kernel(
     mn = tl.min(mn_vec, axis=0)
     nfin = tl.sum(nfin_vec, axis=0)
     bound = tl.full([], float("-inf"), dtype=tl.float32)
+    share = tl.full([], float("-inf"), dtype=tl.float32)
     if need_k & (nfin > 0):
         hi = m + tl.maximum(tl.abs(m) * 1e-6, 1e-6)
         piv_idx = tl.arange(0, NUM_PIVOTS)
-        b = lane_bound(m_vec, mn, hi, top_k, m, inv_t, piv_idx, False, NUM_PIVOTS)
         # lane_bound returns its start (the chunk's min) when no pivot qualifies: a bound only if the
-        # chunk alone holds k finite logits
+        # chunk alone holds that many finite logits
+        b = lane_bound(m_vec, mn, hi, top_k, m, inv_t, piv_idx, False, NUM_PIVOTS)
         bound = tl.where((b > mn) | (nfin >= top_k), b, float("-inf"))
+        need_share = (top_k + num_parts - 1) // num_parts
+        b = lane_bound(m_vec, mn, hi, need_share, m, inv_t, piv_idx, False, NUM_PIVOTS)
+        share = tl.where((b > mn) | (nfin >= need_share), b, float("-inf"))
 
     slot = row.to(tl.int64) * num_parts + part
-    f = fstats_ptr + slot * 5
+    f = fstats_ptr + slot * 6
     tl.store(f, m)
     tl.store(f + 1, mn)
     tl.store(f + 2, top)
     tl.store(f + 3, x_tok)
     tl.store(f + 4, bound)
+    tl.store(f + 5, share)
     i = istats_ptr + slot * 3
     tl.store(i, amax)
     tl.store(i + 1, nfin)
@@ -128,11 +138,12 @@ def merge_stats(fstats_ptr, istats_ptr, row, num_parts, vocab, PARTS: tl.constex
     p = tl.arange(0, PARTS)
     ok = p < num_parts
     slot = (tl.zeros([], dtype=tl.int64) + row) * num_parts + p
-    m_p = tl.load(fstats_ptr + slot * 5, mask=ok, other=float("-inf"))
-    mn_p = tl.load(fstats_ptr + slot * 5 + 1, mask=ok, other=float("inf"))
-    sc_p = tl.load(fstats_ptr + slot * 5 + 2, mask=ok, other=float("-inf"))
-    x_p = tl.load(fstats_ptr + slot * 5 + 3, mask=ok, other=float("-inf"))
-    b_p = tl.load(fstats_ptr + slot * 5 + 4, mask=ok, other=float("-inf"))
+    m_p = tl.load(fstats_ptr + slot * 6, mask=ok, other=float("-inf"))
+    mn_p = tl.load(fstats_ptr + slot * 6 + 1, mask=ok, other=float("inf"))
+    sc_p = tl.load(fstats_ptr + slot * 6 + 2, mask=ok, other=float("-inf"))
+    x_p = tl.load(fstats_ptr + slot * 6 + 3, mask=ok, other=float("-inf"))
+    b_p = tl.load(fstats_ptr + slot * 6 + 4, mask=ok, other=float("-inf"))
+    sh_p = tl.load(fstats_ptr + slot * 6 + 5, mask=ok, other=float("inf"))
     am_p = tl.load(istats_ptr + slot * 3, mask=ok, other=vocab)
     nf_p = tl.load(istats_ptr + slot * 3 + 1, mask=ok, other=0)
     tk_p = tl.load(istats_ptr + slot * 3 + 2, mask=ok, other=vocab)
@@ -141,25 +152,27 @@ def merge_stats(fstats_ptr, istats_ptr, row, num_parts, vocab, PARTS: tl.constex
     top = tl.max(sc_p, axis=0)
     tok = tl.min(tl.where(ok & (sc_p == top), tk_p, vocab), axis=0)
     x_tok = tl.max(tl.where(ok & (sc_p == top) & (tk_p == tok), x_p, float("-inf")), axis=0)
-    return m, amax, tl.min(mn_p, axis=0), tl.sum(nf_p, axis=0), tok, x_tok, tl.max(b_p, axis=0)
+    # top-k bound: a chunk with k logits >= b, or every chunk with ceil(k / num_parts) logits >= b
+    low_k = tl.maximum(tl.max(b_p, axis=0), tl.min(sh_p, axis=0))
+    return m, amax, tl.min(mn_p, axis=0), tl.sum(nf_p, axis=0), tok, x_tok, low_k
 
 
 def stats_layout(num_rows: int, vocab: int, block: int, num_sms: int, parts: int | None = None) -> tuple[int, int]:
-    """``(num_parts, chunk)``: about ``8 * num_sms`` programs in all, chunks of whole tiles, at least 4 tiles
-    a chunk (``parts`` forces the count, capped so that no chunk is empty)."""
+    """``(num_parts, chunk_tiles)``: about ``8 * num_sms`` programs in all, chunks of whole tiles, at least 4
+    tiles a chunk (``parts`` forces the count, capped so that no chunk is empty)."""
     tiles = triton.cdiv(vocab, block)
     if parts is None:
         parts = max(1, min(triton.cdiv(8 * num_sms, max(num_rows, 1)), tiles // 4))
     parts = max(1, min(parts, tiles))
-    chunk = triton.cdiv(tiles, parts) * block
-    return triton.cdiv(vocab, chunk), chunk
+    chunk_tiles = triton.cdiv(tiles, parts)
+    return triton.cdiv(tiles, chunk_tiles), chunk_tiles
 
 
 _BUFFERS: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
 def stats_buffers(num_slots: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(float32 [>= num_slots * 5], int32 [>= num_slots * 3])`` kept per (device, stream) and grown on
+    """``(float32 [>= num_slots * 6], int32 [>= num_slots * 3])`` kept per (device, stream) and grown on
     demand, so a step allocates nothing (calls on one stream run in order)."""
     stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
     key = (device, stream)

@@ -259,10 +259,10 @@ def triton_sample(
     num_programs = num_programs or default_programs(logits)
     cap, cand_val, cand_idx, counters = workspace(num_programs, max(candidates, 16), logits.device)
     sblock = max(16, min(stats_block, block))
-    num_parts, chunk = stats_layout(num_rows, vocab, sblock, sm_count(logits), stats_parts)
+    num_parts, chunk_tiles = stats_layout(num_rows, vocab, sblock, sm_count(logits), stats_parts)
     fstats, istats = stats_buffers(num_rows * num_parts, logits.device)
     row_stats_kernel[(num_rows, num_parts)](
-        logits, logits.stride(0), vocab, chunk, temperature, top_k, top_p, min_p, keys, fstats, istats,
+        logits, logits.stride(0), vocab, chunk_tiles, temperature, top_k, top_p, min_p, keys, fstats, istats,
         BLOCK=sblock, NUM_PIVOTS=num_pivots, FAST=logits.is_cuda, PREFETCH=prefetch, num_warps=stats_warps,
     )
     _sample_kernel[(num_programs,)](
