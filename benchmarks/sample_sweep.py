@@ -19,9 +19,9 @@ def main():
     bt = mixed_batch(rows, vocab, "cuda").prepare()
     args = (logits, bt.temperature, bt.top_k, bt.top_p, bt.min_p, keys)
     print(f"clone of the logits: {bench(lambda: logits.clone()):.1f} us")
-    for cfg in [{}, dict(stats_parts=2), dict(stats_parts=8), dict(stats_parts=16), dict(stats_block=1024),
-                dict(prefetch=False), dict(candidates=256), dict(candidates=4096),
-                dict(stats_block=4096, stats_warps=16), dict(stats_warps=4)]:
+    for cfg in [{}, dict(stats_chunk_tiles=4), dict(stats_chunk_tiles=16), dict(stats_block=1024),
+                dict(stats_block=4096, stats_warps=16), dict(stats_warps=4), dict(prefetch=False),
+                dict(candidates=256), dict(maxnreg=None), dict(num_warps=8, block=2048)]:
         try:
             print(f"mixed {cfg}: {bench(lambda cfg=cfg: triton_sample(*args, **cfg)):.1f} us")
         except Exception as e:  # noqa: BLE001

@@ -24,12 +24,14 @@ import torch
 import triton
 import triton.language as tl
 
-from blocks.sample.triton_race import first_tile, next_tile, race_score, round_keys
+from blocks.sample.triton_race import exp2_fast, first_tile, next_tile, race_score, round_keys
 from blocks.sample.triton_search import lane_bound, row_params
 
-__all__ = ["row_stats_kernel", "merge_stats", "stats_layout", "stats_buffers", "NUM_FLOAT_STATS", "NUM_INT_STATS"]
+__all__ = ["row_stats_kernel", "row_pass2_kernel", "split_routes", "merged_masses", "merge_stats", "stats_layout", "stats_buffers", "NUM_FLOAT_STATS", "NUM_INT_STATS"]
 
-NUM_FLOAT_STATS = 6  # max, min finite, race score, race logit, top-k bounds (k in one chunk, k / parts in each)
+# max, min finite, race score, race logit, top-k bounds (k in one chunk, k / parts in each), then the second
+# pass's two masses of a checked row
+NUM_FLOAT_STATS = 8
 NUM_INT_STATS = 3  # first argmax, finite count, race token
 
 
@@ -42,7 +44,7 @@ def races_whole_row(greedy, need_k, need_p, need_min):
 @triton.jit(do_not_specialize=["chunk_tiles"])
 def row_stats_kernel(
     logits_ptr, stride_row, vocab, chunk_tiles, temp_ptr, topk_ptr, topp_ptr, minp_ptr, key_ptr, fstats_ptr,
-    istats_ptr, BLOCK: tl.constexpr, NUM_PIVOTS: tl.constexpr, FAST: tl.constexpr, PREFETCH: tl.constexpr,
+    istats_ptr, counter_ptr, BLOCK: tl.constexpr, NUM_PIVOTS: tl.constexpr, FAST: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     row = tl.program_id(0)
     part = tl.program_id(1)
@@ -117,18 +119,91 @@ def row_stats_kernel(
         b = lane_bound(m_vec, mn, hi, need_share, m, inv_t, piv_idx, False, NUM_PIVOTS)
         share = tl.where((b > mn) | (nfin >= need_share), b, float("-inf"))
 
+    if part == 0:
+        tl.store(counter_ptr + row, 0)  # the second pass's slot counter of this row
     slot = row.to(tl.int64) * num_parts + part
-    f = fstats_ptr + slot * 6
+    f = fstats_ptr + slot * NUM_FLOAT_STATS
     tl.store(f, m)
     tl.store(f + 1, mn)
     tl.store(f + 2, top)
     tl.store(f + 3, x_tok)
     tl.store(f + 4, bound)
     tl.store(f + 5, share)
-    i = istats_ptr + slot * 3
+    i = istats_ptr + slot * NUM_INT_STATS
     tl.store(i, amax)
     tl.store(i + 1, nfin)
     tl.store(i + 2, tok)
+
+
+@triton.jit
+def split_routes(need_k, need_p, need_min, top_k, nfin, x_tok, thr_min):
+    """Which second passes :func:`row_pass2_kernel` runs for a row, cut into chunks like the first:
+    ``gathered`` (top-k rows with more finite logits than k, min-p-only rows: the logits above the bound
+    into the row's scratch) and ``checked`` (top-p rows without top-k whose race winner passes min-p: the
+    row's mass and the mass above the winner, round 0 of the rejection test)."""
+    gathered = (need_k & (top_k < nfin)) | ((need_k == 0) & need_min & (need_p == 0))
+    checked = (need_k == 0) & need_p & (x_tok >= thr_min)
+    return gathered, checked
+
+
+@triton.jit(do_not_specialize=["chunk_tiles", "num_parts"])
+def row_pass2_kernel(
+    logits_ptr, stride_row, vocab, chunk_tiles, num_parts, temp_ptr, topk_ptr, topp_ptr, minp_ptr, fstats_ptr,
+    istats_ptr, cand_val_ptr, cand_idx_ptr, counter_ptr, BLOCK: tl.constexpr, PARTS: tl.constexpr,
+    CAP: tl.constexpr, FAST: tl.constexpr,
+):
+    """Second pass over one chunk of one row (grid ``(num_rows, num_parts)``): a gathered row's logits
+    ``>= bound`` go to ``cand_*[row * CAP + slot]`` (slots from the row's counter, which the first pass
+    zeroed; the count may exceed CAP); a checked row's two masses (base 2, relative to the max) go to
+    float stats 6 and 7 of the chunk."""
+    row = tl.program_id(0)
+    part = tl.program_id(1)
+    temp, greedy, inv_t, top_k, top_p, min_p = row_params(row, temp_ptr, topk_ptr, topp_ptr, minp_ptr)
+    need_k = (greedy == 0) & (top_k > 0) & (top_k < vocab)
+    need_p = (greedy == 0) & (top_p < 1.0)
+    need_min = (greedy == 0) & (min_p > 0.0)
+    m, amax, mn, nfin, tok, x_tok, low_k = merge_stats(fstats_ptr, istats_ptr, row, num_parts, vocab, PARTS)
+    thr_min = tl.where(need_min, m + tl.log(tl.maximum(min_p, 1e-30)) * temp, float("-inf"))
+    gathered, checked = split_routes(need_k, need_p, need_min, top_k, nfin, x_tok, thr_min)
+    start0 = part * chunk_tiles * BLOCK
+    end = tl.minimum(start0 + chunk_tiles * BLOCK, vocab)
+    row_ptr = logits_ptr + row.to(tl.int64) * stride_row
+    offs = tl.arange(0, BLOCK)
+    if gathered:
+        low = tl.where(need_k, tl.maximum(low_k, mn), thr_min)
+        counter = counter_ptr + row + offs * 0
+        cval = cand_val_ptr + row.to(tl.int64) * CAP
+        cidx = cand_idx_ptr + row.to(tl.int64) * CAP
+        for s in range(start0, end, BLOCK):
+            cols = s + offs
+            x = tl.load(row_ptr + cols, mask=cols < vocab, other=float("-inf"))
+            sel = (cols < vocab) & (x >= low)
+            pos = tl.atomic_add(counter, 1, mask=sel, sem="relaxed")
+            fits = sel & (pos < CAP)
+            tl.store(cval + pos, x, mask=fits)
+            tl.store(cidx + pos, cols, mask=fits)
+    if checked:
+        c = inv_t * 1.4426950408889634
+        z_vec = tl.zeros([BLOCK], dtype=tl.float32)
+        above = tl.zeros([BLOCK], dtype=tl.float32)
+        for s in range(start0, end, BLOCK):
+            cols = s + offs
+            x = tl.load(row_ptr + cols, mask=cols < vocab, other=float("-inf"))
+            e = tl.where(x > float("-inf"), exp2_fast((x - m) * c, FAST), 0.0)
+            z_vec += e
+            above += tl.where(x > x_tok, e, 0.0)
+        f = fstats_ptr + (row.to(tl.int64) * num_parts + part) * NUM_FLOAT_STATS
+        tl.store(f + 6, tl.sum(z_vec, axis=0))
+        tl.store(f + 7, tl.sum(above, axis=0))
+
+
+@triton.jit
+def merged_masses(fstats_ptr, row, num_parts, PARTS: tl.constexpr):
+    """``(Z, mass above the race winner)`` of a checked row, summed over its chunks."""
+    p = tl.arange(0, PARTS)
+    ok = p < num_parts
+    f = fstats_ptr + ((tl.zeros([], dtype=tl.int64) + row) * num_parts + p) * NUM_FLOAT_STATS
+    return (tl.sum(tl.load(f + 6, mask=ok, other=0.0), axis=0), tl.sum(tl.load(f + 7, mask=ok, other=0.0), axis=0))
 
 
 @triton.jit
@@ -138,15 +213,15 @@ def merge_stats(fstats_ptr, istats_ptr, row, num_parts, vocab, PARTS: tl.constex
     p = tl.arange(0, PARTS)
     ok = p < num_parts
     slot = (tl.zeros([], dtype=tl.int64) + row) * num_parts + p
-    m_p = tl.load(fstats_ptr + slot * 6, mask=ok, other=float("-inf"))
-    mn_p = tl.load(fstats_ptr + slot * 6 + 1, mask=ok, other=float("inf"))
-    sc_p = tl.load(fstats_ptr + slot * 6 + 2, mask=ok, other=float("-inf"))
-    x_p = tl.load(fstats_ptr + slot * 6 + 3, mask=ok, other=float("-inf"))
-    b_p = tl.load(fstats_ptr + slot * 6 + 4, mask=ok, other=float("-inf"))
-    sh_p = tl.load(fstats_ptr + slot * 6 + 5, mask=ok, other=float("inf"))
-    am_p = tl.load(istats_ptr + slot * 3, mask=ok, other=vocab)
-    nf_p = tl.load(istats_ptr + slot * 3 + 1, mask=ok, other=0)
-    tk_p = tl.load(istats_ptr + slot * 3 + 2, mask=ok, other=vocab)
+    m_p = tl.load(fstats_ptr + slot * NUM_FLOAT_STATS, mask=ok, other=float("-inf"))
+    mn_p = tl.load(fstats_ptr + slot * NUM_FLOAT_STATS + 1, mask=ok, other=float("inf"))
+    sc_p = tl.load(fstats_ptr + slot * NUM_FLOAT_STATS + 2, mask=ok, other=float("-inf"))
+    x_p = tl.load(fstats_ptr + slot * NUM_FLOAT_STATS + 3, mask=ok, other=float("-inf"))
+    b_p = tl.load(fstats_ptr + slot * NUM_FLOAT_STATS + 4, mask=ok, other=float("-inf"))
+    sh_p = tl.load(fstats_ptr + slot * NUM_FLOAT_STATS + 5, mask=ok, other=float("inf"))
+    am_p = tl.load(istats_ptr + slot * NUM_INT_STATS, mask=ok, other=vocab)
+    nf_p = tl.load(istats_ptr + slot * NUM_INT_STATS + 1, mask=ok, other=0)
+    tk_p = tl.load(istats_ptr + slot * NUM_INT_STATS + 2, mask=ok, other=vocab)
     m = tl.max(m_p, axis=0)
     amax = tl.min(tl.where(ok & (m_p == m), am_p, vocab), axis=0)
     top = tl.max(sc_p, axis=0)
@@ -157,14 +232,14 @@ def merge_stats(fstats_ptr, istats_ptr, row, num_parts, vocab, PARTS: tl.constex
     return m, amax, tl.min(mn_p, axis=0), tl.sum(nf_p, axis=0), tok, x_tok, low_k
 
 
-def stats_layout(num_rows: int, vocab: int, block: int, num_sms: int, parts: int | None = None) -> tuple[int, int]:
-    """``(num_parts, chunk_tiles)``: about ``8 * num_sms`` programs in all, chunks of whole tiles, at least 4
-    tiles a chunk (``parts`` forces the count, capped so that no chunk is empty)."""
+def stats_layout(vocab: int, block: int, chunk_tiles: int) -> tuple[int, int]:
+    """``(num_parts, chunk_tiles)``: chunks of ``chunk_tiles`` whole tiles of ``block`` logits. It depends on
+    the vocabulary and the configuration only, never on the batch: a row's sums come out the same alone
+    or in any batch."""
+    if chunk_tiles < 1:
+        raise ValueError(f"stats_chunk_tiles must be at least 1, got {chunk_tiles}.")
     tiles = triton.cdiv(vocab, block)
-    if parts is None:
-        parts = max(1, min(triton.cdiv(8 * num_sms, max(num_rows, 1)), tiles // 4))
-    parts = max(1, min(parts, tiles))
-    chunk_tiles = triton.cdiv(tiles, parts)
+    chunk_tiles = min(chunk_tiles, tiles)
     return triton.cdiv(tiles, chunk_tiles), chunk_tiles
 
 

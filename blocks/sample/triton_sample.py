@@ -35,12 +35,19 @@ import triton
 import triton.language as tl
 
 from blocks.sample.triton_race import exp2_fast, first_tile, next_tile, race, round_keys
-from blocks.sample.triton_row_stats import merge_stats, row_stats_kernel, stats_buffers, stats_layout
+from blocks.sample.triton_row_stats import (
+    merge_stats,
+    merged_masses,
+    row_pass2_kernel,
+    row_stats_kernel,
+    split_routes,
+    stats_buffers,
+    stats_layout,
+)
 from blocks.sample.triton_search import (
     check_rows,
     default_programs,
     row_params,
-    sm_count,
     threshold_search,
     workspace,
 )
@@ -116,11 +123,12 @@ def _sample_kernel(
     nprog = tl.num_programs(0)
     offs = tl.arange(0, BLOCK)
     piv_idx = tl.arange(0, NUM_PIVOTS)
-    cval = cand_val_ptr + pid * CAP
-    cidx = cand_idx_ptr + pid * CAP
-    counter = counter_ptr + pid
     for row in range(pid, num_rows, nprog):
-        row_ptr = logits_ptr + (tl.zeros([], dtype=tl.int64) + row) * stride_row
+        row64 = tl.zeros([], dtype=tl.int64) + row
+        row_ptr = logits_ptr + row64 * stride_row
+        cval = cand_val_ptr + row64 * CAP  # the row's scratch and slot counter (row_pass2_kernel fills them)
+        cidx = cand_idx_ptr + row64 * CAP
+        counter = counter_ptr + row
         temp, greedy, inv_t, top_k, top_p, min_p = row_params(row, temp_ptr, topk_ptr, topp_ptr, minp_ptr)
         c = inv_t * 1.4426950408889634  # log2(e) / T: scores and masses in base 2
         key = tl.load(key_ptr + row)
@@ -133,6 +141,7 @@ def _sample_kernel(
         m, amax, mn, nfin, tok, x_tok, low_k = merge_stats(fstats_ptr, istats_ptr, row, num_parts, vocab, PARTS)
         thr_min = tl.where(need_min, m + tl.log(tl.maximum(min_p, 1e-30)) * temp, float("-inf"))
         hi_top = m + tl.maximum(tl.abs(m) * 1e-6, 1e-6)
+        gathered, checked = split_routes(need_k, need_p, need_min, top_k, nfin, x_tok, thr_min)
         if need_k & (top_k >= nfin):  # top-k keeps every finite logit (the rest are banned)
             need_k = need_k & False
             # the draw over the whole row: the answer when no other filter is on, else the rejection route's
@@ -147,7 +156,10 @@ def _sample_kernel(
             low = thr_min
             if need_k:
                 low = tl.maximum(low_k, mn)  # the min is a bound too: the row has more than k finite logits
-            n_cand = _gather(row_ptr, vocab, low, cval, cidx, counter, offs, BLOCK, CAP, PREFETCH)
+            if gathered:  # by row_pass2_kernel (the rare rows that change route above gather here)
+                n_cand = tl.load(counter)
+            else:
+                n_cand = _gather(row_ptr, vocab, low, cval, cidx, counter, offs, BLOCK, CAP, PREFETCH)
             if n_cand <= CAP:
                 if need_k:
                     if n_cand <= SMALL:
@@ -171,7 +183,10 @@ def _sample_kernel(
             r = tl.zeros([], dtype=tl.int32)
             while (accepted == 0) & (r < max_rounds):
                 ok = x_tok >= thr_min
-                if ok:  # one pass: Z and the mass strictly above the candidate
+                if checked & (r == 0):  # round 0's masses came from row_pass2_kernel
+                    z, mass_above = merged_masses(fstats_ptr, row, num_parts, PARTS)
+                    ok = mass_above < top_p * z
+                elif ok:  # one pass: Z and the mass strictly above the candidate
                     z_vec = tl.zeros([BLOCK], dtype=tl.float32)
                     above = tl.zeros([BLOCK], dtype=tl.float32)
                     pending = first_tile(row_ptr, vocab, offs, PREFETCH)
@@ -225,7 +240,7 @@ def triton_sample(
     maxnreg: int | None = 64,
     stats_block: int = 2048,
     stats_warps: int = 8,
-    stats_parts: int | None = None,
+    stats_chunk_tiles: int = 8,
 ) -> torch.Tensor:
     """Sample one token per row from the top-k / top-p / min-p filtered softmax of ``logits / T``.
 
@@ -242,8 +257,9 @@ def triton_sample(
         prefetch: load the next tile while using this one in the whole-row passes (two tiles in flight).
         maxnreg: cap on registers per thread on CUDA (None = the compiler's choice). 64 lets two 16-warp
             programs share an SM (H200 sweep: 188 us against 193 us uncapped at batch 256 x 128256).
-        stats_block, stats_warps, stats_parts: the first pass (:mod:`blocks.sample.triton_row_stats`): its tile
-            width (at most ``block``), warps, and chunks per row (default: about 8 programs per SM in all).
+        stats_block, stats_warps, stats_chunk_tiles: the chunked passes (:mod:`blocks.sample.triton_row_stats`):
+            tile width (at most ``block``), warps, tiles a chunk. The chunking never depends on the batch, so
+            a row's answer does not either (its masses are summed chunk by chunk).
 
     Returns:
         ``[num_rows]`` int64 token ids.
@@ -257,17 +273,23 @@ def triton_sample(
         return out
     block = max(16, min(block, triton.next_power_of_2(vocab)))
     num_programs = num_programs or default_programs(logits)
-    cap, cand_val, cand_idx, counters = workspace(num_programs, max(candidates, 16), logits.device)
+    cap, cand_val, cand_idx, counters = workspace(num_rows, max(candidates, 16), logits.device)
     sblock = max(16, min(stats_block, block))
-    num_parts, chunk_tiles = stats_layout(num_rows, vocab, sblock, sm_count(logits), stats_parts)
+    num_parts, chunk_tiles = stats_layout(vocab, sblock, stats_chunk_tiles)
+    parts_pad = triton.next_power_of_2(num_parts)
     fstats, istats = stats_buffers(num_rows * num_parts, logits.device)
     row_stats_kernel[(num_rows, num_parts)](
         logits, logits.stride(0), vocab, chunk_tiles, temperature, top_k, top_p, min_p, keys, fstats, istats,
-        BLOCK=sblock, NUM_PIVOTS=num_pivots, FAST=logits.is_cuda, PREFETCH=prefetch, num_warps=stats_warps,
+        counters, BLOCK=sblock, NUM_PIVOTS=num_pivots, FAST=logits.is_cuda, PREFETCH=prefetch, num_warps=stats_warps,
+    )
+    row_pass2_kernel[(num_rows, num_parts)](
+        logits, logits.stride(0), vocab, chunk_tiles, num_parts, temperature, top_k, top_p, min_p, fstats, istats,
+        cand_val, cand_idx, counters, BLOCK=sblock, PARTS=parts_pad, CAP=cap, FAST=logits.is_cuda,
+        num_warps=stats_warps,
     )
     _sample_kernel[(num_programs,)](
         logits, logits.stride(0), vocab, num_rows, temperature, top_k, top_p, min_p, keys, out, cand_val, cand_idx,
-        counters, fstats, istats, num_parts, max_rounds, BLOCK=block, PARTS=triton.next_power_of_2(num_parts),
+        counters, fstats, istats, num_parts, max_rounds, BLOCK=block, PARTS=parts_pad,
         NUM_PIVOTS=num_pivots, MAX_PASSES=12, CAP=cap, SMALL=min(cap, 128),
         FAST=logits.is_cuda, PREFETCH=prefetch, num_warps=num_warps,
         **({"maxnreg": maxnreg} if maxnreg and logits.is_cuda else {}),

@@ -120,11 +120,6 @@ def _max_programs(device: torch.device, per_sm: int) -> int:
     return per_sm * torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def sm_count(logits: torch.Tensor) -> int:
-    """Multiprocessors of the logits' CUDA device (4 on the CPU: the interpreter, so that tests cut rows)."""
-    return _max_programs(logits.device, 1) if logits.is_cuda else 4
-
-
 def default_programs(logits: torch.Tensor, per_sm: int = 4) -> int:
     """Persistent programs: one per row, at most ``per_sm`` per SM on CUDA."""
     num_rows = logits.shape[0]
