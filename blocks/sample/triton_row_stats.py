@@ -27,12 +27,13 @@ import triton.language as tl
 from blocks.sample.triton_race import exp2_fast, first_tile, next_tile, race_score, round_keys
 from blocks.sample.triton_search import lane_bound, row_params
 
-__all__ = ["row_stats_kernel", "row_pass2_kernel", "split_routes", "merged_masses", "merge_stats", "stats_layout", "stats_buffers", "NUM_FLOAT_STATS", "NUM_INT_STATS"]
+__all__ = ["row_stats_kernel", "row_pass2_kernel", "split_routes", "merged_masses", "merge_stats", "stats_layout",
+           "stats_buffers", "NUM_FLOAT_STATS", "NUM_INT_STATS"]
 
 # max, min finite, race score, race logit, top-k bounds (k in one chunk, k / parts in each), then the second
 # pass's two masses of a checked row
-NUM_FLOAT_STATS = 8
-NUM_INT_STATS = 3  # first argmax, finite count, race token
+NUM_FLOAT_STATS = tl.constexpr(8)  # constexpr: the kernels read it
+NUM_INT_STATS = tl.constexpr(3)  # first argmax, finite count, race token
 
 
 @triton.jit
@@ -247,13 +248,13 @@ _BUFFERS: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
 def stats_buffers(num_slots: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(float32 [>= num_slots * 6], int32 [>= num_slots * 3])`` kept per (device, stream) and grown on
+    """``(float32 [>= num_slots * 8], int32 [>= num_slots * 3])`` kept per (device, stream) and grown on
     demand, so a step allocates nothing (calls on one stream run in order)."""
     stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
     key = (device, stream)
     bufs = _BUFFERS.get(key)
-    if bufs is None or bufs[1].numel() < num_slots * NUM_INT_STATS:
+    if bufs is None or bufs[1].numel() < num_slots * NUM_INT_STATS.value:
         n = max(num_slots, 1024)
-        bufs = _BUFFERS[key] = (torch.empty(n * NUM_FLOAT_STATS, dtype=torch.float32, device=device),
-                                torch.empty(n * NUM_INT_STATS, dtype=torch.int32, device=device))
+        bufs = _BUFFERS[key] = (torch.empty(n * NUM_FLOAT_STATS.value, dtype=torch.float32, device=device),
+                                torch.empty(n * NUM_INT_STATS.value, dtype=torch.int32, device=device))
     return bufs
