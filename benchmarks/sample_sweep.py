@@ -19,17 +19,38 @@ def main():
     bt = mixed_batch(rows, vocab, "cuda").prepare()
     args = (logits, bt.temperature, bt.top_k, bt.top_p, bt.min_p, keys)
     print(f"clone of the logits: {bench(lambda: logits.clone()):.1f} us")
-    for cfg in [{}, dict(stats_chunk_tiles=4), dict(stats_chunk_tiles=16), dict(stats_block=1024),
-                dict(stats_block=4096, stats_warps=16), dict(stats_warps=4), dict(prefetch=False),
-                dict(candidates=256), dict(maxnreg=None), dict(num_warps=8, block=2048)]:
+    for cfg in [{}, dict(maxnreg=None), dict(stats_maxnreg=64), dict(stats_maxnreg=80),
+                dict(stats_maxnreg=64, stats_warps=4), dict(stats_maxnreg=64, stats_block=1024),
+                dict(stats_maxnreg=64, stats_block=4096, stats_warps=16), dict(stats_maxnreg=48),
+                dict(stats_maxnreg=64, prefetch=False), dict(stats_maxnreg=64, maxnreg=None)]:
         try:
             print(f"mixed {cfg}: {bench(lambda cfg=cfg: triton_sample(*args, **cfg)):.1f} us")
         except Exception as e:  # noqa: BLE001
             print(f"mixed {cfg}: failed {type(e).__name__}: {str(e)[:200]}")
+    from torch.profiler import ProfilerActivity, profile
+
+    for name, a in (("mixed", args),):
+        for _ in range(3):
+            triton_sample(*a, stats_maxnreg=64)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(20):
+                triton_sample(*a, stats_maxnreg=64)
+            torch.cuda.synchronize()
+        print(name, "kernel times (us, per call):")
+        for e in prof.key_averages():
+            if e.device_time_total > 0:
+                print(f"  {e.key[:60]:60s} {e.device_time_total / 20:8.1f}")
     for kind in KINDS:
         b = mixed_batch(rows, vocab, "cuda", kinds=[kind]).prepare()
         one = (logits, b.temperature, b.top_k, b.top_p, b.min_p, keys)
         print(f"kind {kind}: {bench(lambda one=one: triton_sample(*one)):.1f} us")
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(10):
+                triton_sample(*one)
+            torch.cuda.synchronize()
+        print("   ", {e.key[:24]: round(e.device_time_total / 10, 1) for e in prof.key_averages()
+                     if e.device_time_total > 0})
 
 
 if __name__ == "__main__":

@@ -241,6 +241,7 @@ def triton_sample(
     stats_block: int = 2048,
     stats_warps: int = 8,
     stats_chunk_tiles: int = 8,
+    stats_maxnreg: int | None = None,
 ) -> torch.Tensor:
     """Sample one token per row from the top-k / top-p / min-p filtered softmax of ``logits / T``.
 
@@ -259,7 +260,8 @@ def triton_sample(
             programs share an SM (H200 sweep: 188 us against 193 us uncapped at batch 256 x 128256).
         stats_block, stats_warps, stats_chunk_tiles: the chunked passes (:mod:`blocks.sample.triton_row_stats`):
             tile width (at most ``block``), warps, tiles a chunk. The chunking never depends on the batch, so
-            a row's answer does not either (its masses are summed chunk by chunk).
+            a row's answer does not either (its masses are summed chunk by chunk). stats_maxnreg: their
+            register cap on CUDA (more programs an SM, more loads in flight).
 
     Returns:
         ``[num_rows]`` int64 token ids.
@@ -278,14 +280,16 @@ def triton_sample(
     num_parts, chunk_tiles = stats_layout(vocab, sblock, stats_chunk_tiles)
     parts_pad = triton.next_power_of_2(num_parts)
     fstats, istats = stats_buffers(num_rows * num_parts, logits.device)
+    stats_opts = {"maxnreg": stats_maxnreg} if stats_maxnreg and logits.is_cuda else {}
     row_stats_kernel[(num_rows, num_parts)](
         logits, logits.stride(0), vocab, chunk_tiles, temperature, top_k, top_p, min_p, keys, fstats, istats,
         counters, BLOCK=sblock, NUM_PIVOTS=num_pivots, FAST=logits.is_cuda, PREFETCH=prefetch, num_warps=stats_warps,
+        **stats_opts,
     )
     row_pass2_kernel[(num_rows, num_parts)](
         logits, logits.stride(0), vocab, chunk_tiles, num_parts, temperature, top_k, top_p, min_p, fstats, istats,
         cand_val, cand_idx, counters, BLOCK=sblock, PARTS=parts_pad, CAP=cap, FAST=logits.is_cuda,
-        num_warps=stats_warps,
+        num_warps=stats_warps, **stats_opts,
     )
     _sample_kernel[(num_programs,)](
         logits, logits.stride(0), vocab, num_rows, temperature, top_k, top_p, min_p, keys, out, cand_val, cand_idx,
