@@ -34,19 +34,10 @@ import torch
 import triton
 import triton.language as tl
 
-from blocks.sample.triton_race import exp2_fast, first_tile, next_tile, race, round_keys
-from blocks.sample.triton_row_stats import (
-    merge_stats,
-    merged_masses,
-    row_pass2_kernel,
-    row_stats_kernel,
-    split_routes,
-    stats_buffers,
-    stats_layout,
-)
 from blocks.sample.triton_search import (
     check_rows,
     default_programs,
+    lane_bound,
     row_params,
     threshold_search,
     workspace,
@@ -56,16 +47,119 @@ __all__ = ["triton_sample"]
 
 
 @triton.jit
+def _mix32(h):
+    """A 32-bit integer finaliser (two multiply-xorshift rounds): every input bit flips every output bit
+    with probability ~1/2."""
+    h ^= h >> 16
+    h *= 0x7FEB352D
+    h ^= h >> 15
+    h *= 0x846CA68B
+    h ^= h >> 16
+    return h
+
+
+@triton.jit
+def _log2(x, FAST: tl.constexpr):
+    """``log2(x)``; FAST (CUDA) uses the hardware approximation (one MUFU op; ``tl.log`` compiles to a
+    ~30-instruction libdevice routine, which made the race compute-bound)."""
+    if FAST:
+        return tl.inline_asm_elementwise("lg2.approx.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True,
+                                         pack=1)
+    else:
+        return tl.log2(x)
+
+
+@triton.jit
+def _exp2(x, FAST: tl.constexpr):
+    """``2 ** x``; FAST (CUDA) uses the hardware approximation."""
+    if FAST:
+        return tl.inline_asm_elementwise("ex2.approx.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True,
+                                         pack=1)
+    else:
+        return tl.exp2(x)
+
+
+@triton.jit
+def _score(x, cols, c, k1, k2, FAST: tl.constexpr):
+    """The race score of logits ``x`` with token ids ``cols``: ``x / T - log(E)`` in base 2 (``c`` =
+    ``log2(e) / T``; the constant ``log2(ln 2)`` is dropped): ``x * c - log2(-log2(U))``. ``U`` takes 23
+    hash bits as the mantissa of a float in [1, 2), minus 1, plus 2^-24: in (0, 1), never 0 or 1."""
+    h = _mix32(_mix32(cols.to(tl.uint32) ^ k1) + k2)
+    u = ((h >> 9) | 0x3F800000).to(tl.float32, bitcast=True) - (1.0 - 1.0 / 16777216.0)
+    return x * c - _log2(-_log2(u, FAST), FAST)
+
+
+@triton.jit
+def _race(src, ids, n, FROM_IDS: tl.constexpr, lo, strict, thr_min, c, k1, k2, offs, BIG, BLOCK: tl.constexpr,
+          FAST: tl.constexpr):
+    """Exponential race over the values of ``src[0:n)`` in ``(lo, inf)`` (``[lo, inf)`` when ``strict`` is
+    0) that are also ``>= thr_min``; token ids are ``ids[j]`` when FROM_IDS else ``j``. Returns
+    ``(token, its logit)``; token ``BIG`` when nothing qualifies."""
+    best = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
+    best_i = tl.full([BLOCK], BIG, dtype=tl.int32)
+    best_x = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
+    for start in range(0, n, BLOCK):
+        j = start + offs
+        valid = j < n
+        x = tl.load(src + j, mask=valid, other=float("-inf"))
+        if FROM_IDS:
+            cols = tl.load(ids + j, mask=valid, other=0)
+        else:
+            cols = j
+        keep = valid & ((x > lo) | ((strict == 0) & (x >= lo))) & (x >= thr_min) & (x > float("-inf"))
+        score = tl.where(keep, _score(x, cols, c, k1, k2, FAST), float("-inf"))
+        upd = score > best
+        best = tl.where(upd, score, best)
+        best_i = tl.where(upd, cols, best_i)
+        best_x = tl.where(upd, x, best_x)
+    top = tl.max(best, axis=0)
+    tok = tl.min(tl.where(best == top, best_i, BIG), axis=0)
+    x_tok = tl.max(tl.where((best == top) & (best_i == tok), best_x, float("-inf")), axis=0)
+    return tok, x_tok
+
+
+@triton.jit
+def _round_keys(key, r):
+    """Two 32-bit words of the row's key for rejection round ``r``."""
+    lo32 = (key & 0xFFFFFFFF).to(tl.uint32)
+    hi32 = ((key >> 32) & 0xFFFFFFFF).to(tl.uint32)
+    k1 = _mix32(lo32 ^ (r.to(tl.uint32) * 0x632BE5AB))
+    k2 = _mix32(hi32 + (r.to(tl.uint32) * 0x9E3779B9))
+    return k1, k2
+
+
+@triton.jit
+def _first_tile(row_ptr, vocab, offs, PREFETCH: tl.constexpr):
+    """The pending (prefetched) first tile of a row walk; a dummy scalar without PREFETCH."""
+    if PREFETCH:
+        return tl.load(row_ptr + offs, mask=offs < vocab, other=float("-inf"))
+    else:
+        return 0.0
+
+
+@triton.jit
+def _tile(row_ptr, vocab, cols, pending, BLOCK: tl.constexpr, PREFETCH: tl.constexpr):
+    """``(tile at cols, new pending)``: with PREFETCH the tile was loaded one step earlier and the next one is
+    issued now, so two tiles of loads are in flight while one is used (one program streams a whole row:
+    bytes in flight per SM set its bandwidth)."""
+    if PREFETCH:
+        nxt = cols + BLOCK
+        return pending, tl.load(row_ptr + nxt, mask=nxt < vocab, other=float("-inf"))
+    else:
+        return tl.load(row_ptr + cols, mask=cols < vocab, other=float("-inf")), pending
+
+
+@triton.jit
 def _gather(row_ptr, vocab, low, cval, cidx, counter, offs, BLOCK: tl.constexpr, CAP: tl.constexpr,
             PREFETCH: tl.constexpr):
     """Copy the logits ``>= low`` and their token ids into ``cval`` / ``cidx`` (at most ``CAP``, in no
     particular order: slots come from an atomic counter); returns how many there are."""
     tl.atomic_xchg(counter, 0, sem="relaxed")
     tl.debug_barrier()
-    pending = first_tile(row_ptr, vocab, offs, PREFETCH)
+    pending = _first_tile(row_ptr, vocab, offs, PREFETCH)
     for start in range(0, vocab, BLOCK):
         cols = start + offs
-        x, pending = next_tile(row_ptr, vocab, cols, pending, BLOCK, PREFETCH)
+        x, pending = _tile(row_ptr, vocab, cols, pending, BLOCK, PREFETCH)
         sel = (cols < vocab) & (x >= low)
         pos = tl.atomic_add(counter + offs * 0, 1, mask=sel, sem="relaxed")  # relaxed: no fence per tile
         fits = sel & (pos < CAP)
@@ -106,12 +200,8 @@ def _sample_kernel(
     cand_val_ptr,
     cand_idx_ptr,
     counter_ptr,
-    fstats_ptr,
-    istats_ptr,
-    num_parts,
     max_rounds,
     BLOCK: tl.constexpr,
-    PARTS: tl.constexpr,
     NUM_PIVOTS: tl.constexpr,
     MAX_PASSES: tl.constexpr,
     CAP: tl.constexpr,
@@ -123,30 +213,67 @@ def _sample_kernel(
     nprog = tl.num_programs(0)
     offs = tl.arange(0, BLOCK)
     piv_idx = tl.arange(0, NUM_PIVOTS)
+    cval = cand_val_ptr + pid * CAP
+    cidx = cand_idx_ptr + pid * CAP
+    counter = counter_ptr + pid
     for row in range(pid, num_rows, nprog):
-        row64 = tl.zeros([], dtype=tl.int64) + row
-        row_ptr = logits_ptr + row64 * stride_row
-        cval = cand_val_ptr + row64 * CAP  # the row's scratch and slot counter (row_pass2_kernel fills them)
-        cidx = cand_idx_ptr + row64 * CAP
-        counter = counter_ptr + row
+        row_ptr = logits_ptr + (tl.zeros([], dtype=tl.int64) + row) * stride_row
         temp, greedy, inv_t, top_k, top_p, min_p = row_params(row, temp_ptr, topk_ptr, topp_ptr, minp_ptr)
         c = inv_t * 1.4426950408889634  # log2(e) / T: scores and masses in base 2
         key = tl.load(key_ptr + row)
         need_k = (greedy == 0) & (top_k > 0) & (top_k < vocab)
         need_p = (greedy == 0) & (top_p < 1.0)
         need_min = (greedy == 0) & (min_p > 0.0)
-        k1, k2 = round_keys(key, tl.zeros([], dtype=tl.int32))
+        k1, k2 = _round_keys(key, tl.zeros([], dtype=tl.int32))
 
-        # Pass 1 ran in row_stats_kernel (rows cut into chunks): merge this row's chunks
-        m, amax, mn, nfin, tok, x_tok, low_k = merge_stats(fstats_ptr, istats_ptr, row, num_parts, vocab, PARTS)
+        # Pass 1: max and first argmax; rows that race the whole row (top-p without top-k, or no filter)
+        # also the race; the others the smallest finite logit and the number of finite logits.
+        m_vec = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
+        i_vec = tl.zeros([BLOCK], dtype=tl.int32)
+        mn_vec = tl.full([BLOCK], float("inf"), dtype=tl.float32)
+        nfin_vec = tl.zeros([BLOCK], dtype=tl.int32)
+        tok = vocab + tl.zeros([], dtype=tl.int32)
+        x_tok = tl.full([], float("-inf"), dtype=tl.float32)
+        if greedy | need_k | (need_min & (need_p == 0)):
+            pending = _first_tile(row_ptr, vocab, offs, PREFETCH)
+            for start in range(0, vocab, BLOCK):
+                cols = start + offs
+                x, pending = _tile(row_ptr, vocab, cols, pending, BLOCK, PREFETCH)
+                fin = x > float("-inf")
+                upd = x > m_vec
+                m_vec = tl.where(upd, x, m_vec)
+                i_vec = tl.where(upd, cols, i_vec)
+                mn_vec = tl.minimum(mn_vec, tl.where(fin, x, float("inf")))
+                nfin_vec += fin.to(tl.int32)
+        else:
+            best = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
+            best_i = tl.full([BLOCK], vocab, dtype=tl.int32)
+            best_x = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
+            pending = _first_tile(row_ptr, vocab, offs, PREFETCH)
+            for start in range(0, vocab, BLOCK):
+                cols = start + offs
+                x, pending = _tile(row_ptr, vocab, cols, pending, BLOCK, PREFETCH)
+                upd = x > m_vec
+                m_vec = tl.where(upd, x, m_vec)
+                i_vec = tl.where(upd, cols, i_vec)
+                score = tl.where(x > float("-inf"), _score(x, cols, c, k1, k2, FAST), float("-inf"))
+                win = score > best
+                best = tl.where(win, score, best)
+                best_i = tl.where(win, cols, best_i)
+                best_x = tl.where(win, x, best_x)
+            top = tl.max(best, axis=0)
+            tok = tl.min(tl.where(best == top, best_i, vocab), axis=0)
+            x_tok = tl.max(tl.where((best == top) & (best_i == tok), best_x, float("-inf")), axis=0)
+        m = tl.max(m_vec, axis=0)
+        amax = tl.min(tl.where(m_vec == m, i_vec, vocab), axis=0)
         thr_min = tl.where(need_min, m + tl.log(tl.maximum(min_p, 1e-30)) * temp, float("-inf"))
         hi_top = m + tl.maximum(tl.abs(m) * 1e-6, 1e-6)
-        gathered, checked = split_routes(need_k, need_p, need_min, top_k, nfin, x_tok, thr_min)
+        nfin = tl.sum(nfin_vec, axis=0)
         if need_k & (top_k >= nfin):  # top-k keeps every finite logit (the rest are banned)
             need_k = need_k & False
             # the draw over the whole row: the answer when no other filter is on, else the rejection route's
             # first candidate (a min-p row replaces it below)
-            tok, x_tok = race(row_ptr, cidx, vocab, False, float("-inf"), 0, float("-inf"), c, k1, k2, offs,
+            tok, x_tok = _race(row_ptr, cidx, vocab, False, float("-inf"), 0, float("-inf"), c, k1, k2, offs,
                                vocab, BLOCK, FAST)
 
         if need_k | (need_min & (need_p == 0)):
@@ -155,18 +282,15 @@ def _sample_kernel(
             thr = thr_min
             low = thr_min
             if need_k:
-                low = tl.maximum(low_k, mn)  # the min is a bound too: the row has more than k finite logits
-            if gathered:  # by row_pass2_kernel (the rare rows that change route above gather here)
-                n_cand = tl.load(counter)
-            else:
-                n_cand = _gather(row_ptr, vocab, low, cval, cidx, counter, offs, BLOCK, CAP, PREFETCH)
+                low = lane_bound(m_vec, tl.min(mn_vec, axis=0), hi_top, top_k, m, inv_t, piv_idx, False, NUM_PIVOTS)
+            n_cand = _gather(row_ptr, vocab, low, cval, cidx, counter, offs, BLOCK, CAP, PREFETCH)
             if n_cand <= CAP:
                 if need_k:
                     if n_cand <= SMALL:
                         thr = _sorted_threshold(cval, n_cand, m, inv_t, top_k, top_p, need_p, SMALL)
                     else:
                         thr = _sorted_threshold(cval, n_cand, m, inv_t, top_k, top_p, need_p, CAP)
-                tok, x_tok = race(cval, cidx, n_cand, True, thr, 0, thr_min, c, k1, k2, offs, vocab, BLOCK, FAST)
+                tok, x_tok = _race(cval, cidx, n_cand, True, thr, 0, thr_min, c, k1, k2, offs, vocab, BLOCK, FAST)
             else:  # too many candidates: exact searches over the whole row (token order: reproducible)
                 if need_k:
                     thr, mass_k = threshold_search(row_ptr, vocab, m, inv_t, low, hi_top, top_k, MAX_PASSES,
@@ -174,7 +298,7 @@ def _sample_kernel(
                     if need_p:
                         thr, _ = threshold_search(row_ptr, vocab, m, inv_t, thr, hi_top, top_p * mass_k, MAX_PASSES,
                                                   piv_idx, offs, BLOCK, NUM_PIVOTS, True)
-                tok, x_tok = race(row_ptr, cidx, vocab, False, thr, 0, thr_min, c, k1, k2, offs, vocab, BLOCK, FAST)
+                tok, x_tok = _race(row_ptr, cidx, vocab, False, thr, 0, thr_min, c, k1, k2, offs, vocab, BLOCK, FAST)
         elif need_p:
             # Rejection route: accept the race winner if it is in the kept set, else race above it.
             z = tl.zeros([], dtype=tl.float32)
@@ -183,17 +307,14 @@ def _sample_kernel(
             r = tl.zeros([], dtype=tl.int32)
             while (accepted == 0) & (r < max_rounds):
                 ok = x_tok >= thr_min
-                if checked & (r == 0):  # round 0's masses came from row_pass2_kernel
-                    z, mass_above = merged_masses(fstats_ptr, row, num_parts, PARTS)
-                    ok = mass_above < top_p * z
-                elif ok:  # one pass: Z and the mass strictly above the candidate
+                if ok:  # one pass: Z and the mass strictly above the candidate
                     z_vec = tl.zeros([BLOCK], dtype=tl.float32)
                     above = tl.zeros([BLOCK], dtype=tl.float32)
-                    pending = first_tile(row_ptr, vocab, offs, PREFETCH)
+                    pending = _first_tile(row_ptr, vocab, offs, PREFETCH)
                     for start in range(0, vocab, BLOCK):
                         cols = start + offs
-                        x, pending = next_tile(row_ptr, vocab, cols, pending, BLOCK, PREFETCH)
-                        e = tl.where(x > float("-inf"), exp2_fast((x - m) * c, FAST), 0.0)
+                        x, pending = _tile(row_ptr, vocab, cols, pending, BLOCK, PREFETCH)
+                        e = tl.where(x > float("-inf"), _exp2((x - m) * c, FAST), 0.0)
                         z_vec += e
                         above += tl.where(x > x_tok, e, 0.0)
                     z = tl.sum(z_vec, axis=0)
@@ -203,21 +324,23 @@ def _sample_kernel(
                 else:
                     lo = x_tok
                     r += 1
-                    k1, k2 = round_keys(key, r)
-                    tok, x_tok = race(row_ptr, cidx, vocab, False, lo, 1, thr_min, c, k1, k2, offs, vocab,
+                    k1, k2 = _round_keys(key, r)
+                    tok, x_tok = _race(row_ptr, cidx, vocab, False, lo, 1, thr_min, c, k1, k2, offs, vocab,
                                        BLOCK, FAST)
             if accepted == 0:  # exact fallback: the top-p threshold above the last rejected logit
                 z_vec = tl.zeros([BLOCK], dtype=tl.float32)
                 for start in range(0, vocab, BLOCK):
                     cols = start + offs
                     x = tl.load(row_ptr + cols, mask=cols < vocab, other=float("-inf"))
-                    z_vec += tl.where(x > float("-inf"), tl.exp((x - m) * inv_t), 0.0)
+                    fin = x > float("-inf")
+                    z_vec += tl.where(fin, tl.exp((x - m) * inv_t), 0.0)
+                    mn_vec = tl.minimum(mn_vec, tl.where(fin, x, float("inf")))
                 z = tl.sum(z_vec, axis=0)
-                lo = tl.maximum(lo, mn)  # no rejection yet: start from the smallest logit
+                lo = tl.maximum(lo, tl.min(mn_vec, axis=0))  # no rejection yet: start from the smallest logit
                 thr, _ = threshold_search(row_ptr, vocab, m, inv_t, lo, hi_top, top_p * z, MAX_PASSES, piv_idx, offs,
                                           BLOCK, NUM_PIVOTS, True)
-                k1, k2 = round_keys(key, r + 1)
-                tok, x_tok = race(row_ptr, cidx, vocab, False, thr, 0, thr_min, c, k1, k2, offs, vocab, BLOCK, FAST)
+                k1, k2 = _round_keys(key, r + 1)
+                tok, x_tok = _race(row_ptr, cidx, vocab, False, thr, 0, thr_min, c, k1, k2, offs, vocab, BLOCK, FAST)
         token = tl.where(greedy | (tok >= vocab), amax, tok)  # a row with no finite logit: its argmax, in range
         tl.store(out_ptr + row, token.to(tl.int64))
 
@@ -238,10 +361,6 @@ def triton_sample(
     max_rounds: int = 6,
     prefetch: bool = True,
     maxnreg: int | None = 64,
-    stats_block: int = 2048,
-    stats_warps: int = 8,
-    stats_chunk_tiles: int = 8,
-    stats_maxnreg: int | None = None,
 ) -> torch.Tensor:
     """Sample one token per row from the top-k / top-p / min-p filtered softmax of ``logits / T``.
 
@@ -258,10 +377,6 @@ def triton_sample(
         prefetch: load the next tile while using this one in the whole-row passes (two tiles in flight).
         maxnreg: cap on registers per thread on CUDA (None = the compiler's choice). 64 lets two 16-warp
             programs share an SM (H200 sweep: 188 us against 193 us uncapped at batch 256 x 128256).
-        stats_block, stats_warps, stats_chunk_tiles: the chunked passes (:mod:`blocks.sample.triton_row_stats`):
-            tile width (at most ``block``), warps, tiles a chunk. The chunking never depends on the batch, so
-            a row's answer does not either (its masses are summed chunk by chunk). stats_maxnreg: their
-            register cap on CUDA (more programs an SM, more loads in flight).
 
     Returns:
         ``[num_rows]`` int64 token ids.
@@ -275,26 +390,10 @@ def triton_sample(
         return out
     block = max(16, min(block, triton.next_power_of_2(vocab)))
     num_programs = num_programs or default_programs(logits)
-    cap, cand_val, cand_idx, counters = workspace(num_rows, max(candidates, 16), logits.device)
-    sblock = max(16, min(stats_block, block))
-    num_parts, chunk_tiles = stats_layout(vocab, sblock, stats_chunk_tiles)
-    parts_pad = triton.next_power_of_2(num_parts)
-    fstats, istats = stats_buffers(num_rows * num_parts, logits.device)
-    stats_opts = {"maxnreg": stats_maxnreg} if stats_maxnreg and logits.is_cuda else {}
-    row_stats_kernel[(num_rows, num_parts)](
-        logits, logits.stride(0), vocab, chunk_tiles, temperature, top_k, top_p, min_p, keys, fstats, istats,
-        counters, BLOCK=sblock, NUM_PIVOTS=num_pivots, FAST=logits.is_cuda, PREFETCH=prefetch, num_warps=stats_warps,
-        **stats_opts,
-    )
-    row_pass2_kernel[(num_rows, num_parts)](
-        logits, logits.stride(0), vocab, chunk_tiles, num_parts, temperature, top_k, top_p, min_p, fstats, istats,
-        cand_val, cand_idx, counters, BLOCK=sblock, PARTS=parts_pad, CAP=cap, FAST=logits.is_cuda,
-        num_warps=stats_warps, **stats_opts,
-    )
+    cap, cand_val, cand_idx, counters = workspace(num_programs, max(candidates, 16), logits.device)
     _sample_kernel[(num_programs,)](
         logits, logits.stride(0), vocab, num_rows, temperature, top_k, top_p, min_p, keys, out, cand_val, cand_idx,
-        counters, fstats, istats, num_parts, max_rounds, BLOCK=block, PARTS=parts_pad,
-        NUM_PIVOTS=num_pivots, MAX_PASSES=12, CAP=cap, SMALL=min(cap, 128),
+        counters, max_rounds, BLOCK=block, NUM_PIVOTS=num_pivots, MAX_PASSES=12, CAP=cap, SMALL=min(cap, 128),
         FAST=logits.is_cuda, PREFETCH=prefetch, num_warps=num_warps,
         **({"maxnreg": maxnreg} if maxnreg and logits.is_cuda else {}),
     )
