@@ -34,7 +34,8 @@ case "${1:-tests-kernels}" in
     done
     ;;
   engine-tp)  # issue 7 engine figures on GPU 0, then issue 10's TP=2 vs TP=1 (needs two GPUs). PARTS picks
-    # some of: tp-smoke tp-tests lat lat-llama lat-tp thr thr-llama thr-tp (default: lat thr tp-tests lat-tp thr-tp).
+    # some of: tp-smoke tp-tests lat lat-llama lat-tp thr thr-qwen thr-llama-hf thr-llama thr-tp (default: lat thr
+    # tp-tests lat-tp thr-tp; thr = thr-qwen + thr-llama-hf).
     # Results go straight to $OUT (results.jsonl, engine_tp.log), so a run stopped at its time limit still
     # returns what finished.
     PARTS=${PARTS:-"lat thr tp-tests lat-tp thr-tp"}
@@ -70,6 +71,10 @@ case "${1:-tests-kernels}" in
           timeout "${TP_TEST_TIMEOUT:-150}" python3 -m pytest -q -p no:cacheprovider tests/engine/test_engine_tp_gpu.py \
             >> "$LOG" 2>&1; echo "tp tests exit $?"; grep -E "passed|failed|Error" "$LOG" | tail -3 ;;
         lat-tp) bench lat_llama_b1_tp2 90 latency --model llama-3-8b --batch-size 1 --max-num-seqs 8 $L -tp 2 ;;
+        thr-qwen) bench thr_qwen 150 throughput --model qwen2.5-0.5b $T --peer hf --peer-num-prompts 32 \
+            --gpu-memory-utilization 0.6 ;;
+        thr-llama-hf) bench thr_llama 200 throughput --model llama-3-8b $T --peer hf --peer-num-prompts 32 \
+            --gpu-memory-utilization 0.6 ;;
         thr-llama) bench thr_llama 150 throughput --model llama-3-8b $T ;;  # TP=1, no peer: beside thr-tp
         thr-tp) bench thr_llama_tp2 150 throughput --model llama-3-8b $T -tp 2 ;;
       esac
