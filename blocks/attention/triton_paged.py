@@ -9,7 +9,8 @@ captured in a CUDA graph.
 Kernel choice (host integers only):
 
 * ``max_query_len <= 1`` (decode-only batch): one query token per program (``BLOCK_Q = 1``), the
-  ``GROUP`` query heads of a KV head padded to a 16-row tile. When ``num_seqs * num_kv_heads``
+  ``GROUP`` query heads of a KV head padded to a 16-row tile, against 128-key tiles in 2 stages (64 keys
+  in 3 stages when shared memory is short, 32 for fp32 or head_dim > 128). When ``num_seqs * num_kv_heads``
   programs would not fill the multiprocessors twice, the KV range is split into ``num_splits``
   chunks (merged by log-sum-exp): enough to fill them twice and to keep each chunk at most
   ``SPLIT_TOKENS`` keys (8 x 32768 on an H100: 16 splits 394 us, 5 splits 430 us; RESULTS.md),
@@ -61,9 +62,21 @@ def _num_sms(device: torch.device) -> int:
     return 132  # the interpreter: pretend an H100 so the heuristic takes the same branches
 
 
+def _elem_bytes(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+@functools.lru_cache(maxsize=16)
+def _smem_per_block(device: torch.device) -> int:
+    """Shared memory a program may use (opt-in maximum); the interpreter pretends an H100's."""
+    if device.type == "cuda":
+        return int(getattr(torch.cuda.get_device_properties(device), "shared_memory_per_block_optin", 227 * 1024))
+    return 227 * 1024
+
+
 def choose_config(
     *, num_seqs: int, max_query_len: int, max_seq_len: int, num_heads: int, num_kv_heads: int,
-    head_dim: int, num_sms: int, dtype: torch.dtype,
+    head_dim: int, num_sms: int, dtype: torch.dtype, smem_per_block: int = 227 * 1024,
 ) -> LaunchConfig:
     """Pick tiles and the split count from host integers (see module docstring)."""
     group = num_heads // num_kv_heads
@@ -72,7 +85,11 @@ def choose_config(
     wide = dtype == torch.float32 or d_pad > 128
     if max_query_len <= 1:
         block_m = max(16, group_pad)
-        block_n = 32 if wide else 64
+        # 128-key tiles, 2 stages where shared memory holds them (H100 sweep, RESULTS.md: 373 against 422 us
+        # at 64 x 4096, 377 against 391 us at 256 x 1024); else 64 keys, 3 stages
+        big = not wide and 2 * 128 * d_pad * 2 * _elem_bytes(dtype) <= smem_per_block
+        block_n = 128 if big else 32 if wide else 64
+        stages = 2 if big else 3
         programs = max(1, num_seqs * num_kv_heads)
         num_splits = 1
         if programs < 2 * num_sms:
@@ -80,7 +97,7 @@ def choose_config(
             num_splits = max(triton.cdiv(2 * num_sms, programs), triton.cdiv(max_seq_len, SPLIT_TOKENS))
             num_splits = max(1, min(num_splits, max_seq_len // MIN_SPLIT_TOKENS, MAX_SPLITS))
         return LaunchConfig(block_q=1, block_m=block_m, block_n=block_n, num_splits=num_splits,
-                            num_warps=4, num_stages=3)
+                            num_warps=4, num_stages=stages)
     block_m = max(64 if wide else 128, group_pad)
     block_q = max(1, block_m // group)
     if wide:
@@ -191,7 +208,7 @@ class TritonPlan:
         cfg = choose_config(
             num_seqs=num_seqs, max_query_len=max_query_len, max_seq_len=self.max_seq_len,
             num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
-            num_sms=_num_sms(query.device), dtype=query.dtype,
+            num_sms=_num_sms(query.device), dtype=query.dtype, smem_per_block=_smem_per_block(query.device),
         )
         return replace(cfg, **self.overrides) if self.overrides else cfg
 

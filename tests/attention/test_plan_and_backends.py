@@ -33,6 +33,14 @@ def test_decode_split_heuristic_bounds(num_seqs, ctx):
         assert cfg.num_splits == 1
 
 
+def test_decode_tiles_follow_shared_memory():
+    assert (_cfg(64, 1, 4096).block_n, _cfg(64, 1, 4096).num_stages) == (128, 2)  # 2 x 128 keys x 128 x K,V bf16
+    small = choose_config(num_seqs=64, max_query_len=1, max_seq_len=4096, num_heads=32, num_kv_heads=8, head_dim=128,
+                          num_sms=132, dtype=torch.bfloat16, smem_per_block=100 * 1024)
+    assert (small.block_n, small.num_stages) == (64, 3)  # 128 KB would not fit
+    assert _cfg(64, 1, 4096, head_dim=256).block_n == 32 and _cfg(64, 1, 4096, dtype=torch.float32).block_n == 32
+
+
 def test_prefill_tiles_pack_the_query_heads_of_a_kv_head():
     for heads in ((32, 8), (28, 4), (8, 8), (64, 1)):
         group = heads[0] // heads[1]
