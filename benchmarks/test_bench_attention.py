@@ -110,7 +110,8 @@ def test_decode(benchmark, batch, ctx):
     extra = {"num_splits": cfg.num_splits, "block_n": cfg.block_n, "num_warps": cfg.num_warps,
              "num_stages": cfg.num_stages}
     if os.environ.get("BENCH_ATTN_SWEEP"):
-        grid = [{"num_splits": n} for n in (1, 2, 4, 8, 16, 32, 48) if ctx // n >= 256]
+        splits = os.environ.get("BENCH_ATTN_SPLITS", "1,2,4,8,16,32,48")  # comma-separated split counts
+        grid = [{"num_splits": int(n)} for n in splits.split(",") if ctx // int(n) >= 256]
         grid += [{"block_n": bn, "num_warps": 4, "num_stages": st} for bn, st in ((64, 2), (128, 2))]
         best = _sweep(inputs, grid)
         if best:
