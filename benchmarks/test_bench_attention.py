@@ -112,7 +112,8 @@ def test_decode(benchmark, batch, ctx):
     if os.environ.get("BENCH_ATTN_SWEEP"):
         splits = os.environ.get("BENCH_ATTN_SPLITS", "1,2,4,8,16,32,48")  # comma-separated split counts
         grid = [{"num_splits": int(n)} for n in splits.split(",") if ctx // int(n) >= 256]
-        grid += [{"block_n": bn, "num_warps": 4, "num_stages": st} for bn, st in ((64, 2), (128, 2))]
+        tiles = os.environ.get("BENCH_ATTN_TILES", "64:4:2,128:4:2")  # block_n:num_warps:num_stages, comma-separated
+        grid += [dict(zip(("block_n", "num_warps", "num_stages"), map(int, t.split(":")))) for t in tiles.split(",")]
         best = _sweep(inputs, grid)
         if best:
             extra.update(sweep_best_us=best[0] * 1e6, sweep_best=str(best[1]))
