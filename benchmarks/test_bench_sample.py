@@ -147,6 +147,8 @@ def test_bench_triton_kernel_cuda(benchmark):
         configs += [dict(block=b, num_warps=w) for b, w in [(2048, 8), (2048, 16), (4096, 8), (8192, 16), (8192, 32)]]
         configs += [dict(num_programs=sms), dict(prefetch=False), dict(maxnreg=None), dict(maxnreg=80),
                     dict(num_pivots=16), dict(candidates=256)]
+        configs += [dict(stages=st, prefetch=False, **extra) for st in (2, 3, 4)
+                    for extra in ({}, {"maxnreg": None}, {"block": 2048})]
     best = None
     for cfg in configs:
         try:

@@ -91,14 +91,14 @@ def _score(x, cols, c, k1, k2, FAST: tl.constexpr):
 
 @triton.jit
 def _race(src, ids, n, FROM_IDS: tl.constexpr, lo, strict, thr_min, c, k1, k2, offs, BIG, BLOCK: tl.constexpr,
-          FAST: tl.constexpr):
+          FAST: tl.constexpr, STAGES: tl.constexpr = 1):
     """Exponential race over the values of ``src[0:n)`` in ``(lo, inf)`` (``[lo, inf)`` when ``strict`` is
     0) that are also ``>= thr_min``; token ids are ``ids[j]`` when FROM_IDS else ``j``. Returns
     ``(token, its logit)``; token ``BIG`` when nothing qualifies."""
     best = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
     best_i = tl.full([BLOCK], BIG, dtype=tl.int32)
     best_x = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
-    for start in range(0, n, BLOCK):
+    for start in tl.range(0, n, BLOCK, num_stages=STAGES):
         j = start + offs
         valid = j < n
         x = tl.load(src + j, mask=valid, other=float("-inf"))
@@ -151,13 +151,13 @@ def _tile(row_ptr, vocab, cols, pending, BLOCK: tl.constexpr, PREFETCH: tl.const
 
 @triton.jit
 def _gather(row_ptr, vocab, low, cval, cidx, counter, offs, BLOCK: tl.constexpr, CAP: tl.constexpr,
-            PREFETCH: tl.constexpr):
+            PREFETCH: tl.constexpr, STAGES: tl.constexpr = 1):
     """Copy the logits ``>= low`` and their token ids into ``cval`` / ``cidx`` (at most ``CAP``, in no
     particular order: slots come from an atomic counter); returns how many there are."""
     tl.atomic_xchg(counter, 0, sem="relaxed")
     tl.debug_barrier()
     pending = _first_tile(row_ptr, vocab, offs, PREFETCH)
-    for start in range(0, vocab, BLOCK):
+    for start in tl.range(0, vocab, BLOCK, num_stages=STAGES):
         cols = start + offs
         x, pending = _tile(row_ptr, vocab, cols, pending, BLOCK, PREFETCH)
         sel = (cols < vocab) & (x >= low)
@@ -208,6 +208,7 @@ def _sample_kernel(
     SMALL: tl.constexpr,
     FAST: tl.constexpr,
     PREFETCH: tl.constexpr,
+    STAGES: tl.constexpr,
 ):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
@@ -236,7 +237,7 @@ def _sample_kernel(
         x_tok = tl.full([], float("-inf"), dtype=tl.float32)
         if greedy | need_k | (need_min & (need_p == 0)):
             pending = _first_tile(row_ptr, vocab, offs, PREFETCH)
-            for start in range(0, vocab, BLOCK):
+            for start in tl.range(0, vocab, BLOCK, num_stages=STAGES):
                 cols = start + offs
                 x, pending = _tile(row_ptr, vocab, cols, pending, BLOCK, PREFETCH)
                 fin = x > float("-inf")
@@ -250,7 +251,7 @@ def _sample_kernel(
             best_i = tl.full([BLOCK], vocab, dtype=tl.int32)
             best_x = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
             pending = _first_tile(row_ptr, vocab, offs, PREFETCH)
-            for start in range(0, vocab, BLOCK):
+            for start in tl.range(0, vocab, BLOCK, num_stages=STAGES):
                 cols = start + offs
                 x, pending = _tile(row_ptr, vocab, cols, pending, BLOCK, PREFETCH)
                 upd = x > m_vec
@@ -283,14 +284,14 @@ def _sample_kernel(
             low = thr_min
             if need_k:
                 low = lane_bound(m_vec, tl.min(mn_vec, axis=0), hi_top, top_k, m, inv_t, piv_idx, False, NUM_PIVOTS)
-            n_cand = _gather(row_ptr, vocab, low, cval, cidx, counter, offs, BLOCK, CAP, PREFETCH)
+            n_cand = _gather(row_ptr, vocab, low, cval, cidx, counter, offs, BLOCK, CAP, PREFETCH, STAGES)
             if n_cand <= CAP:
                 if need_k:
                     if n_cand <= SMALL:
                         thr = _sorted_threshold(cval, n_cand, m, inv_t, top_k, top_p, need_p, SMALL)
                     else:
                         thr = _sorted_threshold(cval, n_cand, m, inv_t, top_k, top_p, need_p, CAP)
-                tok, x_tok = _race(cval, cidx, n_cand, True, thr, 0, thr_min, c, k1, k2, offs, vocab, BLOCK, FAST)
+                tok, x_tok = _race(cval, cidx, n_cand, True, thr, 0, thr_min, c, k1, k2, offs, vocab, BLOCK, FAST, STAGES)
             else:  # too many candidates: exact searches over the whole row (token order: reproducible)
                 if need_k:
                     thr, mass_k = threshold_search(row_ptr, vocab, m, inv_t, low, hi_top, top_k, MAX_PASSES,
@@ -298,7 +299,7 @@ def _sample_kernel(
                     if need_p:
                         thr, _ = threshold_search(row_ptr, vocab, m, inv_t, thr, hi_top, top_p * mass_k, MAX_PASSES,
                                                   piv_idx, offs, BLOCK, NUM_PIVOTS, True)
-                tok, x_tok = _race(row_ptr, cidx, vocab, False, thr, 0, thr_min, c, k1, k2, offs, vocab, BLOCK, FAST)
+                tok, x_tok = _race(row_ptr, cidx, vocab, False, thr, 0, thr_min, c, k1, k2, offs, vocab, BLOCK, FAST, STAGES)
         elif need_p:
             # Rejection route: accept the race winner if it is in the kept set, else race above it.
             z = tl.zeros([], dtype=tl.float32)
@@ -311,7 +312,7 @@ def _sample_kernel(
                     z_vec = tl.zeros([BLOCK], dtype=tl.float32)
                     above = tl.zeros([BLOCK], dtype=tl.float32)
                     pending = _first_tile(row_ptr, vocab, offs, PREFETCH)
-                    for start in range(0, vocab, BLOCK):
+                    for start in tl.range(0, vocab, BLOCK, num_stages=STAGES):
                         cols = start + offs
                         x, pending = _tile(row_ptr, vocab, cols, pending, BLOCK, PREFETCH)
                         e = tl.where(x > float("-inf"), _exp2((x - m) * c, FAST), 0.0)
@@ -326,7 +327,7 @@ def _sample_kernel(
                     r += 1
                     k1, k2 = _round_keys(key, r)
                     tok, x_tok = _race(row_ptr, cidx, vocab, False, lo, 1, thr_min, c, k1, k2, offs, vocab,
-                                       BLOCK, FAST)
+                                       BLOCK, FAST, STAGES)
             if accepted == 0:  # exact fallback: the top-p threshold above the last rejected logit
                 z_vec = tl.zeros([BLOCK], dtype=tl.float32)
                 for start in range(0, vocab, BLOCK):
@@ -340,7 +341,7 @@ def _sample_kernel(
                 thr, _ = threshold_search(row_ptr, vocab, m, inv_t, lo, hi_top, top_p * z, MAX_PASSES, piv_idx, offs,
                                           BLOCK, NUM_PIVOTS, True)
                 k1, k2 = _round_keys(key, r + 1)
-                tok, x_tok = _race(row_ptr, cidx, vocab, False, thr, 0, thr_min, c, k1, k2, offs, vocab, BLOCK, FAST)
+                tok, x_tok = _race(row_ptr, cidx, vocab, False, thr, 0, thr_min, c, k1, k2, offs, vocab, BLOCK, FAST, STAGES)
         token = tl.where(greedy | (tok >= vocab), amax, tok)  # a row with no finite logit: its argmax, in range
         tl.store(out_ptr + row, token.to(tl.int64))
 
@@ -361,6 +362,7 @@ def triton_sample(
     max_rounds: int = 6,
     prefetch: bool = True,
     maxnreg: int | None = 64,
+    stages: int = 1,
 ) -> torch.Tensor:
     """Sample one token per row from the top-k / top-p / min-p filtered softmax of ``logits / T``.
 
@@ -377,6 +379,7 @@ def triton_sample(
         prefetch: load the next tile while using this one in the whole-row passes (two tiles in flight).
         maxnreg: cap on registers per thread on CUDA (None = the compiler's choice). 64 lets two 16-warp
             programs share an SM (H200 sweep: 188 us against 193 us uncapped at batch 256 x 128256).
+        stages: software-pipelining depth of the whole-row loops (``tl.range(num_stages=...)``; 1 = none).
 
     Returns:
         ``[num_rows]`` int64 token ids.
@@ -394,7 +397,7 @@ def triton_sample(
     _sample_kernel[(num_programs,)](
         logits, logits.stride(0), vocab, num_rows, temperature, top_k, top_p, min_p, keys, out, cand_val, cand_idx,
         counters, max_rounds, BLOCK=block, NUM_PIVOTS=num_pivots, MAX_PASSES=12, CAP=cap, SMALL=min(cap, 128),
-        FAST=logits.is_cuda, PREFETCH=prefetch, num_warps=num_warps,
+        FAST=logits.is_cuda, PREFETCH=prefetch, STAGES=stages, num_warps=num_warps,
         **({"maxnreg": maxnreg} if maxnreg and logits.is_cuda else {}),
     )
     return out

@@ -98,3 +98,19 @@ def test_sampling_kernel_compiles_once_for_every_batch_size():
     for rows in (1, 16, 17, 64, 250):
         sample(rows)
     assert triton_variants()["_sample_kernel"] == before
+
+
+@pytest.mark.parametrize("stages", [2, 3, 4])
+def test_pipelined_row_loops_give_the_same_tokens(stages):
+    """Software pipelining (cp.async into shared memory) changes how the logits arrive, not the arithmetic."""
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    rows, vocab = 96, 128256
+    x = torch.randn(rows, vocab, device="cuda", generator=gen) * 2.5
+    temp = torch.tensor([[0.0, 0.8, 0.7, 1.0, 0.9, 0.6][i % 6] for i in range(rows)], device="cuda")
+    top_k = torch.tensor([[0, 50, 0, 100, 0, 20][i % 6] for i in range(rows)], device="cuda", dtype=torch.int32)
+    top_p = torch.tensor([[1.0, 1.0, 0.9, 0.95, 1.0, 0.8][i % 6] for i in range(rows)], device="cuda")
+    min_p = torch.tensor([[0.0, 0.0, 0.0, 0.0, 0.05, 0.02][i % 6] for i in range(rows)], device="cuda")
+    keys = torch.arange(rows, device="cuda", dtype=torch.int64) * 7919
+    want = triton_sample(x, temp, top_k, top_p, min_p, keys)
+    got = triton_sample(x, temp, top_k, top_p, min_p, keys, stages=stages, prefetch=False)
+    assert torch.equal(got, want)
