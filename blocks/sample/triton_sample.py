@@ -209,7 +209,6 @@ def _sample_kernel(
     FAST: tl.constexpr,
     PREFETCH: tl.constexpr,
     STAGES: tl.constexpr,
-    FUSE_RACE: tl.constexpr,
 ):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
@@ -309,51 +308,26 @@ def _sample_kernel(
             r = tl.zeros([], dtype=tl.int32)
             while (accepted == 0) & (r < max_rounds):
                 ok = x_tok >= thr_min
-                raced = ok & (FUSE_RACE != 0)
-                next_tok = tok
-                next_x = x_tok
                 if ok:  # one pass: Z and the mass strictly above the candidate
                     z_vec = tl.zeros([BLOCK], dtype=tl.float32)
                     above = tl.zeros([BLOCK], dtype=tl.float32)
-                    # FUSE_RACE: the same pass runs the next round's race over x > candidate, so a rejection
-                    # costs no extra pass (exactly the race the rejection branch below would run)
-                    nk1, nk2 = _round_keys(key, r + 1)
-                    best = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
-                    best_i = tl.full([BLOCK], vocab, dtype=tl.int32)
-                    best_x = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
                     pending = _first_tile(row_ptr, vocab, offs, PREFETCH)
                     for start in tl.range(0, vocab, BLOCK, num_stages=STAGES):
                         cols = start + offs
                         x, pending = _tile(row_ptr, vocab, cols, pending, BLOCK, PREFETCH)
                         e = tl.where(x > float("-inf"), _exp2((x - m) * c, FAST), 0.0)
                         z_vec += e
-                        gt = x > x_tok
-                        above += tl.where(gt, e, 0.0)
-                        if FUSE_RACE:
-                            keep = gt & (x >= thr_min) & (x > float("-inf"))
-                            score = tl.where(keep, _score(x, cols, c, nk1, nk2, FAST), float("-inf"))
-                            upd = score > best
-                            best = tl.where(upd, score, best)
-                            best_i = tl.where(upd, cols, best_i)
-                            best_x = tl.where(upd, x, best_x)
+                        above += tl.where(x > x_tok, e, 0.0)
                     z = tl.sum(z_vec, axis=0)
                     ok = tl.sum(above, axis=0) < top_p * z
-                    if FUSE_RACE:
-                        top = tl.max(best, axis=0)
-                        next_tok = tl.min(tl.where(best == top, best_i, vocab), axis=0)
-                        next_x = tl.max(tl.where((best == top) & (best_i == next_tok), best_x, float("-inf")), axis=0)
                 if ok:
                     accepted = accepted + 1
                 else:
                     lo = x_tok
                     r += 1
                     k1, k2 = _round_keys(key, r)
-                    if raced:
-                        tok = next_tok
-                        x_tok = next_x
-                    else:
-                        tok, x_tok = _race(row_ptr, cidx, vocab, False, lo, 1, thr_min, c, k1, k2, offs, vocab,
-                                           BLOCK, FAST, STAGES)
+                    tok, x_tok = _race(row_ptr, cidx, vocab, False, lo, 1, thr_min, c, k1, k2, offs, vocab,
+                                       BLOCK, FAST, STAGES)
             if accepted == 0:  # exact fallback: the top-p threshold above the last rejected logit
                 z_vec = tl.zeros([BLOCK], dtype=tl.float32)
                 for start in range(0, vocab, BLOCK):
@@ -389,7 +363,6 @@ def triton_sample(
     prefetch: bool = False,
     maxnreg: int | None = 64,
     stages: int = 3,
-    fuse_race: bool = True,
 ) -> torch.Tensor:
     """Sample one token per row from the top-k / top-p / min-p filtered softmax of ``logits / T``.
 
@@ -409,8 +382,6 @@ def triton_sample(
         stages: software-pipelining depth of the whole-row loops (``tl.range(num_stages=...)``, cp.async into
             shared memory on CUDA; 1 = none). The defaults (tiles of 2048, 3 stages, no register prefetch) took
             182.8 us on an H100 against 201.3 us for 4096 / none / prefetch (RESULTS.md).
-        fuse_race: a top-p row's mass check also runs the next rejection round's race (same tokens; a
-            rejected row then costs one pass a round instead of two).
 
     Returns:
         ``[num_rows]`` int64 token ids.
@@ -428,7 +399,7 @@ def triton_sample(
     _sample_kernel[(num_programs,)](
         logits, logits.stride(0), vocab, num_rows, temperature, top_k, top_p, min_p, keys, out, cand_val, cand_idx,
         counters, max_rounds, BLOCK=block, NUM_PIVOTS=num_pivots, MAX_PASSES=12, CAP=cap, SMALL=min(cap, 128),
-        FAST=logits.is_cuda, PREFETCH=prefetch, STAGES=stages, FUSE_RACE=fuse_race, num_warps=num_warps,
+        FAST=logits.is_cuda, PREFETCH=prefetch, STAGES=stages, num_warps=num_warps,
         **({"maxnreg": maxnreg} if maxnreg and logits.is_cuda else {}),
     )
     return out

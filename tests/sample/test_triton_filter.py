@@ -170,19 +170,3 @@ def test_workspace_is_reused_per_size_and_grows_when_needed():
     assert grown[1].numel() >= (counters.numel() + 3) * 128 and grown[3].numel() >= counters.numel() + 3
     with pytest.raises(ValueError, match="candidates"):
         workspace(1, -1, torch.device("cpu"))
-
-
-def test_fused_rejection_race_gives_the_same_tokens():
-    """Top-p 0.3 rejects often: the next round's race run inside the mass check picks the same tokens as the
-    separate race pass (min-p on some rows, so some candidates fail min-p before any check)."""
-    gen = torch.Generator().manual_seed(0)
-    n = 40
-    x = (torch.randn(n, 700, generator=gen) * 3).to(DEV)
-    temp, top_k = torch.full((n,), 0.9, device=DEV), torch.zeros(n, dtype=torch.int32, device=DEV)
-    top_p, min_p = torch.full((n,), 0.3, device=DEV), torch.zeros(n, device=DEV)
-    min_p[::3] = 0.02
-    keys = torch.arange(n, dtype=torch.int64, device=DEV) * 31
-    fused = triton_sample(x, temp, top_k, top_p, min_p, keys, block=64)
-    assert torch.equal(fused, triton_sample(x, temp, top_k, top_p, min_p, keys, block=64, fuse_race=False))
-    kept = x.cpu() >= filter_threshold(x.cpu(), temp.cpu(), top_k.cpu(), top_p.cpu(), min_p.cpu())[:, None]
-    assert bool(kept.gather(1, fused.cpu()[:, None]).all())
