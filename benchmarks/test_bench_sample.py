@@ -147,8 +147,9 @@ def test_bench_triton_kernel_cuda(benchmark):
         configs += [dict(block=b, num_warps=w) for b, w in [(2048, 8), (2048, 16), (4096, 8), (8192, 16), (8192, 32)]]
         configs += [dict(num_programs=sms), dict(prefetch=False), dict(maxnreg=None), dict(maxnreg=80),
                     dict(num_pivots=16), dict(candidates=256)]
-        configs += [dict(stages=st, prefetch=False, **extra) for st in (2, 3, 4)
-                    for extra in ({}, {"maxnreg": None}, {"block": 2048})]
+        configs += [dict(stages=st, **extra) for st in (1, 2, 4)
+                    for extra in ({}, {"maxnreg": None}, {"block": 4096})]
+        configs += [dict(num_warps=8), dict(num_warps=8, maxnreg=None)]
     best = None
     for cfg in configs:
         try:
@@ -163,7 +164,7 @@ def test_bench_triton_kernel_cuda(benchmark):
         for kind in KINDS:  # where the time goes: a batch of one row kind at a time
             bk = mixed_batch(num_rows, vocab, "cuda", kinds=[kind]).prepare()
             one = (logits, bk.temperature, bk.top_k, bk.top_p, bk.min_p)
-            print(f"kind {kind}: {_do_bench(lambda one=one: triton_sample(*one, keys)) * 1e6:.1f} us")
+            print(f"kind {kind}: {_do_bench(lambda one=one, cfg=cfg: triton_sample(*one, keys, **cfg)) * 1e6:.1f} us")
     default_s = _do_bench(lambda: triton_sample(*args, keys))
     benchmark.pedantic(lambda: triton_sample(*args, keys), rounds=5, iterations=1)
     _record(
