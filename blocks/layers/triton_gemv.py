@@ -7,8 +7,9 @@ program ``BLOCK_N`` weight rows and a ``1 / SPLIT_K`` share of ``K``, so there a
 for any shape; ``SPLIT_K > 1`` writes float32 partials that a second small kernel sums (adding the bias and
 casting). Products accumulate in float32 through ``tl.dot`` (``M`` padded to 16 rows).
 
-Opt-in while its H100 speed is unmeasured: the linear layers use it on CUDA for ``M <= 16`` rows when the
-environment sets ``BLOCKS_SKINNY_GEMM=1`` (see :func:`blocks.layers.fused.linear`). Runs under
+Opt-in: the linear layers use it on CUDA for ``M <= 16`` rows when the environment sets
+``BLOCKS_SKINNY_GEMM=1`` (see :func:`blocks.layers.fused.linear`). Measured on an H100 (RESULTS.md), it is not
+faster than cuBLAS on any Llama-3-8B or Qwen2.5-0.5B decode shape, and the engine step runs 6% slower with it. Runs under
 ``TRITON_INTERPRET=1`` on CPU tensors (fp32/fp16) in the tests.
 """
 
