@@ -12,8 +12,7 @@ Kernels (launched by :func:`paged_attention` and by the Triton backend):
   stride, so caches past 2**31 elements are addressed correctly.
 * With ``USE_SPLIT`` the same kernel gets a third grid axis that cuts each sequence's KV range
   into ``num_splits`` chunks (flash-decoding) and writes float32 partial outputs with their
-  log-sum-exp. With ``FUSED_MERGE`` the last split of a tile to finish (an atomic counter per tile,
-  reset by that program) combines them; otherwise ``merge_splits_kernel`` does, in a second launch.
+  log-sum-exp; ``merge_splits_kernel`` combines them.
 
 Programs find their sequence without any host data: sequence ``i`` owns the program ids
 ``[query_start_loc[i] // BLOCK_Q + i, ...)`` (``query_start_loc[i]`` when ``BLOCK_Q == 1``), and a
@@ -105,7 +104,7 @@ def _attn_tile(
 @triton.jit(do_not_specialize=["seq_base", "num_seqs", "num_tokens", "num_programs_q", "stride_bt", "stride_ps",
                               "stride_ls"])
 def paged_attn_kernel(
-    q_ptr, k_ptr, v_ptr, out_ptr, part_out_ptr, part_lse_ptr, counter_ptr,
+    q_ptr, k_ptr, v_ptr, out_ptr, part_out_ptr, part_lse_ptr,
     query_start_loc_ptr, seq_lens_ptr, block_table_ptr, k_scale_ptr, v_scale_ptr,
     qk_scale, soft_cap, sliding_window, seq_base, num_seqs, num_tokens, num_programs_q,
     stride_qt, stride_qh, stride_ot, stride_oh,
@@ -113,8 +112,7 @@ def paged_attn_kernel(
     stride_bt, stride_ps, stride_pt, stride_ph, stride_ls, stride_lt,
     GROUP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    USE_SPLIT: tl.constexpr, FUSED_MERGE: tl.constexpr, USE_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr,
-    KV_FP8: tl.constexpr,
+    USE_SPLIT: tl.constexpr, USE_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr, KV_FP8: tl.constexpr,
     DOT_PRECISION: tl.constexpr, ALIGN: tl.constexpr,
 ):
     # heaviest (latest) query blocks first
@@ -229,48 +227,10 @@ def paged_attn_kernel(
         tl.store(part_out_ptr + p_off, o, mask=io_mask)
         lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log2(l_safe))
         tl.store(part_lse_ptr + split.to(tl.int64) * stride_ls + token * stride_lt + head, lse, mask=row_ok)
-        if FUSED_MERGE:
-            # the last split of this tile to finish merges all of them (no second launch): every thread's
-            # stores come before the barrier, the release-acquire counter orders them before its loads
-            tl.debug_barrier()
-            count = counter_ptr + tl.program_id(0) * tl.num_programs(1) + kv_head
-            done = tl.atomic_add(count, 1, sem="acq_rel", scope="gpu")
-            tl.debug_barrier()
-            if done == num_splits - 1:
-                _merge_tile(part_out_ptr, part_lse_ptr, out_ptr, token, head, row_ok, d_offs, io_mask, num_splits,
-                            stride_ps, stride_pt, stride_ph, stride_ls, stride_lt, stride_ot, stride_oh, ALIGN)
-                tl.atomic_xchg(count, 0, sem="relaxed", scope="gpu")  # ready for the next launch (graph replays)
     else:
         o_row = tl.multiple_of(token * stride_ot + head * stride_oh, ALIGN)
         o_off = o_row[:, None] + d_offs[None, :]
         tl.store(out_ptr + o_off, o.to(out_ptr.dtype.element_ty), mask=io_mask)
-
-
-@triton.jit
-def _merge_tile(part_out_ptr, part_lse_ptr, out_ptr, token, head, row_ok, d_offs, io_mask, num_splits,
-                stride_ps, stride_pt, stride_ph, stride_ls, stride_lt, stride_ot, stride_oh, ALIGN: tl.constexpr):
-    """out rows of one tile = sum_s 2**(lse_s - lse) * part_out[s] (``merge_splits_kernel``'s arithmetic,
-    one split at a time: the tile's rows are ``(token, head)`` pairs)."""
-    m = tl.full(row_ok.shape, float("-inf"), dtype=tl.float32)
-    for s in range(0, num_splits):
-        s64 = tl.zeros([], dtype=tl.int64) + s
-        lse_s = tl.load(part_lse_ptr + s64 * stride_ls + token * stride_lt + head, mask=row_ok, other=float("-inf"))
-        m = tl.maximum(m, lse_s)
-    m_safe = tl.where(m == float("-inf"), 0.0, m)
-    acc = tl.zeros(io_mask.shape, dtype=tl.float32)
-    total = tl.zeros(row_ok.shape, dtype=tl.float32)
-    for s in range(0, num_splits):
-        s64 = tl.zeros([], dtype=tl.int64) + s
-        lse_s = tl.load(part_lse_ptr + s64 * stride_ls + token * stride_lt + head, mask=row_ok, other=float("-inf"))
-        w = tl.exp2(lse_s - m_safe)
-        total += w
-        live = row_ok & (lse_s > float("-inf"))
-        p_row = tl.multiple_of(s64 * stride_ps + token * stride_pt + head * stride_ph, ALIGN)
-        part = tl.load(part_out_ptr + p_row[:, None] + d_offs[None, :], mask=io_mask & live[:, None], other=0.0)
-        acc += part * w[:, None]
-    o = acc / tl.where(total == 0.0, 1.0, total)[:, None]
-    o_row = tl.multiple_of(token * stride_ot + head * stride_oh, ALIGN)
-    tl.store(out_ptr + o_row[:, None] + d_offs[None, :], o.to(out_ptr.dtype.element_ty), mask=io_mask)
 
 
 @triton.jit(do_not_specialize=["tok_base", "num_splits", "stride_ps", "stride_ls"])

@@ -53,7 +53,6 @@ class LaunchConfig:
     num_splits: int = 1
     num_warps: int = 4
     num_stages: int = 2
-    fused_merge: bool = True  # split-KV: the last split of a tile merges (False: a second kernel does)
 
 
 @functools.lru_cache(maxsize=16)
@@ -117,15 +116,7 @@ class WorkspacePool:
     """
 
     def __init__(self) -> None:
-        self._buffers: dict[tuple, torch.Tensor] = {}
-
-    def counters(self, n: int, device: torch.device) -> torch.Tensor:
-        """``[>= n]`` int32 zeros for the fused merge's per-tile counters (each launch leaves them at zero)."""
-        key = (torch.device(device), "counters")
-        buf = self._buffers.get(key)
-        if buf is None or buf.numel() < n:
-            buf = self._buffers[key] = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
-        return buf
+        self._buffers: dict[tuple[torch.device, int], torch.Tensor] = {}
 
     def get(self, num_splits: int, num_tokens: int, num_heads: int, head_dim: int, device: torch.device):
         """``(partial_out [S, T, H, D], partial_lse [S, T, H])`` float32 views of a pooled buffer."""
@@ -305,10 +296,8 @@ def paged_attention(
             grid_q = part_tokens // cfg.block_q + part.num_seqs + 1
         split = cfg.num_splits > 1
         part_out, part_lse = workspace if split else (out, out)
-        fused = split and cfg.fused_merge
-        counters = plan.pool.counters(grid_q * num_kv_heads, query.device) if fused else dummy
         paged_attn_kernel[(grid_q, num_kv_heads, cfg.num_splits)](
-            query, key_cache, value_cache, out, part_out, part_lse, counters,
+            query, key_cache, value_cache, out, part_out, part_lse,
             metadata.query_start_loc, metadata.seq_lens, metadata.block_table,
             k_scale if fp8 else dummy, v_scale if fp8 else dummy,
             float(scale), float(soft_cap) if use_softcap else 1.0, int(sliding_window) if use_window else 0,
@@ -321,11 +310,11 @@ def paged_attention(
             part_out.stride(2) if split else 0, part_lse.stride(0) if split else 0, part_lse.stride(1) if split else 0,
             GROUP=group, BLOCK_Q=cfg.block_q, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
             HEAD_DIM=head_dim, HEAD_DIM_PAD=triton.next_power_of_2(head_dim), BLOCK_SIZE=key_cache.shape[1],
-            USE_SPLIT=split, FUSED_MERGE=fused, USE_WINDOW=use_window, USE_SOFTCAP=use_softcap, KV_FP8=fp8,
+            USE_SPLIT=split, USE_WINDOW=use_window, USE_SOFTCAP=use_softcap, KV_FP8=fp8,
             DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32", ALIGN=align,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
-        if split and not fused:
+        if split:
             merge_splits_kernel[(part_tokens, num_heads)](
                 part_out, part_lse, out, part.tok_start, cfg.num_splits,
                 part_out.stride(0), part_out.stride(1), part_out.stride(2), part_lse.stride(0), part_lse.stride(1),
