@@ -114,6 +114,7 @@ def test_decode(benchmark, batch, ctx):
         grid = [{"num_splits": int(n)} for n in splits.split(",") if ctx // int(n) >= 256]
         tiles = os.environ.get("BENCH_ATTN_TILES", "64:4:2,128:4:2")  # block_n:num_warps:num_stages, comma-separated
         grid += [dict(zip(("block_n", "num_warps", "num_stages"), map(int, t.split(":")))) for t in tiles.split(",")]
+        grid += json.loads(os.environ.get("BENCH_ATTN_EXTRA", "[]"))  # more override dicts, as JSON
         best = _sweep(inputs, grid)
         if best:
             extra.update(sweep_best_us=best[0] * 1e6, sweep_best=str(best[1]))
