@@ -160,6 +160,7 @@ class TritonPlan:
         configs: ``(num_heads, num_kv_heads, head_dim, dtype, device) -> (LaunchConfig, workspace)``; the
             workspace is ``(partial_out [num_splits, num_tokens, num_heads, head_dim] float32,
             partial_lse [num_splits, num_tokens, num_heads] float32)`` or ``None``.
+        launches: the same key -> the layer's :class:`Launch` list (one, or two for a mixed batch).
     """
 
     num_seqs: int
