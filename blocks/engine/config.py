@@ -80,6 +80,13 @@ class EngineConfig:
         if self.enable_lora:
             raise ValueError("enable_lora: LoRA adapters are not supported yet")
 
+    def token_budget(self, max_model_len: int) -> int:
+        """Tokens a step may schedule: ``max_num_batched_tokens``, or when unset ``max(8192, max_model_len)``
+        with chunked prefill off (a whole prompt must fit one step), else 8192."""
+        if self.max_num_batched_tokens:
+            return self.max_num_batched_tokens
+        return 8192 if self.enable_chunked_prefill else max(8192, max_model_len)
+
     @classmethod
     def field_names(cls) -> set[str]:
         return {f.name for f in fields(cls)}

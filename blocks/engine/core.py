@@ -108,9 +108,7 @@ class EngineCore:
         self.kv_manager = KVCacheManager(
             self.runner.num_blocks, config.block_size, enable_prefix_caching=config.enable_prefix_caching
         )
-        max_batched = config.max_num_batched_tokens or (
-            8192 if config.enable_chunked_prefill else max(8192, self.max_model_len)
-        )
+        max_batched = config.token_budget(self.max_model_len)
         self.scheduler = Scheduler(
             self.kv_manager,
             SchedulerConfig(

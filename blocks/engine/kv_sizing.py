@@ -68,7 +68,7 @@ def _cuda_kv_budget(model, config: EngineConfig, *, max_model_len: int, kv_dtype
 def _profile_forward(model, config: EngineConfig, *, max_model_len: int, kv_dtype: torch.dtype,
                      device: torch.device) -> None:
     block_size = config.block_size
-    num_tokens = min(config.max_num_batched_tokens or 8192, max_model_len * config.max_num_seqs)
+    num_tokens = min(config.token_budget(max_model_len), max_model_len * config.max_num_seqs)
     seq = min(num_tokens, max_model_len)
     num_seqs = max(1, num_tokens // seq)
     blocks = -(-seq // block_size)

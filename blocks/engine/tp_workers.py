@@ -58,13 +58,12 @@ def _die_with_parent() -> None:
 def max_step_message_bytes(config: EngineConfig, max_model_len: int) -> int:
     """Bytes of the largest :class:`StepInputs` message an engine with this configuration sends.
 
-    Tokens: the scheduler's budget (``EngineCore`` resolves ``max_num_batched_tokens=None`` the same way).
+    Tokens: the scheduler's budget (:meth:`EngineConfig.token_budget`).
     Sequences: at most one per token (beam forks may run more than ``max_num_seqs`` sequences), each with a
     block-table row of ``ceil(max_model_len / block_size)`` blocks. Copy-on-write copies: one per sequence
     (only the partly filled block a sequence writes into is copied). Logits rows: one per sequence (its
     last token) plus one per token (prompt logprobs)."""
-    tokens = config.max_num_batched_tokens or (
-        8192 if config.enable_chunked_prefill else max(8192, max_model_len))
+    tokens = config.token_budget(max_model_len)
     words = message_size(num_tokens=tokens, num_seqs=tokens, width=-(-max_model_len // config.block_size),
                          num_copies=tokens, num_rows=2 * tokens)
     return 8 * words

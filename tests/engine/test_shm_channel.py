@@ -223,3 +223,17 @@ def test_tp_engine_leaves_no_segment(tmp_path):
         llm.shutdown()
     assert all(p.poll() == 0 for p in workers.procs)  # they left through the stop command
     assert not os.path.exists(_segment(name))
+
+
+def test_token_budget_is_the_one_rule_for_scheduler_ring_and_profile():
+    """The scheduler, the TP ring and the KV-sizing profile forward read the step's token budget from
+    EngineConfig.token_budget: without chunked prefill a whole prompt must fit one step."""
+    from blocks.engine.config import EngineConfig
+    from blocks.engine.tp_workers import max_step_message_bytes
+
+    assert EngineConfig().token_budget(32768) == 8192
+    assert EngineConfig(enable_chunked_prefill=False).token_budget(32768) == 32768
+    assert EngineConfig(enable_chunked_prefill=False).token_budget(1024) == 8192
+    assert EngineConfig(max_num_batched_tokens=300).token_budget(32768) == 300
+    small, big = (max_step_message_bytes(EngineConfig(enable_chunked_prefill=c), 32768) for c in (True, False))
+    assert big > 3 * small  # the ring grows with the budget
