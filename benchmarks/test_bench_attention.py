@@ -106,7 +106,7 @@ def test_decode(benchmark, batch, ctx):
     backend = TritonAttentionBackend()
     fn = _attend_fn(backend, inputs)
     t_ours = time_cuda(fn)
-    cfg, _ = next(iter(inputs.metadata.plan.configs.values()))
+    cfg = next(iter(inputs.metadata.plan.launches.values()))[0].config
     extra = {"num_splits": cfg.num_splits, "block_n": cfg.block_n, "num_warps": cfg.num_warps,
              "num_stages": cfg.num_stages}
     if os.environ.get("BENCH_ATTN_SWEEP"):

@@ -77,7 +77,8 @@ def cupy_split_decode_attention(
     plan = metadata.plan
     if not isinstance(plan, TritonPlan):
         plan = metadata.plan = TritonPlan.from_metadata(metadata)
-    cfg, workspace = plan.config_for(query, num_kv_heads)
+    whole = plan.launches_for(query, num_kv_heads, split_mixed=False)[0]  # this kernel takes the whole batch
+    cfg, workspace = whole.config, whole.workspace
     split = cfg.num_splits > 1
     vec = vector_width(head_dim, key_cache.element_size())
     attn, merge = get_vector_kernels(*dtype_kinds(query, key_cache), head_dim, num_heads // num_kv_heads, vec, split)

@@ -151,16 +151,16 @@ class Launch:
 
 @dataclass
 class TritonPlan:
-    """Per-step plan: host integers of the batch plus one launch config per layer shape.
+    """Per-step plan: host integers of the batch plus the kernel launches of each layer shape.
 
     Attributes:
         num_seqs, num_tokens, max_query_len, max_seq_len, num_decode_tokens: copied from the metadata.
         overrides: fields forced on every chosen :class:`LaunchConfig` (tuning, tests).
         pool: where split workspaces come from (a backend passes its own; default: a process-wide pool).
-        configs: ``(num_heads, num_kv_heads, head_dim, dtype, device) -> (LaunchConfig, workspace)``; the
-            workspace is ``(partial_out [num_splits, num_tokens, num_heads, head_dim] float32,
-            partial_lse [num_splits, num_tokens, num_heads] float32)`` or ``None``.
-        launches: the same key -> the layer's :class:`Launch` list (one, or two for a mixed batch).
+        launches: ``(num_heads, num_kv_heads, head_dim, dtype, device, split_mixed) ->`` the layer's
+            :class:`Launch` list (one, or two for a mixed batch); a launch's workspace is ``(partial_out
+            [num_splits, tokens, num_heads, head_dim] float32, partial_lse [num_splits, tokens, num_heads]
+            float32)`` or ``None``.
     """
 
     num_seqs: int
@@ -170,7 +170,6 @@ class TritonPlan:
     num_decode_tokens: int = 0
     overrides: dict = field(default_factory=dict)
     pool: WorkspacePool = field(default=DEFAULT_WORKSPACE_POOL, repr=False)
-    configs: dict = field(default_factory=dict)
     launches: dict = field(default_factory=dict)
 
     @classmethod
@@ -179,54 +178,36 @@ class TritonPlan:
         return cls(metadata.num_seqs, metadata.num_tokens, metadata.max_query_len, metadata.max_seq_len,
                    metadata.num_decode_tokens, overrides=dict(overrides), pool=pool or DEFAULT_WORKSPACE_POOL)
 
-    def launches_for(self, query: torch.Tensor, num_kv_heads: int) -> list[Launch]:
-        """The (cached) kernel launches of this layer shape: one for the whole batch, or two for a mixed
-        batch that starts with decode rows (``num_decode_tokens`` leading one-token rows): those rows
-        with the decode tiles (16 rows, optional split-KV) and the prefill chunks with the wide tiles,
-        which would otherwise spend a 128-row tile on each one-token row."""
+    def launches_for(self, query: torch.Tensor, num_kv_heads: int, *, split_mixed: bool = True) -> list[Launch]:
+        """The (cached) kernel launches of this layer shape: one for the whole batch, or, for a mixed batch
+        that starts with decode rows (``num_decode_tokens`` leading one-token rows) when ``split_mixed``,
+        two: those rows with the decode tiles (16 rows, optional split-KV) and the prefill chunks with the
+        wide tiles, which would otherwise spend a 128-row tile on each one-token row."""
         num_tokens, num_heads, head_dim = query.shape
-        key = (num_heads, num_kv_heads, head_dim, query.dtype, query.device)
+        key = (num_heads, num_kv_heads, head_dim, query.dtype, query.device, split_mixed)
         hit = self.launches.get(key)
         if hit is not None:
             return hit
         d = self.num_decode_tokens
-        if self.max_query_len <= 1 or d <= 0 or d >= self.num_seqs:
-            cfg, workspace = self.config_for(query, num_kv_heads)
-            parts = [Launch(0, self.num_seqs, 0, num_tokens, cfg, workspace)]
+        if split_mixed and self.max_query_len > 1 and 0 < d < self.num_seqs:
+            spans = ((0, d, 0, d, 1), (d, self.num_seqs - d, d, num_tokens, self.max_query_len))
         else:
-            parts = []
-            for seq_start, num_seqs, tok_start, tok_end, max_query_len in (
-                    (0, d, 0, d, 1), (d, self.num_seqs - d, d, num_tokens, self.max_query_len)):
-                cfg = self._choose(num_seqs, max_query_len, num_heads, num_kv_heads, head_dim, query)
-                workspace = None
-                if cfg.num_splits > 1:  # rows indexed by token id: sized to the part's last token
-                    workspace = self.pool.get(cfg.num_splits, tok_end, num_heads, head_dim, query.device)
-                parts.append(Launch(seq_start, num_seqs, tok_start, tok_end, cfg, workspace))
+            spans = ((0, self.num_seqs, 0, num_tokens, self.max_query_len),)
+        parts = []
+        for seq_start, num_seqs, tok_start, tok_end, max_query_len in spans:
+            cfg = choose_config(
+                num_seqs=num_seqs, max_query_len=max_query_len, max_seq_len=self.max_seq_len,
+                num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
+                num_sms=_num_sms(query.device), dtype=query.dtype, smem_per_block=_smem_per_block(query.device),
+            )
+            if self.overrides:
+                cfg = replace(cfg, **self.overrides)
+            workspace = None
+            if cfg.num_splits > 1:  # rows indexed by token id: sized to the part's last token
+                workspace = self.pool.get(cfg.num_splits, tok_end, num_heads, head_dim, query.device)
+            parts.append(Launch(seq_start, num_seqs, tok_start, tok_end, cfg, workspace))
         self.launches[key] = parts
         return parts
-
-    def _choose(self, num_seqs: int, max_query_len: int, num_heads: int, num_kv_heads: int, head_dim: int,
-                query: torch.Tensor) -> LaunchConfig:
-        cfg = choose_config(
-            num_seqs=num_seqs, max_query_len=max_query_len, max_seq_len=self.max_seq_len,
-            num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
-            num_sms=_num_sms(query.device), dtype=query.dtype, smem_per_block=_smem_per_block(query.device),
-        )
-        return replace(cfg, **self.overrides) if self.overrides else cfg
-
-    def config_for(self, query: torch.Tensor, num_kv_heads: int):
-        """The (cached) launch config and split workspace for this layer shape."""
-        num_tokens, num_heads, head_dim = query.shape
-        key = (num_heads, num_kv_heads, head_dim, query.dtype, query.device)
-        hit = self.configs.get(key)
-        if hit is not None:
-            return hit
-        cfg = self._choose(self.num_seqs, self.max_query_len, num_heads, num_kv_heads, head_dim, query)
-        workspace = None
-        if cfg.num_splits > 1:
-            workspace = self.pool.get(cfg.num_splits, num_tokens, num_heads, head_dim, query.device)
-        self.configs[key] = (cfg, workspace)
-        return cfg, workspace
 
 
 def _alignment(*strides: int) -> int:

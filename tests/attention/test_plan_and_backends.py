@@ -113,6 +113,6 @@ def test_workspace_pool_outlives_plans_and_reuses_buffers():
     batch = make_batch([(1, 50), (1, 9)], num_heads=4, num_kv_heads=2, head_dim=64, block_size=16,
                        dtype=torch.float32, device=DEVICE)
     run_and_check(batch, torch.float32, backend=be)
-    _, workspace = next(iter(batch.metadata.plan.configs.values()))
+    workspace = next(iter(batch.metadata.plan.launches.values()))[0].workspace
     batch.metadata.plan = None  # dropping the plan keeps the backend's buffer alive
     assert any(workspace[0].data_ptr() == b.data_ptr() for b in be.workspace._buffers.values())

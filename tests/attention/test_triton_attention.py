@@ -87,7 +87,8 @@ def test_decode_batch_with_forced_split_kv(num_splits, dtype, heads, window):
     batch = make_batch(DECODE_PAIRS, num_heads=heads[0], num_kv_heads=heads[1], head_dim=64, block_size=16,
                        dtype=dtype, device=DEVICE)
     run_and_check(batch, dtype, backend=TritonAttentionBackend(num_splits=num_splits), sliding_window=window)
-    cfg, workspace = next(iter(batch.metadata.plan.configs.values()))
+    (launch,) = next(iter(batch.metadata.plan.launches.values()))
+    cfg, workspace = launch.config, launch.workspace
     assert cfg.num_splits == num_splits and (workspace is not None) == (num_splits > 1)
 
 
@@ -95,7 +96,7 @@ def test_split_heuristic_picks_split_for_few_long_sequences():
     batch = make_batch([(1, 700), (1, 33)], num_heads=4, num_kv_heads=1, head_dim=64, block_size=32,
                        dtype=torch.float32, device=DEVICE)
     run_and_check(batch, torch.float32, soft_cap=4.0)
-    cfg, _ = next(iter(batch.metadata.plan.configs.values()))
+    cfg = next(iter(batch.metadata.plan.launches.values()))[0].config
     assert cfg.num_splits > 1 and cfg.block_q == 1
 
 
