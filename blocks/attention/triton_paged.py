@@ -53,7 +53,6 @@ class LaunchConfig:
     num_splits: int = 1
     num_warps: int = 4
     num_stages: int = 2
-    maxnreg: int | None = None  # register cap a thread (CUDA): more programs an SM, maybe spills
 
 
 @functools.lru_cache(maxsize=16)
@@ -296,7 +295,6 @@ def paged_attention(
             USE_SPLIT=split, USE_WINDOW=use_window, USE_SOFTCAP=use_softcap, KV_FP8=fp8,
             DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32", ALIGN=align,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-            **({"maxnreg": cfg.maxnreg} if cfg.maxnreg and query.is_cuda else {}),
         )
         if split:
             merge_splits_kernel[(part_tokens, num_heads)](
