@@ -145,7 +145,7 @@ def test_bench_triton_kernel_cuda(benchmark):
     if os.environ.get("BENCH_SAMPLE_SWEEP") == "1":
         sms = torch.cuda.get_device_properties(0).multi_processor_count
         configs += [dict(block=b, num_warps=w) for b, w in [(2048, 8), (2048, 16), (4096, 8), (8192, 16), (8192, 32)]]
-        configs += [dict(num_programs=sms), dict(prefetch=False), dict(maxnreg=None), dict(maxnreg=80),
+        configs += [dict(num_programs=sms), dict(maxnreg=None), dict(maxnreg=80),
                     dict(num_pivots=16), dict(candidates=256)]
         configs += [dict(stages=st, **extra) for st in (1, 2, 4)
                     for extra in ({}, {"maxnreg": None}, {"block": 4096})]

@@ -129,37 +129,15 @@ def _round_keys(key, r):
 
 
 @triton.jit
-def _first_tile(row_ptr, vocab, offs, PREFETCH: tl.constexpr):
-    """The pending (prefetched) first tile of a row walk; a dummy scalar without PREFETCH."""
-    if PREFETCH:
-        return tl.load(row_ptr + offs, mask=offs < vocab, other=float("-inf"))
-    else:
-        return 0.0
-
-
-@triton.jit
-def _tile(row_ptr, vocab, cols, pending, BLOCK: tl.constexpr, PREFETCH: tl.constexpr):
-    """``(tile at cols, new pending)``: with PREFETCH the tile was loaded one step earlier and the next one is
-    issued now, so two tiles of loads are in flight while one is used (one program streams a whole row:
-    bytes in flight per SM set its bandwidth)."""
-    if PREFETCH:
-        nxt = cols + BLOCK
-        return pending, tl.load(row_ptr + nxt, mask=nxt < vocab, other=float("-inf"))
-    else:
-        return tl.load(row_ptr + cols, mask=cols < vocab, other=float("-inf")), pending
-
-
-@triton.jit
 def _gather(row_ptr, vocab, low, cval, cidx, counter, offs, BLOCK: tl.constexpr, CAP: tl.constexpr,
-            PREFETCH: tl.constexpr, STAGES: tl.constexpr = 1):
+            STAGES: tl.constexpr = 1):
     """Copy the logits ``>= low`` and their token ids into ``cval`` / ``cidx`` (at most ``CAP``, in no
     particular order: slots come from an atomic counter); returns how many there are."""
     tl.atomic_xchg(counter, 0, sem="relaxed")
     tl.debug_barrier()
-    pending = _first_tile(row_ptr, vocab, offs, PREFETCH)
     for start in tl.range(0, vocab, BLOCK, num_stages=STAGES):
         cols = start + offs
-        x, pending = _tile(row_ptr, vocab, cols, pending, BLOCK, PREFETCH)
+        x = tl.load(row_ptr + cols, mask=cols < vocab, other=float("-inf"))
         sel = (cols < vocab) & (x >= low)
         pos = tl.atomic_add(counter + offs * 0, 1, mask=sel, sem="relaxed")  # relaxed: no fence per tile
         fits = sel & (pos < CAP)
@@ -207,7 +185,6 @@ def _sample_kernel(
     CAP: tl.constexpr,
     SMALL: tl.constexpr,
     FAST: tl.constexpr,
-    PREFETCH: tl.constexpr,
     STAGES: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -236,10 +213,9 @@ def _sample_kernel(
         tok = vocab + tl.zeros([], dtype=tl.int32)
         x_tok = tl.full([], float("-inf"), dtype=tl.float32)
         if greedy | need_k | (need_min & (need_p == 0)):
-            pending = _first_tile(row_ptr, vocab, offs, PREFETCH)
             for start in tl.range(0, vocab, BLOCK, num_stages=STAGES):
                 cols = start + offs
-                x, pending = _tile(row_ptr, vocab, cols, pending, BLOCK, PREFETCH)
+                x = tl.load(row_ptr + cols, mask=cols < vocab, other=float("-inf"))
                 fin = x > float("-inf")
                 upd = x > m_vec
                 m_vec = tl.where(upd, x, m_vec)
@@ -250,10 +226,9 @@ def _sample_kernel(
             best = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
             best_i = tl.full([BLOCK], vocab, dtype=tl.int32)
             best_x = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
-            pending = _first_tile(row_ptr, vocab, offs, PREFETCH)
             for start in tl.range(0, vocab, BLOCK, num_stages=STAGES):
                 cols = start + offs
-                x, pending = _tile(row_ptr, vocab, cols, pending, BLOCK, PREFETCH)
+                x = tl.load(row_ptr + cols, mask=cols < vocab, other=float("-inf"))
                 upd = x > m_vec
                 m_vec = tl.where(upd, x, m_vec)
                 i_vec = tl.where(upd, cols, i_vec)
@@ -284,7 +259,7 @@ def _sample_kernel(
             low = thr_min
             if need_k:
                 low = lane_bound(m_vec, tl.min(mn_vec, axis=0), hi_top, top_k, m, inv_t, piv_idx, False, NUM_PIVOTS)
-            n_cand = _gather(row_ptr, vocab, low, cval, cidx, counter, offs, BLOCK, CAP, PREFETCH, STAGES)
+            n_cand = _gather(row_ptr, vocab, low, cval, cidx, counter, offs, BLOCK, CAP, STAGES)
             if n_cand <= CAP:
                 if need_k:
                     if n_cand <= SMALL:
@@ -311,10 +286,9 @@ def _sample_kernel(
                 if ok:  # one pass: Z and the mass strictly above the candidate
                     z_vec = tl.zeros([BLOCK], dtype=tl.float32)
                     above = tl.zeros([BLOCK], dtype=tl.float32)
-                    pending = _first_tile(row_ptr, vocab, offs, PREFETCH)
                     for start in tl.range(0, vocab, BLOCK, num_stages=STAGES):
                         cols = start + offs
-                        x, pending = _tile(row_ptr, vocab, cols, pending, BLOCK, PREFETCH)
+                        x = tl.load(row_ptr + cols, mask=cols < vocab, other=float("-inf"))
                         e = tl.where(x > float("-inf"), _exp2((x - m) * c, FAST), 0.0)
                         z_vec += e
                         above += tl.where(x > x_tok, e, 0.0)
@@ -360,7 +334,6 @@ def triton_sample(
     num_warps: int = 16,
     candidates: int = 1024,
     max_rounds: int = 6,
-    prefetch: bool = False,
     maxnreg: int | None = 64,
     stages: int = 3,
 ) -> torch.Tensor:
@@ -376,12 +349,11 @@ def triton_sample(
         candidates: scratch slots per program (rounded up to a power of two, at least 16) for the logits
             above a top-k or min-p row's bound, sorted in registers; a row with more takes the whole-row way.
         max_rounds: rejection rounds of a top-p row without top-k before the exact top-p search.
-        prefetch: load the next tile while using this one in the whole-row passes (two tiles in flight).
         maxnreg: cap on registers per thread on CUDA (None = the compiler's choice). 64 lets two 16-warp
             programs share an SM (H200 sweep: 188 us against 193 us uncapped at batch 256 x 128256).
         stages: software-pipelining depth of the whole-row loops (``tl.range(num_stages=...)``, cp.async into
-            shared memory on CUDA; 1 = none). The defaults (tiles of 2048, 3 stages, no register prefetch) took
-            182.8 us on an H100 against 201.3 us for 4096 / none / prefetch (RESULTS.md).
+            shared memory on CUDA; 1 = none). Tiles of 2048 in 3 stages took 182.8 us on an H100 against
+            201.3 us for tiles of 4096 with the next tile prefetched in registers (the option it replaced).
 
     Returns:
         ``[num_rows]`` int64 token ids.
@@ -399,7 +371,7 @@ def triton_sample(
     _sample_kernel[(num_programs,)](
         logits, logits.stride(0), vocab, num_rows, temperature, top_k, top_p, min_p, keys, out, cand_val, cand_idx,
         counters, max_rounds, BLOCK=block, NUM_PIVOTS=num_pivots, MAX_PASSES=12, CAP=cap, SMALL=min(cap, 128),
-        FAST=logits.is_cuda, PREFETCH=prefetch, STAGES=stages, num_warps=num_warps,
+        FAST=logits.is_cuda, STAGES=stages, num_warps=num_warps,
         **({"maxnreg": maxnreg} if maxnreg and logits.is_cuda else {}),
     )
     return out

@@ -111,6 +111,6 @@ def test_pipelined_row_loops_give_the_same_tokens(stages):
     top_p = torch.tensor([[1.0, 1.0, 0.9, 0.95, 1.0, 0.8][i % 6] for i in range(rows)], device="cuda")
     min_p = torch.tensor([[0.0, 0.0, 0.0, 0.0, 0.05, 0.02][i % 6] for i in range(rows)], device="cuda")
     keys = torch.arange(rows, device="cuda", dtype=torch.int64) * 7919
-    want = triton_sample(x, temp, top_k, top_p, min_p, keys, stages=1, prefetch=True)  # no pipelining
-    got = triton_sample(x, temp, top_k, top_p, min_p, keys, stages=stages, prefetch=False)
+    want = triton_sample(x, temp, top_k, top_p, min_p, keys, stages=1)  # no pipelining
+    got = triton_sample(x, temp, top_k, top_p, min_p, keys, stages=stages)
     assert torch.equal(got, want)
