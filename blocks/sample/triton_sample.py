@@ -36,11 +36,10 @@ import triton.language as tl
 
 from blocks.sample.triton_search import (
     check_rows,
-    default_programs,
     lane_bound,
+    launch_layout,
     row_params,
     threshold_search,
-    workspace,
 )
 
 __all__ = ["triton_sample"]
@@ -365,9 +364,8 @@ def triton_sample(
     out = torch.empty(num_rows, dtype=torch.int64, device=logits.device)
     if num_rows == 0:
         return out
-    block = max(16, min(block, triton.next_power_of_2(vocab)))
-    num_programs = num_programs or default_programs(logits)
-    cap, cand_val, cand_idx, counters = workspace(num_programs, max(candidates, 16), logits.device)
+    block, num_programs, cap, cand_val, cand_idx, counters = launch_layout(logits, block, num_programs,
+                                                                           max(candidates, 16))
     _sample_kernel[(num_programs,)](
         logits, logits.stride(0), vocab, num_rows, temperature, top_k, top_p, min_p, keys, out, cand_val, cand_idx,
         counters, max_rounds, BLOCK=block, NUM_PIVOTS=num_pivots, MAX_PASSES=12, CAP=cap, SMALL=min(cap, 128),

@@ -126,6 +126,15 @@ def default_programs(logits: torch.Tensor, per_sm: int = 4) -> int:
     return min(num_rows, _max_programs(logits.device, per_sm)) if logits.is_cuda else num_rows
 
 
+def launch_layout(logits: torch.Tensor, block: int, num_programs: int | None, candidates: int):
+    """What both row kernels launch with: ``(block, num_programs, CAP, values, token ids, counters)``, the
+    tile capped at the vocabulary's next power of two (at least 16), the default program count and the
+    :func:`workspace` for ``candidates`` slots a program."""
+    block = max(16, min(block, triton.next_power_of_2(logits.shape[1])))
+    num_programs = num_programs or default_programs(logits)
+    return (block, num_programs, *workspace(num_programs, candidates, logits.device))
+
+
 _WORKSPACES: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
 

@@ -26,11 +26,10 @@ import triton.language as tl
 
 from blocks.sample.triton_search import (
     check_rows,
-    default_programs,
     lane_bound,
+    launch_layout,
     row_params,
     threshold_search,
-    workspace,
 )
 
 __all__ = ["triton_thresholds", "compact_candidates"]
@@ -178,9 +177,7 @@ def triton_thresholds(
     thr = torch.empty(num_rows, dtype=torch.float32, device=logits.device)
     if num_rows == 0:
         return thr
-    block = max(16, min(block, triton.next_power_of_2(vocab)))  # small vocabularies: a narrower tile
-    num_programs = num_programs or default_programs(logits)
-    cap, cand_val, cand_idx, _ = workspace(num_programs, candidates, logits.device)
+    block, num_programs, cap, cand_val, cand_idx, _ = launch_layout(logits, block, num_programs, candidates)
     _threshold_kernel[(num_programs,)](
         logits, logits.stride(0), vocab, num_rows, temperature, top_k, top_p, min_p, thr, cand_val, cand_idx,
         BLOCK=block, NUM_PIVOTS=num_pivots, MAX_PASSES=12, CAP=cap, num_warps=num_warps,
