@@ -9,8 +9,8 @@ Randomness: every random row draws one 62-bit key per step: a seeded request fro
 ``RequestRng`` (a seeded CPU ``torch.Generator`` read in blocks), so it gives the same tokens
 whatever else is in the batch; the others from the sampler's generator. The ``"torch"`` backend
 draws the unseeded rows' noise with one ``exponential_`` and each seeded row's with a device
-generator seeded by its key; the ``"triton"`` backend feeds the keys to Philox inside the fused
-sampling kernel (no noise tensor). Both are reproducible per request; they do not produce
+generator seeded by its key; the ``"triton"`` backend hashes the key, the round and the token id into the
+noise inside the sampling kernel (no noise tensor). Both are reproducible per request; they do not produce
 the same streams as each other. Drawing keys is host work only: the step has no host sync. The Triton
 backend samples without computing the top-p threshold (``triton_sample``: rejection, see its module);
 thresholds are computed (``triton_thresholds``) only when processed logprobs or logits are asked for;
