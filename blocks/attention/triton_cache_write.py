@@ -12,6 +12,7 @@ import triton
 import triton.language as tl
 
 from blocks.attention.validation import check_cache_write
+from blocks.triton_pdl import pdl_enabled, pdl_enter, pdl_launch_kwargs
 
 __all__ = ["reshape_and_cache"]
 
@@ -38,8 +39,9 @@ def _reshape_and_cache_kernel(
     stride_kt, stride_kh, stride_vt, stride_vh,
     stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
     NUM_KV_HEADS: tl.constexpr, HEADS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, FP8: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, FP8: tl.constexpr, PDL: tl.constexpr = False,
 ):
+    pdl_enter(PDL)
     token = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_ptr + token)
     if slot < 0:
@@ -87,6 +89,7 @@ def reshape_and_cache(
     if num_tokens == 0:
         return
     dummy = slot_mapping
+    pdl = pdl_enabled(key.device)
     _reshape_and_cache_kernel[(num_tokens,)](
         key, value, key_cache, value_cache, slot_mapping,
         k_scale if fp8 else dummy, v_scale if fp8 else dummy,
@@ -95,5 +98,5 @@ def reshape_and_cache(
         value_cache.stride(0), value_cache.stride(1), value_cache.stride(2),
         NUM_KV_HEADS=num_kv_heads, HEADS_PAD=triton.next_power_of_2(num_kv_heads),
         HEAD_DIM=head_dim, HEAD_DIM_PAD=triton.next_power_of_2(head_dim),
-        BLOCK_SIZE=key_cache.shape[1], FP8=fp8,
+        BLOCK_SIZE=key_cache.shape[1], FP8=fp8, PDL=pdl, **pdl_launch_kwargs(key.device),
     )

@@ -18,12 +18,15 @@ import torch
 import triton
 import triton.language as tl
 
+from blocks.triton_pdl import pdl_enabled, pdl_enter, pdl_launch_kwargs
+
 __all__ = ["rms_norm", "rotary_inplace", "silu_and_mul"]
 
 
 @triton.jit
 def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, stride_x, stride_r, stride_o, stride_ro,
-                     n_cols, eps, HAS_RES: tl.constexpr, BLOCK: tl.constexpr):
+                     n_cols, eps, HAS_RES: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
+    pdl_enter(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
@@ -50,16 +53,18 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
     if t:
         r = residual if residual is not None else x
         ro = res_out if res_out is not None else out
+        pdl = pdl_enabled(x.device)
         _rms_norm_kernel[(t,)](x, r, weight, out, ro, x.stride(0), r.stride(0), out.stride(0), ro.stride(0),
-                               h, eps, HAS_RES=residual is not None, BLOCK=triton.next_power_of_2(h),
-                               num_warps=4 if h <= 4096 else 8)
+                               h, eps, HAS_RES=residual is not None, BLOCK=triton.next_power_of_2(h), PDL=pdl,
+                               num_warps=4 if h <= 4096 else 8, **pdl_launch_kwargs(x.device))
     return out, res_out
 
 
 @triton.jit
 def _rotary_kernel(q_ptr, k_ptr, cos_ptr, sin_ptr, stride_qt, stride_kt, stride_ct, n_q_heads, n_k_heads,
                    HEAD_DIM: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr,
-                   IS_NEOX: tl.constexpr):
+                   IS_NEOX: tl.constexpr, PDL: tl.constexpr = False):
+    pdl_enter(PDL)
     tok = tl.program_id(0).to(tl.int64)
     which = tl.program_id(1)  # 0: query heads, 1: key heads
     i = tl.arange(0, BLOCK_R)
@@ -106,13 +111,16 @@ def rotary_inplace(query: torch.Tensor, key: torch.Tensor, cos: torch.Tensor, si
     nq, nk = query.shape[1] // head_dim, key.shape[1] // head_dim
     if query.stride(1) != 1 or key.stride(1) != 1 or cos.stride(1) != 1 or sin.stride() != cos.stride():
         raise ValueError("rotary_inplace needs contiguous head rows and cos/sin of the same layout")
+    pdl = pdl_enabled(query.device)
     _rotary_kernel[(t, 2)](query, key, cos, sin, query.stride(0), key.stride(0), cos.stride(0), nq, nk,
                            HEAD_DIM=head_dim, HALF=half, BLOCK_H=triton.next_power_of_2(max(nq, nk)),
-                           BLOCK_R=triton.next_power_of_2(half), IS_NEOX=is_neox_style, num_warps=4)
+                           BLOCK_R=triton.next_power_of_2(half), IS_NEOX=is_neox_style, PDL=pdl, num_warps=4,
+                           **pdl_launch_kwargs(query.device))
 
 
 @triton.jit
-def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, d, BLOCK: tl.constexpr):
+def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, d, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
+    pdl_enter(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < d
@@ -130,6 +138,7 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     out = torch.empty((t, d), dtype=x.dtype, device=x.device)
     if t:
         block = min(1024, triton.next_power_of_2(d))
+        pdl = pdl_enabled(x.device)
         _silu_and_mul_kernel[(t, triton.cdiv(d, block))](x, out, x.stride(0), out.stride(0), d, BLOCK=block,
-                                                         num_warps=4)
+                                                         PDL=pdl, num_warps=4, **pdl_launch_kwargs(x.device))
     return out
