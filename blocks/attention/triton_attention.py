@@ -16,7 +16,9 @@ Kernels (launched by :func:`paged_attention` and by the Triton backend):
 
 Programs find their sequence without any host data: sequence ``i`` owns the program ids
 ``[query_start_loc[i] // BLOCK_Q + i, ...)`` (``query_start_loc[i]`` when ``BLOCK_Q == 1``), and a
-program binary-searches ``query_start_loc``. A launch may cover only the sequences
+program binary-searches ``query_start_loc`` (a launch of one-token decode rows, ``ONE_TOKEN``, skips the
+search: program ``i`` is sequence ``i``; the search's chain of dependent loads was most of a decode
+program's start-up, paid once per split). A launch may cover only the sequences
 ``[seq_base, seq_base + num_seqs)`` (token ids then count from that part's first token): a mixed
 batch launches its leading decode rows with one-token tiles and its prefill chunks with wide tiles. Tokens beyond ``query_start_loc[-1]`` (CUDA-graph
 padding) form a virtual last sequence of length 0; rows with ``seq_len == 0`` are written as zeros.
@@ -26,6 +28,8 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
+
+from blocks.triton_pdl import pdl_launch_dependents, pdl_wait
 
 __all__ = ["paged_attn_kernel", "merge_splits_kernel", "kv_offsets"]
 
@@ -113,8 +117,12 @@ def paged_attn_kernel(
     GROUP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     USE_SPLIT: tl.constexpr, USE_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr, KV_FP8: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, ALIGN: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, ALIGN: tl.constexpr, ONE_TOKEN: tl.constexpr = False, PDL: tl.constexpr = False,
 ):
+    # launched with PDL: wait for the kernel before (the KV write), then let the next one (the split merge,
+    # or the next layer's kernel) be scheduled while this one runs
+    pdl_wait(PDL)
+    pdl_launch_dependents(PDL)
     # heaviest (latest) query blocks first
     pid = num_programs_q - 1 - tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -128,27 +136,35 @@ def paged_attn_kernel(
     block_table_ptr += seq_base.to(tl.int64) * stride_bt
     tok_base = tl.load(query_start_loc_ptr)
 
-    # binary search: largest i in [0, num_seqs] with first_program(i) <= pid
-    lo = pid * 0
-    hi = num_seqs + pid * 0
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if BLOCK_Q == 1:
-            first = tl.load(query_start_loc_ptr + mid) - tok_base
-        else:
-            first = (tl.load(query_start_loc_ptr + mid) - tok_base) // BLOCK_Q + mid
-        if first <= pid:
-            lo = mid
-        else:
-            hi = mid - 1
-    seq = lo
-    q_start = tl.load(query_start_loc_ptr + seq)
-    if BLOCK_Q == 1:
-        first_prog = q_start - tok_base
+    if ONE_TOKEN:  # decode rows, one query token each: program i is sequence i (past them, the padding)
+        seq = tl.minimum(pid, num_seqs)
+        q_start = tok_base + seq
+        first_prog = seq
     else:
-        first_prog = (q_start - tok_base) // BLOCK_Q + seq
+        # binary search: largest i in [0, num_seqs] with first_program(i) <= pid
+        lo = pid * 0
+        hi = num_seqs + pid * 0
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if BLOCK_Q == 1:
+                first = tl.load(query_start_loc_ptr + mid) - tok_base
+            else:
+                first = (tl.load(query_start_loc_ptr + mid) - tok_base) // BLOCK_Q + mid
+            if first <= pid:
+                lo = mid
+            else:
+                hi = mid - 1
+        seq = lo
+        q_start = tl.load(query_start_loc_ptr + seq)
+        if BLOCK_Q == 1:
+            first_prog = q_start - tok_base
+        else:
+            first_prog = (q_start - tok_base) // BLOCK_Q + seq
     if seq < num_seqs:
-        q_end = tl.load(query_start_loc_ptr + seq + 1)
+        if ONE_TOKEN:
+            q_end = q_start + 1
+        else:
+            q_end = tl.load(query_start_loc_ptr + seq + 1)
         seq_len = tl.load(seq_lens_ptr + seq)
     else:
         q_end = num_tokens + pid * 0
@@ -190,10 +206,10 @@ def paged_attn_kernel(
         full_end = kv_lo
     else:
         full_end = (first_q + 1) // BLOCK_N * BLOCK_N
-    if USE_SPLIT:
-        chunk = tl.cdiv(tl.cdiv(tl.maximum(kv_hi - kv_lo, 0), num_splits), BLOCK_N) * BLOCK_N
-        lo_s = kv_lo + split * chunk
-        hi_s = tl.minimum(lo_s + chunk, kv_hi)
+    if USE_SPLIT:  # whole tiles, as even as they divide: split s gets tiles [s T / S, (s + 1) T / S)
+        n_tiles = tl.cdiv(tl.maximum(kv_hi - kv_lo, 0), BLOCK_N)
+        lo_s = kv_lo + (split * n_tiles // num_splits) * BLOCK_N
+        hi_s = tl.minimum(kv_lo + ((split + 1) * n_tiles // num_splits) * BLOCK_N, kv_hi)
     else:
         lo_s = kv_lo
         hi_s = kv_hi
@@ -237,9 +253,11 @@ def paged_attn_kernel(
 def merge_splits_kernel(
     part_out_ptr, part_lse_ptr, out_ptr, tok_base, num_splits,
     stride_ps, stride_pt, stride_ph, stride_ls, stride_lt, stride_ot, stride_oh,
-    SPLITS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+    SPLITS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, PDL: tl.constexpr = False,
 ):
-    """out[t, h] = sum_s 2**(lse_s - lse) * part_out[s, t, h], lse = log2 sum_s 2**lse_s (base 2)."""
+    """out[t, h] = sum_s 2**(lse_s - lse) * part_out[s, t, h], lse = log2 sum_s 2**lse_s (base 2).
+    With PDL (a programmatic dependent launch) it first waits for the attention kernel's partials."""
+    pdl_wait(PDL)
     token = tok_base + tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     s = tl.arange(0, SPLITS_PAD)

@@ -13,7 +13,8 @@ Kernel choice (host integers only):
   in 3 stages when shared memory is short, 32 for fp32 or head_dim > 128). When ``num_seqs * num_kv_heads``
   programs would not fill the multiprocessors twice, the KV range is split into ``num_splits``
   chunks (merged by log-sum-exp): enough to fill them twice and to keep each chunk at most
-  ``SPLIT_TOKENS`` keys (8 x 32768 on an H100: 16 splits 394 us, 5 splits 430 us; RESULTS.md),
+  ``SPLIT_TOKENS`` keys (8 x 32768 on an H100, once a decode program's start-up was cheap: 8 splits
+  361-363 us, 16 splits 363-365 us, 33 splits 367 us; RESULTS.md),
   never below 256 keys a chunk.
 * a mixed batch whose first ``num_decode_tokens`` rows are decode rows (the engine's order): two
   launches, those rows as above (as a decode batch of that many sequences) and the prefill chunks as
@@ -35,12 +36,13 @@ import triton
 from blocks.attention.metadata import AttentionMetadata
 from blocks.attention.triton_attention import merge_splits_kernel, paged_attn_kernel
 from blocks.attention.validation import check_attention
+from blocks.triton_pdl import pdl_enabled, pdl_launch_kwargs
 
 __all__ = ["Launch", "LaunchConfig", "TritonPlan", "WorkspacePool", "choose_config", "paged_attention"]
 
 MAX_SPLITS = 64
 MIN_SPLIT_TOKENS = 256
-SPLIT_TOKENS = 2048
+SPLIT_TOKENS = 4096
 
 
 @dataclass(frozen=True)
@@ -146,6 +148,7 @@ class Launch:
     tok_end: int
     config: LaunchConfig
     workspace: tuple | None
+    one_token: bool = False  # every sequence of the part has exactly one query token (leading decode rows)
 
 
 @dataclass
@@ -188,12 +191,13 @@ class TritonPlan:
         if hit is not None:
             return hit
         d = self.num_decode_tokens
+        # (first seq, seqs, first token, token end, max query len, every seq has one query token)
         if split_mixed and self.max_query_len > 1 and 0 < d < self.num_seqs:
-            spans = ((0, d, 0, d, 1), (d, self.num_seqs - d, d, num_tokens, self.max_query_len))
+            spans = ((0, d, 0, d, 1, True), (d, self.num_seqs - d, d, num_tokens, self.max_query_len, False))
         else:
-            spans = ((0, self.num_seqs, 0, num_tokens, self.max_query_len),)
+            spans = ((0, self.num_seqs, 0, num_tokens, self.max_query_len, d >= self.num_seqs),)
         parts = []
-        for seq_start, num_seqs, tok_start, tok_end, max_query_len in spans:
+        for seq_start, num_seqs, tok_start, tok_end, max_query_len, one_token in spans:
             cfg = choose_config(
                 num_seqs=num_seqs, max_query_len=max_query_len, max_seq_len=self.max_seq_len,
                 num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
@@ -204,7 +208,7 @@ class TritonPlan:
             workspace = None
             if cfg.num_splits > 1:  # rows indexed by token id: sized to the part's last token
                 workspace = self.pool.get(cfg.num_splits, tok_end, num_heads, head_dim, query.device)
-            parts.append(Launch(seq_start, num_seqs, tok_start, tok_end, cfg, workspace))
+            parts.append(Launch(seq_start, num_seqs, tok_start, tok_end, cfg, workspace, one_token))
         self.launches[key] = parts
         return parts
 
@@ -269,6 +273,7 @@ def paged_attention(
     use_softcap = soft_cap is not None and soft_cap > 0
     align = _alignment(head_dim, *query.stride()[:2], *out.stride()[:2], *key_cache.stride()[:3],
                        *value_cache.stride()[:3])
+    pdl = pdl_enabled(query.device)
     for part in plan.launches_for(query, num_kv_heads):
         cfg, workspace = part.config, part.workspace
         part_tokens = part.tok_end - part.tok_start
@@ -290,11 +295,12 @@ def paged_attention(
             metadata.block_table.stride(0),
             part_out.stride(0) if split else 0, part_out.stride(1) if split else 0,
             part_out.stride(2) if split else 0, part_lse.stride(0) if split else 0, part_lse.stride(1) if split else 0,
-            GROUP=group, BLOCK_Q=cfg.block_q, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+            GROUP=group, BLOCK_Q=cfg.block_q, ONE_TOKEN=part.one_token and cfg.block_q == 1, BLOCK_M=cfg.block_m,
+            BLOCK_N=cfg.block_n,
             HEAD_DIM=head_dim, HEAD_DIM_PAD=triton.next_power_of_2(head_dim), BLOCK_SIZE=key_cache.shape[1],
             USE_SPLIT=split, USE_WINDOW=use_window, USE_SOFTCAP=use_softcap, KV_FP8=fp8,
-            DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32", ALIGN=align,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32", ALIGN=align, PDL=pdl,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_launch_kwargs(query.device),
         )
         if split:
             merge_splits_kernel[(part_tokens, num_heads)](
@@ -303,7 +309,8 @@ def paged_attention(
                 out.stride(0), out.stride(1),
                 # two variants only (a new power of two per step would mean a compile mid-run)
                 SPLITS_PAD=8 if cfg.num_splits <= 8 else triton.next_power_of_2(max(cfg.num_splits, MAX_SPLITS)),
-                HEAD_DIM=head_dim, HEAD_DIM_PAD=triton.next_power_of_2(head_dim), num_warps=4,
+                HEAD_DIM=head_dim, HEAD_DIM_PAD=triton.next_power_of_2(head_dim), PDL=pdl, num_warps=4,
+                **pdl_launch_kwargs(query.device),
             )
     return out
 

@@ -121,6 +121,7 @@ def test_mixed_batch_launches_its_leading_decode_rows_apart(dtype, heads):
     parts = next(iter(batch.metadata.plan.launches.values()))
     assert [(p.seq_start, p.num_seqs, p.tok_start, p.tok_end) for p in parts] == [(0, 3, 0, 3), (3, 4, 3, 27)]
     assert parts[0].config.block_q == 1 and parts[0].config.num_splits > 1 and parts[1].config.block_q > 1
+    assert parts[0].one_token and not parts[1].one_token  # the decode part skips the sequence search
     assert (out[-2:] == 0).all()
 
 
@@ -134,6 +135,15 @@ def test_padding_rows_and_tokens_are_zero_and_unwritten():
                         dtype=torch.float32, device=DEVICE, pad_rows=1, pad_tokens=2)
     out = run_and_check(decode, torch.float32, backend=TritonAttentionBackend(num_splits=2))
     assert (out[2:] == 0).all() and (out[:2] != 0).any()
+    assert not next(iter(decode.metadata.plan.launches.values()))[0].one_token  # a q_len-0 row: searched
+    # a CUDA graph's padding: every row has one token, padded rows have seq_len 0 and slot -1
+    graph = make_batch([(1, 20), (1, 40), (1, 33)], num_heads=4, num_kv_heads=2, head_dim=64, block_size=16,
+                       dtype=torch.float32, device=DEVICE, pad_tokens=2)
+    graph.metadata.seq_lens[2] = 0
+    graph.metadata.slot_mapping[2] = -1
+    out = run_and_check(graph, torch.float32, backend=TritonAttentionBackend(num_splits=2))
+    assert next(iter(graph.metadata.plan.launches.values()))[0].one_token
+    assert (out[2:] == 0).all() and (out[:2] != 0).all(dim=-1).any()
 
 
 def test_huge_num_blocks_needs_int64_offsets():
