@@ -54,6 +54,34 @@ class _TimedCall:
         return getattr(self.inner, name)
 
 
+def _graph_launch_host_us(graphs, bs: int, graph) -> dict[str, float]:
+    """Host microseconds (median of 30, the GPU idle) of the pieces of a decode graph launch: filling the
+    pinned input buffers, the two host-to-device copies, and ``graph.replay()``."""
+    import numpy as np
+
+    from blocks.engine.cuda_graphs import fill_decode_inputs
+
+    w = graphs.width
+    tables = np.zeros((bs, 1), dtype=np.int32)
+    pieces: dict[str, list[float]] = defaultdict(list)
+    d64, d32 = graphs._dev[bs]
+    for _ in range(30):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fill_decode_inputs(graphs._h64[: 4 * bs], graphs._h32[: bs * (w + 1)], bs, w, graphs.block_size,
+                           [0] * bs, [1] * bs, [2] * bs, tables, list(range(bs)))
+        t1 = time.perf_counter()
+        d64.copy_(graphs._host64[: 4 * bs], non_blocking=True)
+        d32.copy_(graphs._host32[: bs * (w + 1)], non_blocking=True)
+        t2 = time.perf_counter()
+        graph.replay()
+        t3 = time.perf_counter()
+        for k, v in (("fill inputs", t1 - t0), ("two copies", t2 - t1), ("graph.replay()", t3 - t2)):
+            pieces[k].append(v * 1e6)
+    torch.cuda.synchronize()
+    return {k: sorted(v)[len(v) // 2] for k, v in pieces.items()}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="qwen2.5-0.5b")
@@ -135,6 +163,7 @@ def main() -> None:
         end.record()
         torch.cuda.synchronize()
         gpu_ms = start.elapsed_time(end) / 20
+        launch_us = _graph_launch_host_us(runner.graphs, bs, graph)
 
     print(f"\n{args.model} batch {args.batch_size}, {args.steps} decode steps, device {runner.device}, "
           f"graphs {'on' if runner.graphs is not None else 'off'}")
@@ -144,6 +173,8 @@ def main() -> None:
     print(f"{'engine.step wall (median)':40s} {wall_ms:9.3f}")
     if gpu_ms is not None:
         print(f"{'GPU alone: replay + logits + argmax':40s} {gpu_ms:9.3f}")
+        for k, v in launch_us.items():
+            print(f"{'  host, GPU idle: ' + k:40s} {v / 1e3:9.3f}")
 
     while eng.has_unfinished_requests():
         eng.step()

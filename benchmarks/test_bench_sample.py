@@ -143,13 +143,10 @@ def test_bench_triton_kernel_cuda(benchmark):
     args = (logits, bt.temperature, bt.top_k, bt.top_p, bt.min_p)
     configs = [{}]
     if os.environ.get("BENCH_SAMPLE_SWEEP") == "1":
-        sms = torch.cuda.get_device_properties(0).multi_processor_count
-        configs += [dict(block=b, num_warps=w) for b, w in [(2048, 8), (2048, 16), (4096, 8), (8192, 16), (8192, 32)]]
-        configs += [dict(num_programs=sms), dict(maxnreg=None), dict(maxnreg=80),
-                    dict(num_pivots=16), dict(candidates=256)]
-        configs += [dict(stages=st, **extra) for st in (1, 2, 4)
-                    for extra in ({}, {"maxnreg": None}, {"block": 4096})]
-        configs += [dict(num_warps=8), dict(num_warps=8, maxnreg=None)]
+        configs += [dict(block=b, num_warps=w, stages=st) for b, w, st in
+                    [(2048, 8, 3), (2048, 8, 4), (4096, 16, 3), (4096, 16, 4), (1024, 8, 4)]]
+        configs += [dict(maxnreg=None), dict(maxnreg=80), dict(stages=4), dict(candidates=256), dict(candidates=2048),
+                    dict(num_warps=8, maxnreg=None)]
     best = None
     for cfg in configs:
         try:
@@ -161,10 +158,13 @@ def test_bench_triton_kernel_cuda(benchmark):
             best = (seconds, cfg)
         if cfg:
             print(f"sweep {cfg}: {seconds * 1e6:.1f} us")
-        for kind in KINDS:  # where the time goes: a batch of one row kind at a time
-            bk = mixed_batch(num_rows, vocab, "cuda", kinds=[kind]).prepare()
-            one = (logits, bk.temperature, bk.top_k, bk.top_p, bk.min_p)
-            print(f"kind {kind}: {_do_bench(lambda one=one, cfg=cfg: triton_sample(*one, keys, **cfg)) * 1e6:.1f} us")
+    for kind in KINDS:  # where the time goes: a batch of one row kind at a time (default configuration)
+        bk = mixed_batch(num_rows, vocab, "cuda", kinds=[kind]).prepare()
+        one = (logits, bk.temperature, bk.top_k, bk.top_p, bk.min_p)
+        print(f"kind {kind}: {_do_bench(lambda one=one: triton_sample(*one, keys)) * 1e6:.1f} us")
+    # random 62-bit keys (as the sampler draws them) instead of 0..255: other rejection draws
+    rand_keys = torch.randint(0, 2**62, (num_rows,), device="cuda", generator=torch.Generator("cuda").manual_seed(3))
+    print(f"random keys: {_do_bench(lambda: triton_sample(*args, rand_keys)) * 1e6:.1f} us")
     default_s = _do_bench(lambda: triton_sample(*args, keys))
     benchmark.pedantic(lambda: triton_sample(*args, keys), rounds=5, iterations=1)
     _record(
