@@ -71,24 +71,31 @@ class DecodeGraphs:
         self.max_model_len = max_model_len
         self.buckets = graph_buckets(max_batch)
         device = model.device
-        self.width = w = -(-max_model_len // block_size)
+        self.width = -(-max_model_len // block_size)
         n = self.buckets[-1]
-        # Per bucket b, two device buffers the graph reads: int64 [ids | positions | slots | logits rows]
-        # (4 b) and int32 [seq_lens | block table] (b + b * width); a step fills the matching prefix of one
-        # pinned host buffer per dtype and copies each with one transfer.
-        self._dev = {b: (torch.zeros(4 * b, dtype=torch.int64, device=device),
-                         torch.zeros(b * (w + 1), dtype=torch.int32, device=device)) for b in self.buckets}
+        # Per bucket b, one device buffer the graph reads: int64 [ids | positions | slots | logits rows] (4 b)
+        # then int32 [seq_lens | block table] (b + b * width). A step fills the same layout at the front of
+        # one pinned host buffer and copies it with a single transfer.
+        self._host = torch.zeros(self._nbytes(n), dtype=torch.uint8, pin_memory=True)
+        self._dev = {b: torch.zeros(self._nbytes(b), dtype=torch.uint8, device=device) for b in self.buckets}
+        self._host_views = {b: tuple(t.numpy() for t in self._split(self._host[: self._nbytes(b)], b))
+                            for b in self.buckets}
         self._query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=device)
-        self._host64 = torch.zeros(4 * n, dtype=torch.int64, pin_memory=True)
-        self._host32 = torch.zeros(n * (w + 1), dtype=torch.int32, pin_memory=True)
-        self._h64, self._h32 = self._host64.numpy(), self._host32.numpy()
         self._copied = torch.cuda.Event()  # recorded after each step's transfers
         self._recorded = False
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = None
 
+    def _nbytes(self, bs: int) -> int:
+        return 8 * 4 * bs + 4 * bs * (self.width + 1)
+
+    @staticmethod
+    def _split(buf: torch.Tensor, bs: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The int64 and int32 parts of a bucket's byte buffer (the int32 part starts 8-byte aligned)."""
+        return buf[: 32 * bs].view(torch.int64), buf[32 * bs :].view(torch.int32)
+
     def _views(self, bs: int) -> dict[str, torch.Tensor]:
-        d64, d32 = self._dev[bs]
+        d64, d32 = self._split(self._dev[bs], bs)
         return {"input_ids": d64[:bs], "positions": d64[bs : 2 * bs], "slot_mapping": d64[2 * bs : 3 * bs],
                 "logits_rows": d64[3 * bs :], "seq_lens": d32[:bs], "block_table": d32[bs:].view(bs, self.width)}
 
@@ -137,13 +144,13 @@ class DecodeGraphs:
         replay. Slots are derived from positions and block tables."""
         n = len(token_ids)
         bs = self.bucket_for(n)
-        if self._recorded:  # the last step's transfer has left the pinned buffers
+        if self._recorded:  # the last step's transfer has left the pinned buffer
             self._copied.synchronize()
-        fill_decode_inputs(self._h64[: 4 * bs], self._h32[: bs * (self.width + 1)], bs, self.width,
-                           self.block_size, token_ids, positions, seq_lens, block_tables, logits_rows)
-        d64, d32 = self._dev[bs]
-        d64.copy_(self._host64[: 4 * bs], non_blocking=True)
-        d32.copy_(self._host32[: bs * (self.width + 1)], non_blocking=True)
+        h64, h32 = self._host_views[bs]
+        fill_decode_inputs(h64, h32, bs, self.width, self.block_size, token_ids, positions, seq_lens,
+                           block_tables, logits_rows)
+        dev = self._dev[bs]
+        dev.copy_(self._host[: dev.numel()], non_blocking=True)
         self._copied.record()
         self._recorded = True
         graph, out = self.graphs[bs]
