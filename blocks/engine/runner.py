@@ -318,10 +318,11 @@ class ModelRunner:
         logits = all_logits[:ns]
         sampler_out = self.sampler(logits, self.batch, inplace=True)
         sampled_ids = sampler_out.sampled_token_ids
+        self.batch.record_tokens_on_device(sampled_ids)  # queued behind the step, off the host's critical path
         launched = time.perf_counter()
         host = sampled_ids.tolist()  # the one host read per step
         synced = time.perf_counter()
-        self.batch.append_tokens(sampled_ids, host_token_ids=host)
+        self.batch.record_tokens_on_host(sampled_ids, host)
         req_ids = self.batch.req_ids
         sampled = dict(zip(req_ids, host))
         for rid, tok in sampled.items():

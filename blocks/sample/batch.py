@@ -237,8 +237,16 @@ class SamplingBatch:
         """Record one sampled token per row (``token_ids`` ``[num_rows]`` int64 on the batch device).
 
         Pass ``host_token_ids`` (the engine reads the sampled ids once per step anyway) when rows use
-        multi-token ``bad_words``; otherwise they are read here with one host sync.
+        multi-token ``bad_words``; otherwise they are read here with one host sync. The same as
+        :meth:`record_tokens_on_device` followed by :meth:`record_tokens_on_host`.
         """
+        self.record_tokens_on_device(token_ids)
+        self.record_tokens_on_host(token_ids, host_token_ids)
+
+    def record_tokens_on_device(self, token_ids: torch.Tensor) -> None:
+        """The device half of :meth:`append_tokens`: the sampled ids ``[num_rows]`` into the token and count
+        tensors (the penalties' inputs), with no host sync, so the launches can be queued before the host
+        reads the ids. :meth:`record_tokens_on_host` must follow before the next :meth:`prepare`."""
         n = self.num_rows
         if token_ids.shape != (n,):
             raise ValueError(f"token_ids must have shape ({n},), got {tuple(token_ids.shape)}.")
@@ -251,6 +259,13 @@ class SamplingBatch:
         self.token_ids[:n].scatter_(1, pos, ids)
         if self.output_counts is not None:
             self.output_counts[:n].scatter_add_(1, ids, torch.ones_like(ids, dtype=torch.int32))
+
+    def record_tokens_on_host(self, token_ids: torch.Tensor, host_token_ids: Sequence[int] | None = None) -> None:
+        """The host half of :meth:`append_tokens`: token counts, and the tails that multi-token ``bad_words``
+        match against (which read the ids: from ``host_token_ids`` if given, else with one sync)."""
+        n = self.num_rows
+        if n == 0:
+            return
         self.num_tokens[:n] += 1
         self.num_output[:n] += 1
         bad_rows = [r for r in range(n) if self._bad_seqs[r]] if self._dirty else self._bad_rows
