@@ -56,7 +56,7 @@ class _TimedCall:
 
 def _graph_launch_host_us(graphs, bs: int, graph) -> dict[str, float]:
     """Host microseconds (median of 30, the GPU idle) of the pieces of a decode graph launch: filling the
-    pinned input buffers, the two host-to-device copies, and ``graph.replay()``."""
+    pinned input buffer, its host-to-device copy, and ``graph.replay()``."""
     import numpy as np
 
     from blocks.engine.cuda_graphs import fill_decode_inputs
@@ -64,19 +64,18 @@ def _graph_launch_host_us(graphs, bs: int, graph) -> dict[str, float]:
     w = graphs.width
     tables = np.zeros((bs, 1), dtype=np.int32)
     pieces: dict[str, list[float]] = defaultdict(list)
-    d64, d32 = graphs._dev[bs]
+    h64, h32 = graphs._host_views[bs]
+    dev = graphs._dev[bs]
     for _ in range(30):
         torch.cuda.synchronize()
         t0 = time.perf_counter()
-        fill_decode_inputs(graphs._h64[: 4 * bs], graphs._h32[: bs * (w + 1)], bs, w, graphs.block_size,
-                           [0] * bs, [1] * bs, [2] * bs, tables, list(range(bs)))
+        fill_decode_inputs(h64, h32, bs, w, graphs.block_size, [0] * bs, [1] * bs, [2] * bs, tables, list(range(bs)))
         t1 = time.perf_counter()
-        d64.copy_(graphs._host64[: 4 * bs], non_blocking=True)
-        d32.copy_(graphs._host32[: bs * (w + 1)], non_blocking=True)
+        dev.copy_(graphs._host[: dev.numel()], non_blocking=True)
         t2 = time.perf_counter()
         graph.replay()
         t3 = time.perf_counter()
-        for k, v in (("fill inputs", t1 - t0), ("two copies", t2 - t1), ("graph.replay()", t3 - t2)):
+        for k, v in (("fill inputs", t1 - t0), ("H2D copy", t2 - t1), ("graph.replay()", t3 - t2)):
             pieces[k].append(v * 1e6)
     torch.cuda.synchronize()
     return {k: sorted(v)[len(v) // 2] for k, v in pieces.items()}
@@ -130,7 +129,8 @@ def main() -> None:
     _wrap(runner, "_sync_sampling_rows", "runner.sync_sampling_rows", acc)
     runner.sampler = _TimedCall(runner.sampler, "sampler (launch)", acc)
     _wrap(runner.batch, "prepare", "  batch.prepare", acc)
-    _wrap(runner.batch, "append_tokens", "batch.append_tokens (incl. sync)", acc)
+    _wrap(runner.batch, "record_tokens_on_device", "batch.record_tokens_on_device", acc)
+    _wrap(runner.batch, "record_tokens_on_host", "batch.record_tokens_on_host (after the sync)", acc)
     _wrap(eng.scheduler, "update_from_output", "scheduler.update_from_output", acc)
     _wrap(eng, "_update_requests", "engine.update_requests", acc)
 
@@ -152,6 +152,7 @@ def main() -> None:
         bs = runner.graphs.bucket_for(args.batch_size)
         graph, out = runner.graphs.graphs[bs]
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        argmax = getattr(runner.sampler, "inner", runner.sampler)._argmax  # the greedy sampler's argmax
         for _ in range(3):
             graph.replay()
         torch.cuda.synchronize()
@@ -159,7 +160,7 @@ def main() -> None:
         start.record()
         for _ in range(20):
             graph.replay()  # the forward and the LM head
-            out[: args.batch_size].argmax(-1)
+            argmax(out[: args.batch_size])
         end.record()
         torch.cuda.synchronize()
         gpu_ms = start.elapsed_time(end) / 20
