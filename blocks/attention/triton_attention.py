@@ -270,9 +270,11 @@ def merge_splits_kernel(
     w = w / tl.where(total == 0.0, 1.0, total)
     d = tl.arange(0, HEAD_DIM_PAD)
     d_ok = d < HEAD_DIM
+    # every split wrote its partial (zeros where it saw no key, with weight 0 here), so this load need not
+    # wait for the log-sum-exps above
     part = tl.load(
         part_out_ptr + s[:, None] * stride_ps + token * stride_pt + head * stride_ph + d[None, :],
-        mask=s_ok[:, None] & d_ok[None, :] & (lse[:, None] > float("-inf")), other=0.0,
+        mask=s_ok[:, None] & d_ok[None, :], other=0.0,
     )
     o = tl.sum(part * w[:, None], 0)
     tl.store(out_ptr + token * stride_ot + head * stride_oh + d, o.to(out_ptr.dtype.element_ty), mask=d_ok)
