@@ -1,8 +1,9 @@
 """Triton row argmax for greedy sampling: the first index of each row's maximum, in two small launches.
 
 ``torch.argmax(x, dim=1)`` reduces a row inside one thread block, so a decode step with one or a few rows
-reads its 128k-151k logits with one multiprocessor: on an H100 it took 28.7 µs for one row of 128256 and
-10.1 µs for one row of 151936 (RESULTS.md), on the critical path of every batch-1 greedy step. Here each row
+reads its 128k-151k logits with one multiprocessor: on an H100, L2 flushed, it took 40.0 µs for one row of
+128256 (10.4 µs here) and 48.5 µs for 64 rows (21.6 µs here; RESULTS.md), on the critical path of every
+small greedy step. Here each row
 is cut into chunks of ``block`` logits, one program a chunk writes its maximum and that maximum's first
 index, and a second kernel picks, per row, the largest maximum and the smallest index that holds it (the
 first occurrence, as torch). Rows must hold no NaN (logits never do).
