@@ -136,6 +136,8 @@ def main() -> None:
 
     add_batch("run")
     eng.step()  # prefill (eager): not part of the decode-step phases below
+    while eng.scheduler.num_waiting or any(not r.output_token_ids for r in eng.scheduler.running):
+        eng.step()  # a large batch's prefill takes several chunked steps
     acc.clear()
     walls = []
     for _ in range(args.steps):
