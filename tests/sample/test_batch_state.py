@@ -46,7 +46,11 @@ class BatchMachine(RuleBasedStateMachine):
     @rule(data=st.data())
     def append(self, data):
         toks = [data.draw(st.integers(0, V - 1)) for _ in range(self.batch.num_rows)]
-        self.batch.append_tokens(torch.tensor(toks))
+        if data.draw(st.booleans()):
+            self.batch.append_tokens(torch.tensor(toks))
+        else:  # the engine's order: the device half before the host reads the ids, then the host half
+            self.batch.record_tokens_on_device(torch.tensor(toks))
+            self.batch.record_tokens_on_host(torch.tensor(toks), toks)
         for rid, tok in zip(self.batch.req_ids, toks):
             self.model[rid]["output"].append(tok)
 
