@@ -1,8 +1,6 @@
 """Shared pieces of the attention benchmarks: shapes, inputs, timing with an L2 flush, the peers.
 
-Timing: every iteration first writes a 256 MiB buffer (flushes the 50 MB L2), queues a ~0.5 ms GPU
-sleep (so Python launch overhead is hidden, as CUDA-graph replay hides it), then times the call with
-CUDA events; the figure is the median over iterations. Bandwidth counts the bytes of K and V
+Timing: :func:`benchmarks.cuda_timing.time_cuda` (cold L2, device time, median). Bandwidth counts the bytes of K and V
 the attention must read (each context token's K and V rows of every KV head, once); TFLOP/s counts
 ``4 * heads * head_dim`` per (query, key) pair that the causal mask keeps.
 """
@@ -10,13 +8,13 @@ the attention must read (each context token's K and V rows of every KV head, onc
 from __future__ import annotations
 
 import random
-import statistics
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
+from benchmarks.cuda_timing import time_cuda
 from blocks.attention.metadata import plan_attention
 
 NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE = 32, 8, 128, 16
@@ -24,29 +22,6 @@ DTYPE = torch.bfloat16
 DECODE_SHAPES = [(64, 4096), (256, 1024), (8, 32768), (1, 4096), (1, 32768)]
 PREFILL_LEN = 4096
 MIXED = {"prefill_chunks": 4, "chunk": 512, "prefix": 1536, "decode_rows": 60, "decode_ctx": 2048}
-
-_FLUSH: dict[str, torch.Tensor] = {}
-
-
-def time_cuda(fn, *, iters: int = 30, warmup: int = 3) -> float:
-    """Median seconds of ``fn()`` over ``iters`` runs, each after a 256 MiB L2-flushing write."""
-    flush = _FLUSH.setdefault("buf", torch.empty(256 * 2**20, dtype=torch.uint8, device="cuda"))
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        flush.fill_(1)
-        # keep the GPU busy while the host enqueues: the figure is device time, not launch overhead
-        # (the engine replays CUDA graphs, so host launch cost is not on the decode path)
-        torch.cuda._sleep(1_000_000)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e-3)
-    return statistics.median(times)
-
 
 @dataclass
 class PagedInputs:

@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 
 import torch
 import torch.nn.functional as F
+
+from benchmarks.cuda_timing import time_cuda
 
 SHAPES = {  # name: (N, K)
     "llama8b qkv": (6144, 4096), "llama8b o_proj": (4096, 4096), "llama8b gate_up": (28672, 4096),
@@ -19,18 +20,9 @@ SHAPES = {  # name: (N, K)
 }
 
 
-def _time(fn, flush, iters=50):
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(iters):
-        flush.zero_()
-        torch.cuda._sleep(200_000)  # the GPU stays busy while the host enqueues the timed call
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3)
-    return statistics.median(times)
+def _time(fn, iters=30):
+    """Microseconds of ``fn()``, cold L2 (:func:`benchmarks.cuda_timing.time_cuda`)."""
+    return time_cuda(fn, iters=iters) * 1e6
 
 
 def main() -> None:
@@ -39,7 +31,6 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--json", default=None)
     args = p.parse_args()
-    flush = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
     rows = []
     print(f"{'shape':18s} {'M':>3s} {'cuBLAS us':>10s} {'TB/s':>6s} {'triton us':>10s} {'TB/s':>6s} {'speedup':>8s}")
     for name, (n, k) in SHAPES.items():
@@ -47,8 +38,8 @@ def main() -> None:
         for m in (1, 8, 16):
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             torch.testing.assert_close(skinny_linear(x, w).float(), F.linear(x, w).float(), atol=0.05, rtol=0.02)
-            t_cublas = _time(lambda x=x, w=w: F.linear(x, w), flush)
-            t_triton = _time(lambda x=x, w=w: skinny_linear(x, w), flush)
+            t_cublas = _time(lambda x=x, w=w: F.linear(x, w))
+            t_triton = _time(lambda x=x, w=w: skinny_linear(x, w))
             gb = n * k * 2 / 1e12
             row = {"shape": name, "m": m, "n": n, "k": k, "cublas_us": t_cublas, "triton_us": t_triton,
                    "cublas_tbps": gb / (t_cublas * 1e-6), "triton_tbps": gb / (t_triton * 1e-6)}
@@ -63,7 +54,7 @@ def main() -> None:
         for block_k in (64, 128, 256):
             for split_k in (1, 2, 4):
                 us = _time(lambda bn=block_n, bk=block_k, sk=split_k: skinny_linear(x, w, block_n=bn, block_k=bk,
-                                                                                    split_k=sk), flush, iters=20)
+                                                                                    split_k=sk), iters=20)
                 sweep.append({"block_n": block_n, "block_k": block_k, "split_k": split_k, "us": us})
     best = sorted(sweep, key=lambda r: r["us"])[:5]
     print("o_proj sweep, best 5:", [(r["block_n"], r["block_k"], r["split_k"], round(r["us"], 1)) for r in best])

@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 
 import torch
 import triton
 import triton.language as tl
+
+from benchmarks.cuda_timing import time_cuda
 
 ROWS, VOCAB = 256, 128256
 
@@ -57,18 +58,9 @@ def _flat_sum_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr, STAGES: tl.constexp
     tl.store(out_ptr + tl.program_id(0), tl.sum(acc, 0))
 
 
-def _time(fn, flush, iters=30):
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(iters):
-        flush.zero_()
-        torch.cuda._sleep(100_000)  # keep the GPU busy while the host enqueues the timed call
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3)
-    return statistics.median(times)
+def _time(fn, iters=30):
+    """Microseconds of ``fn()``, cold L2 (:func:`benchmarks.cuda_timing.time_cuda`)."""
+    return time_cuda(fn, iters=iters) * 1e6
 
 
 def _rowmax(x, out, programs, parts, block, warps, stages, maxnreg=None):
@@ -119,7 +111,6 @@ def main() -> None:
         torch.cuda.synchronize()
         return
 
-    flush = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
     x = torch.randn(ROWS, VOCAB, device="cuda") * 2.5
     gbytes = x.numel() * 4 / 1e9
     out = torch.empty(ROWS * 16, dtype=torch.int32, device="cuda")
@@ -130,15 +121,15 @@ def main() -> None:
         rows.append({"name": name, "us": us, "TBps": gbytes / us * 1e3, **extra})
         print(f"{name:58s} {us:8.1f} us {gbytes / us * 1e3:6.2f} TB/s", flush=True)
 
-    rec("torch x.amax(1)", _time(lambda: x.amax(1), flush))
-    rec("torch x.argmax(1)", _time(lambda: x.argmax(1), flush))
-    rec("torch x.sum()", _time(lambda: x.sum(), flush))
-    rec("torch x.clone() (read + write, TB/s of the read)", _time(lambda: x.clone(), flush))
+    rec("torch x.amax(1)", _time(lambda: x.amax(1)))
+    rec("torch x.argmax(1)", _time(lambda: x.argmax(1)))
+    rec("torch x.sum()", _time(lambda: x.sum()))
+    rec("torch x.clone() (read + write, TB/s of the read)", _time(lambda: x.clone()))
     flat_out = torch.empty(4 * sms * 8, device="cuda")
     for progs, block, warps, stages in [(2 * sms, 4096, 8, 3), (4 * sms, 2048, 8, 3), (8 * sms, 1024, 4, 3),
                                         (4 * sms, 4096, 16, 2)]:
         us = _time(lambda progs=progs, block=block, stages=stages, warps=warps: _flat_sum_kernel[(progs,)](
-            x, flat_out, x.numel(), BLOCK=block, STAGES=stages, num_warps=warps), flush)
+            x, flat_out, x.numel(), BLOCK=block, STAGES=stages, num_warps=warps))
         rec(f"flat streaming read progs={progs} block={block} warps={warps} stages={stages}", us)
     configs = []
     for parts in (1, 4):
@@ -154,15 +145,15 @@ def main() -> None:
             continue
         if parts == 1:
             assert torch.equal(out[:ROWS], ref), "rowmax kernel disagrees with torch.argmax"
-        us = _time(lambda a=(x, out, programs, parts, block, warps, stages): _rowmax(*a), flush)
+        us = _time(lambda a=(x, out, programs, parts, block, warps, stages): _rowmax(*a))
         rec(f"rowmax parts={parts} block={block} warps={warps} stages={stages} progs={programs}", us,
             parts=parts, block=block, warps=warps, stages=stages, programs=programs)
     for kind in ("greedy", "mixed"):
         a = _sample_args(kind)
-        rec(f"triton_sample {kind} (default launch)", _time(lambda a=a: triton_sample(*a), flush))
+        rec(f"triton_sample {kind} (default launch)", _time(lambda a=a: triton_sample(*a)))
         for kw in ({"maxnreg": None}, {"num_warps": 8, "maxnreg": None}, {"stages": 4, "block": 4096,
                                                                           "maxnreg": None}):
-            rec(f"triton_sample {kind} {kw}", _time(lambda a=a, kw=kw: triton_sample(*a, **kw), flush), **kw)
+            rec(f"triton_sample {kind} {kw}", _time(lambda a=a, kw=kw: triton_sample(*a, **kw)), **kw)
     from blocks.sample.triton_sample import _sample_kernel
 
     for cache in getattr(_sample_kernel, "device_caches", {}).values():  # registers and spills as compiled
