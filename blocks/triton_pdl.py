@@ -42,9 +42,10 @@ def pdl_enabled(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
 
 
-def pdl_launch_kwargs(device: torch.device) -> dict:
-    """The launch keyword (``launch_pdl=True``) for a kernel that calls :func:`pdl_enter`, or nothing."""
-    return {"launch_pdl": True} if pdl_enabled(device) else {}
+def pdl_launch_kwargs(pdl: bool) -> dict:
+    """The launch keyword (``launch_pdl=True``) when ``pdl`` (:func:`pdl_enabled`), else nothing: the Triton
+    interpreter takes no such option."""
+    return {"launch_pdl": True} if pdl else {}
 
 
 @triton.jit

@@ -18,7 +18,7 @@ def _fresh_cache():
 def test_off_on_the_cpu_and_under_the_interpreter(monkeypatch):
     monkeypatch.setenv("BLOCKS_PDL", "1")
     assert not pdl_enabled(torch.device("cpu"))
-    assert pdl_launch_kwargs(torch.device("cpu")) == {}
+    assert pdl_launch_kwargs(pdl_enabled(torch.device("cpu"))) == {}
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert not pdl_enabled(torch.device("cuda", 0))  # decided before any CUDA query
 
@@ -27,7 +27,7 @@ def test_environment_switch_turns_it_off(monkeypatch):
     monkeypatch.setenv("BLOCKS_PDL", "0")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     assert not pdl_enabled(torch.device("cuda", 0))
-    assert pdl_launch_kwargs(torch.device("cuda", 0)) == {}
+    assert pdl_launch_kwargs(pdl_enabled(torch.device("cuda", 0))) == {}
 
 
 @pytest.mark.gpu
@@ -38,4 +38,4 @@ def test_on_for_hopper_gpus(monkeypatch):
     dev = torch.device("cuda", 0)
     hopper = torch.cuda.get_device_capability(dev)[0] >= 9
     assert pdl_enabled(dev) == hopper
-    assert pdl_launch_kwargs(dev) == ({"launch_pdl": True} if hopper else {})
+    assert pdl_launch_kwargs(pdl_enabled(dev)) == ({"launch_pdl": True} if hopper else {})

@@ -98,5 +98,5 @@ def reshape_and_cache(
         value_cache.stride(0), value_cache.stride(1), value_cache.stride(2),
         NUM_KV_HEADS=num_kv_heads, HEADS_PAD=triton.next_power_of_2(num_kv_heads),
         HEAD_DIM=head_dim, HEAD_DIM_PAD=triton.next_power_of_2(head_dim),
-        BLOCK_SIZE=key_cache.shape[1], FP8=fp8, PDL=pdl, **pdl_launch_kwargs(key.device),
+        BLOCK_SIZE=key_cache.shape[1], FP8=fp8, PDL=pdl, **pdl_launch_kwargs(pdl),
     )

@@ -64,10 +64,6 @@ def _num_sms(device: torch.device) -> int:
     return 132  # the interpreter: pretend an H100 so the heuristic takes the same branches
 
 
-def _elem_bytes(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
-
-
 @functools.lru_cache(maxsize=16)
 def _smem_per_block(device: torch.device) -> int:
     """Shared memory a program may use (opt-in maximum); the interpreter pretends an H100's."""
@@ -89,7 +85,7 @@ def choose_config(
         block_m = max(16, group_pad)
         # 128-key tiles, 2 stages where shared memory holds them (H100 sweep, RESULTS.md: 373 against 422 us
         # at 64 x 4096, 377 against 391 us at 256 x 1024); else 64 keys, 3 stages
-        big = not wide and 2 * 128 * d_pad * 2 * _elem_bytes(dtype) <= smem_per_block
+        big = not wide and 2 * 128 * d_pad * 2 * dtype.itemsize <= smem_per_block
         block_n = 128 if big else 32 if wide else 64
         stages = 2 if big else 3
         programs = max(1, num_seqs * num_kv_heads)
@@ -300,7 +296,7 @@ def paged_attention(
             HEAD_DIM=head_dim, HEAD_DIM_PAD=triton.next_power_of_2(head_dim), BLOCK_SIZE=key_cache.shape[1],
             USE_SPLIT=split, USE_WINDOW=use_window, USE_SOFTCAP=use_softcap, KV_FP8=fp8,
             DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32", ALIGN=align, PDL=pdl,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_launch_kwargs(query.device),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_launch_kwargs(pdl),
         )
         if split:
             merge_splits_kernel[(part_tokens, num_heads)](
@@ -310,7 +306,7 @@ def paged_attention(
                 # two variants only (a new power of two per step would mean a compile mid-run)
                 SPLITS_PAD=8 if cfg.num_splits <= 8 else triton.next_power_of_2(max(cfg.num_splits, MAX_SPLITS)),
                 HEAD_DIM=head_dim, HEAD_DIM_PAD=triton.next_power_of_2(head_dim), PDL=pdl, num_warps=4,
-                **pdl_launch_kwargs(query.device),
+                **pdl_launch_kwargs(pdl),
             )
     return out
 

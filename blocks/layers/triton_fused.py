@@ -56,7 +56,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
         pdl = pdl_enabled(x.device)
         _rms_norm_kernel[(t,)](x, r, weight, out, ro, x.stride(0), r.stride(0), out.stride(0), ro.stride(0),
                                h, eps, HAS_RES=residual is not None, BLOCK=triton.next_power_of_2(h), PDL=pdl,
-                               num_warps=4 if h <= 4096 else 8, **pdl_launch_kwargs(x.device))
+                               num_warps=4 if h <= 4096 else 8, **pdl_launch_kwargs(pdl))
     return out, res_out
 
 
@@ -115,7 +115,7 @@ def rotary_inplace(query: torch.Tensor, key: torch.Tensor, cos: torch.Tensor, si
     _rotary_kernel[(t, 2)](query, key, cos, sin, query.stride(0), key.stride(0), cos.stride(0), nq, nk,
                            HEAD_DIM=head_dim, HALF=half, BLOCK_H=triton.next_power_of_2(max(nq, nk)),
                            BLOCK_R=triton.next_power_of_2(half), IS_NEOX=is_neox_style, PDL=pdl, num_warps=4,
-                           **pdl_launch_kwargs(query.device))
+                           **pdl_launch_kwargs(pdl))
 
 
 @triton.jit
@@ -140,5 +140,5 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
         block = min(1024, triton.next_power_of_2(d))
         pdl = pdl_enabled(x.device)
         _silu_and_mul_kernel[(t, triton.cdiv(d, block))](x, out, x.stride(0), out.stride(0), d, BLOCK=block,
-                                                         PDL=pdl, num_warps=4, **pdl_launch_kwargs(x.device))
+                                                         PDL=pdl, num_warps=4, **pdl_launch_kwargs(pdl))
     return out
