@@ -11,6 +11,9 @@ sampler's row order), so a decode step is one graph launch from input ids to flo
 The attention plan of a captured graph is made for the worst case (``max_seq_len =
 max_model_len``), so the kernel grid covers any context the step may have; kernels stop at each
 row's real ``seq_lens``.
+
+Graphs are captured in an L2 prefetch window (:mod:`blocks.layers.l2_prefetch`): where a layer's weights
+after its attention fit L2 together, they stream into it while the attention runs.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import numpy as np
 import torch
 
 from blocks.attention.metadata import AttentionMetadata
+from blocks.layers.l2_prefetch import prefetch_window
 
 __all__ = ["DecodeGraphs", "graph_buckets", "fill_decode_inputs"]
 
@@ -120,9 +124,10 @@ class DecodeGraphs:
                 v["slot_mapping"].fill_(-1)
                 args = (v["input_ids"], v["positions"], self.kv_caches, md)
                 rows = v["logits_rows"]
-                self.model.compute_logits(self.model(*args), rows)  # warm-up: compile kernels outside the capture
+                with prefetch_window(self.model.device):  # warm-up: compile kernels outside the capture
+                    self.model.compute_logits(self.model(*args), rows)
                 graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=self.pool, stream=stream):
+                with torch.cuda.graph(graph, pool=self.pool, stream=stream), prefetch_window(self.model.device):
                     out = self.model.compute_logits(self.model(*args), rows)
                 if self.pool is None:
                     self.pool = graph.pool()

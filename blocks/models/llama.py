@@ -23,6 +23,7 @@ from torch import nn
 
 from blocks.attention.backend import AttentionBackend
 from blocks.attention.metadata import AttentionMetadata
+from blocks.layers import l2_prefetch
 from blocks.layers.activation import SiluAndMul
 from blocks.layers.attention import Attention
 from blocks.layers.embedding import ParallelLMHead, VocabParallelEmbedding
@@ -71,11 +72,13 @@ class LlamaAttention(nn.Module):
         self.rotary_emb = rotary_emb
         self.attn = Attention(self.qkv_proj.num_heads, hd, num_kv_heads=self.qkv_proj.num_kv_heads,
                               backend=backend, sliding_window=config.sliding_windows[layer_idx])
+        self.prefetch_after_qkv: tuple[nn.Module, ...] = ()  # linears whose weights go to L2 during attention
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, kv_cache: tuple[torch.Tensor, torch.Tensor],
                 metadata: AttentionMetadata, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """``rope``: ``rotary_emb.cos_sin(positions)``, computed once per forward by the model (or here)."""
         q, k, v = self.qkv_proj.split(self.qkv_proj(hidden))
+        l2_prefetch.issue([m.weight for m in self.prefetch_after_qkv])
         if self.q_norm is not None:
             t, hd = q.shape[0], self.attn.head_dim
             q = self.q_norm(q.reshape(t, -1, hd)).reshape(t, -1)
@@ -96,6 +99,8 @@ class LlamaDecoderLayer(nn.Module):
         self.mlp = LlamaMLP(config, dtype=dtype, tp=tp)
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.norm_eps, params_dtype=dtype)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.norm_eps, params_dtype=dtype)
+        # In a decode graph, the weights after the attention stream into L2 while it runs (l2_prefetch).
+        self.self_attn.prefetch_after_qkv = (self.self_attn.o_proj, self.mlp.gate_up_proj, self.mlp.down_proj)
 
     def forward(self, positions, hidden, residual, kv_cache, metadata, rope=None):
         if residual is None:
