@@ -89,7 +89,7 @@ class Request:
         "num_slot_tokens",
         "status", "num_preemptions", "preemptions", "num_cached_tokens", "first_scheduled_step",
         "first_token_time", "finish_time", "seq", "skips", "stop_ids", "prefix_hint", "needs_cow_check",
-        "check_stop", "__weakref__",
+        "check_stop", "num_in_flight", "in_flight_step", "__weakref__",
     )
 
     def __init__(
@@ -153,6 +153,11 @@ class Request:
         self.skips = 0  # times a later request was admitted ahead of it (cache-aware policy)
         self.needs_cow_check = False  # shares a partly filled block after a fork: ask the KV manager next step
         self.prefix_hint = (-(1 << 62), 0)  # (step, cached tokens) of the last lookup (cache-aware policy)
+        # tokens that scheduled steps will sample but update_from_output has not reported yet (0, or 1 while
+        # an asynchronous engine runs the next step before reading this one's token), and the step that
+        # last added one
+        self.num_in_flight = 0
+        self.in_flight_step = -1
 
     @property
     def num_tokens(self) -> int:

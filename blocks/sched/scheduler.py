@@ -17,6 +17,12 @@ remaining budget)``. Prefix-cache hits at admission count as computed. When a ru
 needs a block and none is free, the policy's victim is preempted by recompute (its blocks freed,
 its progress dropped, queued again with its original key); a step that preempts admits nobody.
 
+Asynchronous engines (the next step scheduled before this step's tokens are read): a request whose chunk
+reaches its last known token will sample one; until ``update_from_output`` reports it, the request counts it
+as in flight (``num_in_flight``) and its next step computes it (the runner takes its id from the device).
+A request whose in-flight token is its last (``max_tokens``, ``max_model_len``) is not scheduled again. A
+synchronous engine reports every token before the next ``schedule``, so nothing is ever in flight there.
+
 Anti-thrashing (vLLM issue 25538: a request resumed with blocks for one chunk, then preempted
 again the next step): a waiting or preempted request is admitted only when free blocks cover its
 whole remaining prefill plus the watermark, not just the first chunk.
@@ -181,11 +187,18 @@ class Scheduler:
         running = self.running
         forked = self._forked
         fork_reqs: list[NewRequestData] = []
+        max_len = cfg.max_model_len
+        step = self.step
         i = 0
         while i < len(running) and budget > 0:
             req = running[i]
             c = req.num_computed_tokens
-            n = len(req.all_token_ids) - c
+            total = len(req.all_token_ids) + req.num_in_flight
+            if req.num_in_flight and (len(req.output_token_ids) + req.num_in_flight >= req.max_tokens
+                                      or total >= max_len):
+                i += 1  # its last token is in flight
+                continue
+            n = total - c
             if thr and n > thr:
                 n = thr
             if n > budget:
@@ -208,6 +221,9 @@ class Scheduler:
                     del running[idx]
                     computed = victim.num_computed_tokens
                     if idx < i:  # already scheduled this step: give its tokens back
+                        if victim.in_flight_step == step:
+                            victim.num_in_flight -= 1
+                            victim.in_flight_step = -1
                         i -= 1
                         budget += num_sched.pop(victim.request_id)
                         if victim.request_id in c_ids:
@@ -231,6 +247,9 @@ class Scheduler:
             num_sched[req.request_id] = n
             budget -= n
             req.num_computed_tokens = c + n
+            if c + n == total:  # the chunk reaches its last token: this step samples one
+                req.num_in_flight += 1
+                req.in_flight_step = step
             if forked and req.request_id in forked:  # new to the runner: send its whole state
                 forked.discard(req.request_id)
                 fork_reqs.append(NewRequestData(req.request_id, list(req.all_token_ids), req.num_prompt_tokens,
@@ -280,6 +299,8 @@ class Scheduler:
                 if window > 1:
                     cands = policy.rank(cands, self._cached_tokens)
             req = cands[pos]
+            if req.num_in_flight:  # preempted with a token in flight (not reported yet): wait for it
+                break
             num_tokens = len(req.all_token_ids)
             hit_blocks, num_cached = kv.get_computed_blocks(
                 req.request_id, req.all_token_ids, extra_keys=req.extra_keys
@@ -312,6 +333,9 @@ class Scheduler:
             req.status = _RUNNING
             req.num_blocks = len(hit_blocks) + len(new_blocks)
             req.num_computed_tokens = req.num_slot_tokens = num_cached + n
+            if num_cached + n == num_tokens:
+                req.num_in_flight = 1
+                req.in_flight_step = self.step
             running.append(req)
             num_sched[req.request_id] = n
             budget -= n
@@ -332,21 +356,27 @@ class Scheduler:
         """Append the step's sampled tokens and finish requests that stop; returns the finished ones.
 
         Args:
-            sampled_token_ids: request id -> sampled token id(s) (an int or a list of ints).
-                Entries of requests still in a partial prefill chunk, or already aborted, are ignored.
+            sampled_token_ids: request id -> sampled token id(s) (an int or a list of ints) of one step.
+                Entries of requests with no token in flight (a partial prefill chunk) or already finished
+                are ignored. A request preempted while its token was in flight keeps the token.
             now: timestamp for ``first_token_time`` / ``finish_time`` (optional).
         """
         requests = self.requests
         stop_checker = self.stop_checker
         max_len = self.config.max_model_len
         finished: list[Request] = []
+        waited: list[Request] = []  # finished while preempted (not in running)
         for rid, toks in sampled_token_ids.items():
             req = requests.get(rid)
-            if req is None or req.status is not _RUNNING:
+            if req is None or not req.num_in_flight:
+                continue  # finished, or a partial prefill chunk: its sample is not a token
+            req.num_in_flight -= 1
+            if req.status is not _RUNNING:
+                if req.status is _PREEMPTED and self._append_while_waiting(req, toks, stop_checker, now):
+                    finished.append(req)
+                    waited.append(req)
                 continue
             all_ids = req.all_token_ids
-            if req.num_computed_tokens < len(all_ids):
-                continue  # partial prefill chunk: its sample is not a token
             out_ids = req.output_token_ids
             if not out_ids:
                 req.first_token_time = now
@@ -372,12 +402,35 @@ class Scheduler:
         if finished:
             if len(finished) * 8 < len(self.running):
                 for req in finished:
-                    self.running.remove(req)
+                    if not (waited and req in waited):  # not one that finished while preempted
+                        self.running.remove(req)
             else:
                 self.running = [r for r in self.running if r.status is _RUNNING]
         return finished
 
     # ------------------------------------------------------------------ helpers
+    def _append_while_waiting(self, req: Request, toks, stop_checker, now: float | None) -> bool:
+        """A token sampled before ``req`` was preempted: append it (the recompute prefills it too), or finish
+        the request if it stops there (returns True)."""
+        if not req.output_token_ids:
+            req.first_token_time = now
+        status = None
+        for tok in (toks,) if isinstance(toks, int) else toks:
+            status = req.append_token(tok)
+            self.num_queued_tokens += 1
+            if status is None and stop_checker is not None and req.check_stop:
+                status = stop_checker(req)
+            if status is None and len(req.all_token_ids) >= self.config.max_model_len:
+                status = RequestStatus.FINISHED_LENGTH
+            if status is not None:
+                break
+        if status is not None:  # leave the queue (its heap entry is skipped when popped)
+            self.num_waiting -= 1
+            self.num_queued_tokens -= req.num_tokens
+            req.finish_time = now
+            self._finish(req, status)
+        return status is not None
+
     def _cached_tokens(self, req: Request) -> int:
         """Prefix-cache hit tokens of a waiting request, looked up at most every ``_HINT_STEPS`` steps."""
         step, hits = req.prefix_hint
@@ -425,7 +478,7 @@ class Scheduler:
         child.output_token_ids = list(parent.output_token_ids)
         child.all_token_ids = list(parent.all_token_ids)
         for name in ("num_computed_tokens", "num_blocks", "num_slot_tokens", "num_cached_tokens",
-                     "first_scheduled_step", "first_token_time", "seq"):
+                     "first_scheduled_step", "first_token_time", "seq", "num_in_flight", "in_flight_step"):
             setattr(child, name, getattr(parent, name))
         child.status = _RUNNING
         parent.needs_cow_check = child.needs_cow_check = True

@@ -33,6 +33,7 @@ setup_st = st.fixed_dictionaries({
     "prefix": st.booleans(),
     "eos": st.sampled_from([None, 7]),
     "chunked": st.sampled_from([True, True, False]),
+    "async": st.booleans(),  # each step's tokens reported after the next step is scheduled
 })
 
 
@@ -68,11 +69,15 @@ def _check_step(sched: Scheduler, out, setup) -> None:
     if setup["threshold"]:
         assert max(out.num_scheduled_tokens.values(), default=0) <= setup["threshold"]
     for req in sched.running:
-        assert req.status is RequestStatus.RUNNING and req.num_computed_tokens <= req.num_tokens
+        assert req.status is RequestStatus.RUNNING
+        assert req.num_computed_tokens <= req.num_tokens + req.num_in_flight
+        assert req.num_in_flight <= (2 if setup["async"] else 1)
+        if req.num_in_flight and not setup["async"]:
+            assert req.in_flight_step == sched.step - 1  # a synchronous engine reports before scheduling
 
 
-def _check_finished(req: Request, runner: FakeRunner, eos) -> None:
-    runner.assert_computed_once(req.request_id, req.all_token_ids)
+def _check_finished(req: Request, runner: FakeRunner, eos, late_stop: bool = False) -> None:
+    runner.assert_computed_once(req.request_id, req.all_token_ids, late_stop=late_stop)
     out = req.output_token_ids
     assert 1 <= len(out) <= req.max_tokens
     if req.status is RequestStatus.FINISHED_STOPPED:
@@ -97,16 +102,20 @@ def test_every_trace_finishes_with_each_token_computed_once(setup, specs, seed):
     pending = sorted(reqs, key=lambda r: r.arrival_time)
     done: list[Request] = []
     step = idle = 0
+    unread = None  # async: the last step's samples, reported after the next step is scheduled
     while pending or sched.has_unfinished_requests():
         while pending and pending[0].arrival_time <= step:
             sched.add_request(pending.pop(0))
         out = sched.schedule()
         _check_step(sched, out, setup)
-        idle = idle + 1 if out.is_empty and sched.has_unfinished_requests() else 0
+        idle = idle + 1 if out.is_empty and sched.has_unfinished_requests() and unread is None else 0
         assert idle <= 2, "scheduler made no progress"
-        finished = sched.update_from_output(runner.execute(out))
+        sampled = runner.execute(out)
+        if setup["async"]:
+            sampled, unread = unread, sampled
+        finished = sched.update_from_output(sampled or {})
         for req in finished:
-            _check_finished(req, runner, setup["eos"])
+            _check_finished(req, runner, setup["eos"], late_stop=setup["async"])
         done += finished
         step += 1
         assert step < 5000, "livelock"
@@ -132,6 +141,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.runner = FakeRunner(self.sched.block_size)
         self.n = 0
         self.live: list[str] = []
+        self.unread = None  # async: the last step's samples
 
     @rule(spec=request_st)
     def add(self, spec):
@@ -155,8 +165,11 @@ class SchedulerMachine(RuleBasedStateMachine):
     def step(self):
         out = self.sched.schedule()
         _check_step(self.sched, out, self.cfg)
-        for req in self.sched.update_from_output(self.runner.execute(out)):
-            _check_finished(req, self.runner, self.cfg["eos"])
+        sampled = self.runner.execute(out)
+        if self.cfg["async"]:
+            sampled, self.unread = self.unread, sampled
+        for req in self.sched.update_from_output(sampled or {}):
+            _check_finished(req, self.runner, self.cfg["eos"], late_stop=self.cfg["async"])
             self.live.remove(req.request_id)
 
     @invariant()
@@ -170,6 +183,8 @@ class SchedulerMachine(RuleBasedStateMachine):
             held.update(table)
         assert len(held) + self.kv.num_free_blocks == self.free0
         assert sorted(self.live) == sorted(self.sched.requests)
+        for rid in self.live:  # in flight: at most the unread step's token and the one scheduled after it
+            assert self.sched.get_request(rid).num_in_flight <= (2 if self.cfg["async"] else 0)
 
     def teardown(self):
         if not hasattr(self, "sched"):
