@@ -245,8 +245,10 @@ class SamplingBatch:
 
     def record_tokens_on_device(self, token_ids: torch.Tensor) -> None:
         """The device half of :meth:`append_tokens`: the sampled ids ``[num_rows]`` into the token and count
-        tensors (the penalties' inputs), with no host sync, so the launches can be queued before the host
-        reads the ids. :meth:`record_tokens_on_host` must follow before the next :meth:`prepare`."""
+        tensors (the penalties' inputs) and the rows' token counts, with no host sync, so the launches can be
+        queued before the host reads the ids (an asynchronous engine reads them a step later).
+        :meth:`record_tokens_on_host` must follow before the next :meth:`prepare` only when rows have
+        multi-token ``bad_words`` (see :attr:`needs_host_tokens`)."""
         n = self.num_rows
         if token_ids.shape != (n,):
             raise ValueError(f"token_ids must have shape ({n},), got {tuple(token_ids.shape)}.")
@@ -259,15 +261,21 @@ class SamplingBatch:
         self.token_ids[:n].scatter_(1, pos, ids)
         if self.output_counts is not None:
             self.output_counts[:n].scatter_add_(1, ids, torch.ones_like(ids, dtype=torch.int32))
+        self.num_tokens[:n] += 1
+        self.num_output[:n] += 1
+
+    @property
+    def needs_host_tokens(self) -> bool:
+        """Whether the next :meth:`prepare` needs the last sampled ids on the host (multi-token ``bad_words``
+        match against them)."""
+        return bool([r for r in range(self.num_rows) if self._bad_seqs[r]] if self._dirty else self._bad_rows)
 
     def record_tokens_on_host(self, token_ids: torch.Tensor, host_token_ids: Sequence[int] | None = None) -> None:
-        """The host half of :meth:`append_tokens`: token counts, and the tails that multi-token ``bad_words``
-        match against (which read the ids: from ``host_token_ids`` if given, else with one sync)."""
+        """The host half of :meth:`append_tokens`: the tails that multi-token ``bad_words`` match against
+        (which read the ids: from ``host_token_ids`` if given, else with one sync)."""
         n = self.num_rows
         if n == 0:
             return
-        self.num_tokens[:n] += 1
-        self.num_output[:n] += 1
         bad_rows = [r for r in range(n) if self._bad_seqs[r]] if self._dirty else self._bad_rows
         if bad_rows:
             host = list(host_token_ids) if host_token_ids is not None else token_ids.tolist()
