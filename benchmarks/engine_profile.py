@@ -69,7 +69,8 @@ def _graph_launch_host_us(graphs, bs: int, graph) -> dict[str, float]:
     for _ in range(30):
         torch.cuda.synchronize()
         t0 = time.perf_counter()
-        fill_decode_inputs(h64, h32, bs, w, graphs.block_size, [0] * bs, [1] * bs, [2] * bs, tables, list(range(bs)))
+        fill_decode_inputs(h64, h32, bs, w, graphs.block_size, [0] * bs, [1] * bs, [2] * bs, tables, list(range(bs)),
+                           list(range(bs)))
         t1 = time.perf_counter()
         dev.copy_(graphs._host[: dev.numel()], non_blocking=True)
         t2 = time.perf_counter()

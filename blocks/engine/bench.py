@@ -7,8 +7,10 @@ transformers' ``generate`` on the same workload (or a subset, batched with left 
 would) in the same process for the ratio.
 
 * ``latency``: one batch of ``--batch-size`` prompts of ``--input-len`` tokens generating
-  ``--output-len`` tokens; reports the prefill step's time, the median decode step's wall time
-  (engine step, sampling and detokenization included) and the host time per step.
+  ``--output-len`` tokens; reports the prefill time (a run of one output token), the median decode step's
+  wall time (engine step, sampling and detokenization included; with asynchronous scheduling a step call
+  launches one step and reads the one before, so in the steady state it is the time between tokens) and the
+  host time per step. ``--async-scheduling off`` runs the synchronous engine for comparison.
 * ``serve``: the HTTP load generator of :mod:`serve.bench` against a running ``blocks serve`` (random
   prompts at a request rate or a max concurrency; throughput and TTFT/TPOT/ITL percentiles).
 * ``throughput``: ``--num-prompts`` requests with prompt and output lengths uniform in the given
@@ -39,6 +41,7 @@ def _llm(args):
                max_num_batched_tokens=args.max_num_batched_tokens, enforce_eager=args.enforce_eager,
                gpu_memory_utilization=args.gpu_memory_utilization, enable_prefix_caching=False,
                kv_cache_memory_bytes=args.kv_cache_memory_bytes, tensor_parallel_size=args.tensor_parallel_size,
+               async_scheduling={"auto": None, "on": True, "off": False}[getattr(args, "async_scheduling", "auto")],
                seed=0)
 
 
@@ -74,10 +77,12 @@ def run_latency(args) -> dict[str, Any]:
     times = llm.engine.step_times
     prefill_steps, decode_steps, totals = [], [], []
     for _ in range(args.num_iters):
+        # the prefill and its first token, alone: with asynchronous scheduling a step call returns before
+        # its own tokens are read, so the first step's time is not the prefill's
+        prefill_steps.append(_timed_generate(llm, prompts, [1] * args.batch_size))
         times.clear()
         totals.append(_timed_generate(llm, prompts, [args.output_len] * args.batch_size))
-        prefill_steps.append(times[0])  # the prefill step (it also samples the first token)
-        decode_steps.extend(list(times)[1:])
+        decode_steps.extend(list(times)[2:-1])  # steady decode steps: not the prefill's, nor the draining one
     decode_steps.sort()
     per_token = decode_steps[len(decode_steps) // 2] if decode_steps else float("nan")
     prefill, full = min(prefill_steps), min(totals)
@@ -190,6 +195,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--kv-cache-memory-bytes", type=int, default=None)
     p.add_argument("--enforce-eager", action="store_true", help="disable CUDA graphs")
+    p.add_argument("--async-scheduling", choices=["auto", "on", "off"], default="auto",
+                   help="launch each step before reading the last one's tokens (auto: on for one CUDA device)")
     p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, help="GPUs (worker processes) per model")
     p.add_argument("--peer", choices=["none", "hf"], default="none", help="also run transformers generate")
     p.add_argument("--output-json", default=None, help="write the result here")

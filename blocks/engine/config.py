@@ -50,6 +50,7 @@ class EngineConfig:
     scheduling_policy: str = "fcfs"
     max_num_queued_requests: int | None = None
     max_logprobs: int = 20
+    async_scheduling: bool | None = None
     hf_overrides: dict | None = None
 
     def __post_init__(self) -> None:

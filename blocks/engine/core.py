@@ -7,6 +7,16 @@ One step, in five lines (see :meth:`EngineCore.step`)::
     finished = self.scheduler.update_from_output(result.sampled)   # append, stop checks, free
     self._update_requests(result, finished)          # detokenize, logprobs, outputs
 
+**Asynchronous scheduling** (``async_scheduling``; on by default on one CUDA device): the step launches its
+device work (``runner.launch``), then reads and processes the step before it, so the host's scheduling, input
+building, stop checks and detokenization overlap the GPU instead of idling it. The tokens of the step before
+are then unknown when this one is scheduled: the scheduler counts them as in flight, and the runner takes
+them from the device. A request that stops is seen one step late; that step's token for it is dropped (and
+requests whose last token is in flight by ``max_tokens`` are not scheduled). Outputs equal the synchronous
+engine's. Steps run synchronously while any request asks for logprobs or prompt logprobs, uses multi-token
+``bad_words``, or a beam search runs (each needs the last token on the host before the next step), and with
+tensor parallelism.
+
 Requests enter with :meth:`add_request` (token ids + ``SamplingParams``) and leave when they
 finish or by :meth:`abort_request`. ``n > 1`` requests run as ``n`` child sequences with derived
 seeds (see :mod:`blocks.sample.parallel`) and come back as one ``RequestOutput``; with ``stream=True``
@@ -126,6 +136,11 @@ class EngineCore:
         self._beam_groups: dict[str, BeamGroup] = {}
         self._beam_of: dict[str, BeamGroup] = {}
         self._beam_info = SamplingInfo(SamplingParams(), 0, beam=True)
+        auto = self.runner.device.type == "cuda"
+        self._async = (auto if config.async_scheduling is None else config.async_scheduling) and (
+            config.tensor_parallel_size == 1)
+        self._pending = None  # the launched step not read yet (asynchronous scheduling)
+        self._sync_seqs: set[str] = set()  # sequences whose sampling needs the host to see every token first
 
     # ------------------------------------------------------------------ requests
     def _sampling_info(self, request_id: str) -> SamplingInfo:
@@ -208,6 +223,8 @@ class EngineCore:
             parent.seqs.append(seq)
         for seq in parent.seqs:  # register all before queueing so a queue-full error leaves nothing behind
             self._seqs[seq.request_id] = seq
+            if params.logprobs is not None or params.prompt_logprobs is not None:
+                self._sync_seqs.add(seq.request_id)
         self._parents[request_id] = parent
         try:
             for seq in parent.seqs:
@@ -276,6 +293,7 @@ class EngineCore:
             if abort:
                 self.scheduler.abort_request(seq.request_id)
             self._seqs.pop(seq.request_id, None)
+            self._sync_seqs.discard(seq.request_id)
         self._parents.pop(parent.request_id, None)
 
     def close(self) -> None:
@@ -287,7 +305,7 @@ class EngineCore:
         return [*self._parents, *self._beam_groups]
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self._parents) or bool(self._beam_groups)
+        return bool(self._parents) or bool(self._beam_groups) or self._pending is not None
 
     @property
     def num_unfinished_requests(self) -> int:
@@ -295,13 +313,37 @@ class EngineCore:
 
     # ------------------------------------------------------------------ the loop
     def step(self) -> list[RequestOutput | StreamDelta | BeamSearchOutput]:
-        """Run one engine step; returns outputs of finished requests and the deltas of streaming ones."""
+        """Run one engine step; returns outputs of finished requests and the deltas of streaming ones (with
+        asynchronous scheduling, those of the step launched by the previous call)."""
         self._step_profiler.before_step()
         start = time.perf_counter()
+        overlap = self._can_overlap()
+        outputs: list = []
+        if self._pending is not None and not overlap:  # the next step needs this one's tokens on the host
+            outputs += self._complete(self._pending)
+            self._pending = None
         sched_out = self.scheduler.schedule()
         if sched_out.scheduled_new_reqs:
             self._mark_scheduled(sched_out.scheduled_new_reqs)
-        result = self.runner.execute(sched_out)
+        launched = self.runner.launch(sched_out)
+        if self._pending is not None:  # the step before, read while this one runs on the device
+            outputs += self._complete(self._pending)
+            self._pending = None
+        if overlap and sched_out.total_num_scheduled_tokens:
+            self._pending = launched
+        else:
+            outputs += self._complete(launched)
+        self.step_times.append(time.perf_counter() - start)
+        return outputs
+
+    def _can_overlap(self) -> bool:
+        """Whether the next step may be launched before this one's tokens reach the host."""
+        return (self._async and not self._beam_groups and not self._sync_seqs
+                and not self.runner.batch.needs_host_tokens)
+
+    def _complete(self, launched) -> list[RequestOutput | StreamDelta | BeamSearchOutput]:
+        """Read a launched step's tokens and apply them: beams, stop checks, finished requests, outputs."""
+        result = launched.resolve()
         now = time.time()
         sampled, beam_outputs = result.sampled, []
         if self._beam_groups:  # beam search picks the tokens of its sequences (and forks/frees them)
@@ -311,7 +353,6 @@ class EngineCore:
         finished = self.scheduler.update_from_output(sampled, now=now)
         outputs = self._update_requests(result, finished, now)
         self._last_num_tokens = result.num_tokens
-        self.step_times.append(time.perf_counter() - start)
         return outputs + beam_outputs
 
     def _mark_scheduled(self, new_reqs) -> None:

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from blocks.attention.metadata import AttentionMetadata
+from blocks.engine.inflight import gather_inflight
 from blocks.layers.l2_prefetch import prefetch_window
 
 __all__ = ["DecodeGraphs", "graph_buckets", "fill_decode_inputs"]
@@ -35,11 +36,12 @@ def graph_buckets(max_batch: int) -> list[int]:
 
 def fill_decode_inputs(h64: np.ndarray, h32: np.ndarray, bs: int, width: int, block_size: int,
                        token_ids: list[int], positions: list[int], seq_lens: list[int], block_tables: np.ndarray,
-                       logits_rows: list[int]) -> None:
+                       logits_rows: list[int], src_rows: list[int] | None = None) -> None:
     """Write one decode step of ``n = len(token_ids)`` rows, padded to bucket ``bs``, into the host buffers.
 
-    ``h64`` (``4 bs`` int64): ``[ids | positions | slots | logits rows]``; padding rows get id 0, position
-    0, slot -1 (no KV write) and logits row 0. ``h32`` (``bs * (width + 1)`` int32): ``[seq_lens | block
+    ``h64`` (``5 bs`` int64): ``[ids | positions | slots | logits rows | src]``; padding rows get id 0,
+    position 0, slot -1 (no KV write) and logits row 0; ``src`` is ``src_rows`` (rows whose id is still on the
+    device: :mod:`blocks.engine.inflight`), -1 elsewhere. ``h32`` (``bs * (width + 1)`` int32): ``[seq_lens | block
     table [bs, width]]``; padding rows get ``seq_len`` 0 (the kernels skip them). Table entries past a row's
     ``block_tables`` columns are left as they are: the kernels never read past ``seq_lens``.
     """
@@ -52,6 +54,10 @@ def fill_decode_inputs(h64: np.ndarray, h32: np.ndarray, bs: int, width: int, bl
     slots[n:] = -1
     slots[:n] = block_tables[np.arange(n), pos // block_size].astype(np.int64) * block_size + pos % block_size
     h64[3 * bs : 3 * bs + m] = logits_rows
+    src = h64[4 * bs : 5 * bs]
+    src[:] = -1
+    if src_rows is not None:
+        src[:n] = src_rows
     h32[:bs] = 0
     h32[:n] = seq_lens
     h32[bs:].reshape(bs, width)[:n, : block_tables.shape[1]] = block_tables
@@ -68,7 +74,8 @@ class DecodeGraphs:
         max_model_len: longest sequence; sets the block-table width and the plan's worst case.
     """
 
-    def __init__(self, model, kv_caches, *, block_size: int, max_batch: int, max_model_len: int) -> None:
+    def __init__(self, model, kv_caches, *, block_size: int, max_batch: int, max_model_len: int,
+                 prev_ids: torch.Tensor | None = None) -> None:
         self.model = model
         self.kv_caches = kv_caches
         self.block_size = block_size
@@ -77,9 +84,11 @@ class DecodeGraphs:
         device = model.device
         self.width = -(-max_model_len // block_size)
         n = self.buckets[-1]
-        # Per bucket b, one device buffer the graph reads: int64 [ids | positions | slots | logits rows] (4 b)
-        # then int32 [seq_lens | block table] (b + b * width). A step fills the same layout at the front of
-        # one pinned host buffer and copies it with a single transfer.
+        # Per bucket b, one device buffer the graph reads: int64 [ids | positions | slots | logits rows | src]
+        # (5 b) then int32 [seq_lens | block table] (b + b * width). A step fills the same layout at the front
+        # of one pinned host buffer and copies it with a single transfer. ``prev_ids`` holds the last step's
+        # sampled ids (the runner's), read where ``src >= 0`` (an asynchronous engine's in-flight tokens).
+        self.prev_ids = prev_ids if prev_ids is not None else torch.zeros(n, dtype=torch.int64, device=device)
         self._host = torch.zeros(self._nbytes(n), dtype=torch.uint8, pin_memory=True)
         self._dev = {b: torch.zeros(self._nbytes(b), dtype=torch.uint8, device=device) for b in self.buckets}
         self._host_views = {b: tuple(t.numpy() for t in self._split(self._host[: self._nbytes(b)], b))
@@ -91,17 +100,18 @@ class DecodeGraphs:
         self.pool = None
 
     def _nbytes(self, bs: int) -> int:
-        return 8 * 4 * bs + 4 * bs * (self.width + 1)
+        return 8 * 5 * bs + 4 * bs * (self.width + 1)
 
     @staticmethod
     def _split(buf: torch.Tensor, bs: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The int64 and int32 parts of a bucket's byte buffer (the int32 part starts 8-byte aligned)."""
-        return buf[: 32 * bs].view(torch.int64), buf[32 * bs :].view(torch.int32)
+        return buf[: 40 * bs].view(torch.int64), buf[40 * bs :].view(torch.int32)
 
     def _views(self, bs: int) -> dict[str, torch.Tensor]:
         d64, d32 = self._split(self._dev[bs], bs)
         return {"input_ids": d64[:bs], "positions": d64[bs : 2 * bs], "slot_mapping": d64[2 * bs : 3 * bs],
-                "logits_rows": d64[3 * bs :], "seq_lens": d32[:bs], "block_table": d32[bs:].view(bs, self.width)}
+                "logits_rows": d64[3 * bs : 4 * bs], "src": d64[4 * bs :], "seq_lens": d32[:bs],
+                "block_table": d32[bs:].view(bs, self.width)}
 
     def _metadata(self, bs: int) -> AttentionMetadata:
         v = self._views(bs)
@@ -122,12 +132,15 @@ class DecodeGraphs:
                 md = self._metadata(bs)
                 v = self._views(bs)
                 v["slot_mapping"].fill_(-1)
+                v["src"].fill_(-1)
                 args = (v["input_ids"], v["positions"], self.kv_caches, md)
                 rows = v["logits_rows"]
                 with prefetch_window(self.model.device):  # warm-up: compile kernels outside the capture
+                    gather_inflight(v["input_ids"], v["src"], self.prev_ids)
                     self.model.compute_logits(self.model(*args), rows)
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=self.pool, stream=stream), prefetch_window(self.model.device):
+                    gather_inflight(v["input_ids"], v["src"], self.prev_ids)
                     out = self.model.compute_logits(self.model(*args), rows)
                 if self.pool is None:
                     self.pool = graph.pool()
@@ -143,17 +156,18 @@ class DecodeGraphs:
         return None
 
     def run(self, token_ids: list[int], positions: list[int], seq_lens: list[int],
-            block_tables: np.ndarray, logits_rows: list[int]) -> torch.Tensor:
+            block_tables: np.ndarray, logits_rows: list[int], src_rows: list[int] | None = None) -> torch.Tensor:
         """Replay the graph for a decode batch of ``n = len(token_ids)`` rows; returns float32 logits
         ``[len(logits_rows), vocab]`` of rows ``logits_rows`` (each ``< n``), a view valid until the next
-        replay. Slots are derived from positions and block tables."""
+        replay. Slots are derived from positions and block tables; ``src_rows`` (or None): per row, the row
+        of ``prev_ids`` that holds its input id, or -1 (see :func:`fill_decode_inputs`)."""
         n = len(token_ids)
         bs = self.bucket_for(n)
         if self._recorded:  # the last step's transfer has left the pinned buffer
             self._copied.synchronize()
         h64, h32 = self._host_views[bs]
         fill_decode_inputs(h64, h32, bs, self.width, self.block_size, token_ids, positions, seq_lens,
-                           block_tables, logits_rows)
+                           block_tables, logits_rows, src_rows)
         dev = self._dev[bs]
         dev.copy_(self._host[: dev.numel()], non_blocking=True)
         self._copied.record()

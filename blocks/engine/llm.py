@@ -46,7 +46,8 @@ class LLM:
         ``gpu_memory_utilization``, ``kv_cache_memory_bytes``, ``max_model_len``, ``max_num_seqs``,
         ``max_num_batched_tokens``, ``enable_chunked_prefill``, ``enable_prefix_caching``,
         ``kv_cache_dtype``, ``enable_lora``, ``load_format``, ``seed``, ``device``, ``enforce_eager``,
-        ``attention_backend``, ``scheduling_policy``, ``max_logprobs``, ``skip_tokenizer_init``.
+        ``attention_backend``, ``scheduling_policy``, ``max_logprobs``, ``skip_tokenizer_init``,
+        ``async_scheduling`` (``None``: on for one CUDA device; see :mod:`blocks.engine.core`).
         An unknown argument raises ``ValueError`` naming it.
     """
 

@@ -31,6 +31,7 @@ from blocks.cache.block_copy import block_copy
 from blocks.cache.kv_tensors import allocate_kv_cache, layer_views
 from blocks.engine.config import EngineConfig
 from blocks.engine.cuda_graphs import DecodeGraphs
+from blocks.engine.inflight import gather_inflight
 from blocks.engine.kv_sizing import num_kv_blocks
 from blocks.engine.request_table import RequestTable
 from blocks.engine.shapes import MODEL_SHAPES, shape_config
@@ -47,7 +48,7 @@ from blocks.sample.params import SamplingParams
 from blocks.sample.sampler import Sampler
 from blocks.sched.output import SchedulerOutput
 
-__all__ = ["ModelRunner", "StepResult", "SamplingInfo", "resolve_device"]
+__all__ = ["ModelRunner", "PendingStep", "StepResult", "SamplingInfo", "resolve_device"]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -90,6 +91,46 @@ class StepResult:
     prompt_logprobs: dict[str, list[dict[int, tuple[float, int]]]]
     num_tokens: int
     beam_logprobs: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class PendingStep:
+    """A launched step whose sampled ids may still be on their way to the host (:meth:`ModelRunner.launch`).
+
+    ``resolve()`` waits for them (this step's device work only, not a later step's), appends them to the
+    runner's per-request tokens and returns the :class:`StepResult`; it may be called once."""
+
+    def __init__(self, runner: ModelRunner, sampled: tuple | None, partial: StepResult, step_start: float,
+                 launched: float = 0.0) -> None:
+        self.runner, self._sampled, self._result = runner, sampled, partial
+        self._step_start, self._launched = step_start, launched
+
+    def resolve(self) -> StepResult:
+        if self._sampled is None:
+            return self._result
+        runner = self.runner
+        req_ids, rows, sampled_ids, host_buf, done, lp = self._sampled
+        self._sampled = None
+        if done is not None:
+            done.synchronize()
+        synced = time.perf_counter()
+        host = host_buf.tolist()
+        if runner._inflight is rows:
+            runner._inflight = None  # no later step took over: nothing is in flight any more
+        runner.batch.record_tokens_on_host(sampled_ids, host)
+        states = runner.requests.states
+        sampled = dict(zip(req_ids, host))
+        for rid, tok in sampled.items():
+            st = states.get(rid)
+            if st is not None:  # gone when it finished or was preempted after this step was launched
+                st.token_ids.append(tok)
+        logprobs = {}
+        if lp is not None:  # one host read for all rows that asked for logprobs (synchronous engines only)
+            asked = [(i, p.logprobs) for i, p in enumerate(runner.batch.params) if p.logprobs is not None]
+            entries = lp.to_host([i for i, _ in asked], [n for _, n in asked])
+            logprobs = {req_ids[i]: e for (i, _), e in zip(asked, entries)}
+        runner.counters["host_s"] += (self._launched - self._step_start) + (time.perf_counter() - synced)
+        r = self._result
+        return StepResult(sampled, logprobs, r.prompt_logprobs, r.num_tokens, r.beam_logprobs)
 
 
 class ModelRunner:
@@ -164,10 +205,18 @@ class ModelRunner:
         self.sampling_info = sampling_info
         self.requests = RequestTable(config.max_num_seqs, -(-self.max_model_len // self.block_size),
                                      on_leave=self._leave_batch)
+        # the last step's sampled ids: on the device (read by the next step's in-flight rows) and pinned on
+        # the host (two buffers: a step's copy may land while the host reads the step before)
+        self.prev_ids = torch.zeros(config.max_num_seqs, dtype=torch.int64, device=self.device)
+        pin = self.device.type == "cuda"
+        self._host_ids = [torch.zeros(config.max_num_seqs, dtype=torch.int64, pin_memory=pin) for _ in range(2)]
+        self._flip = 0
+        self._inflight: dict[str, int] | None = None  # rid -> row of the last launched, unresolved step
         self.graphs: DecodeGraphs | None = None
         if self.device.type == "cuda" and not config.enforce_eager:
             self.graphs = DecodeGraphs(self.model, self.kv_caches, block_size=self.block_size,
-                                       max_batch=min(config.max_num_seqs, 512), max_model_len=self.max_model_len)
+                                       max_batch=min(config.max_num_seqs, 512), max_model_len=self.max_model_len,
+                                       prev_ids=self.prev_ids)
             self.graphs.capture()
         self.reset_counters()
 
@@ -254,13 +303,20 @@ class ModelRunner:
         if pairs:
             block_copy(self.kv_cache, pairs)
 
-    @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> StepResult:
-        """Run one scheduled step; see the module docstring."""
+        """Run one scheduled step and read its results (:meth:`launch`, then :meth:`PendingStep.resolve`)."""
+        return self.launch(out).resolve()
+
+    @torch.inference_mode()
+    def launch(self, out: SchedulerOutput) -> PendingStep:
+        """Queue one scheduled step on the device: inputs, forward, sampler, and the copy of the sampled ids
+        to the host; returns a :class:`PendingStep` whose ``resolve`` waits for them. An asynchronous engine
+        launches the next step before resolving this one: a decode row whose input token is this step's
+        still-unread sample takes it from the device (:mod:`blocks.engine.inflight`)."""
         step_start = time.perf_counter()
         self.requests.apply(out)
         if out.total_num_scheduled_tokens == 0:
-            return StepResult({}, {}, {}, 0)
+            return PendingStep(self, None, StepResult({}, {}, {}, 0), step_start)
         num_sched = out.num_scheduled_tokens
         order = sorted(num_sched, key=lambda r: num_sched[r] != 1)  # decode rows first (stable)
         ids: list[int] = []
@@ -271,6 +327,8 @@ class ModelRunner:
         last_row: dict[str, int] = {}
         prompt_lp: list[tuple[str, int, int, int]] = []  # (rid, first row, first position, count)
         states = self.requests.states
+        inflight = self._inflight  # rid -> row of the unread sampled ids of the last step (async engines)
+        src: list[int] | None = None
         for rid in order:
             st = states[rid]
             tokens = st.token_ids
@@ -278,10 +336,17 @@ class ModelRunner:
             n, start = num_sched[rid], st.num_computed
             end = start + n
             if end > known:
-                raise RuntimeError(f"request {rid}: scheduled past its known tokens ({end} > {known})")
+                if not (inflight and end == known + 1 and n == 1 and rid in inflight):
+                    raise RuntimeError(f"request {rid}: scheduled past its known tokens ({end} > {known})")
+                if src is None:
+                    src = [-1] * len(ids)
+                src.append(inflight[rid])
+                known += 1
+            elif src is not None:
+                src.extend([-1] * n)
             row0 = len(ids)
             if n == 1:
-                ids.append(tokens[start])
+                ids.append(tokens[start] if start < len(tokens) else 0)
                 positions.append(start)
             else:
                 ids.extend(tokens[start:end])
@@ -309,53 +374,58 @@ class ModelRunner:
         tables = self.requests.block_tables(rows, width)
         inputs = StepInputs(ids, positions, qlens, slens, tables, list(out.blocks_to_copy),
                             sample_rows + beam_rows + prompt_rows, use_graph)
-        all_logits = self.run_model(inputs)
+        all_logits = self.run_model(inputs, src)
         ns, nb = len(sample_rows), len(beam_rows)
         prompt_result = self._prompt_logprobs(all_logits[ns + nb:], prompt_lp)
         beam_logprobs = dict(zip(beams, torch.log_softmax(all_logits[ns : ns + nb], dim=-1))) if beams else {}
         if not self.batch.req_ids:
-            return StepResult({}, {}, prompt_result, len(ids), beam_logprobs)
+            return PendingStep(self, None, StepResult({}, {}, prompt_result, len(ids), beam_logprobs), step_start)
         logits = all_logits[:ns]
         sampler_out = self.sampler(logits, self.batch, inplace=True)
         sampled_ids = sampler_out.sampled_token_ids
         self.batch.record_tokens_on_device(sampled_ids)  # queued behind the step, off the host's critical path
-        launched = time.perf_counter()
-        host = sampled_ids.tolist()  # the one host read per step
-        synced = time.perf_counter()
-        self.batch.record_tokens_on_host(sampled_ids, host)
-        req_ids = self.batch.req_ids
-        sampled = dict(zip(req_ids, host))
-        for rid, tok in sampled.items():
-            states[rid].token_ids.append(tok)
-        logprobs = {}
-        lp = sampler_out.logprobs
-        if lp is not None:  # one host read for all rows that asked for logprobs
-            asked = [(i, p.logprobs) for i, p in enumerate(self.batch.params) if p.logprobs is not None]
-            entries = lp.to_host([i for i, _ in asked], [n for _, n in asked])
-            logprobs = {req_ids[i]: e for (i, _), e in zip(asked, entries)}
-        self.counters["host_s"] += (launched - step_start) + (time.perf_counter() - synced)
-        return StepResult(sampled, logprobs, prompt_result, len(ids), beam_logprobs)
+        n = len(sampled_ids)
+        self.prev_ids[:n].copy_(sampled_ids)  # where the next step's in-flight rows read their ids
+        host = self._host_ids[self._flip][:n]
+        self._flip ^= 1
+        host.copy_(sampled_ids, non_blocking=True)
+        done = torch.cuda.Event() if self.device.type == "cuda" else None
+        if done is not None:
+            done.record()
+        req_ids = list(self.batch.req_ids)
+        self._inflight = rows_of = dict(zip(req_ids, range(n)))
+        partial = StepResult({}, {}, prompt_result, len(ids), beam_logprobs)
+        return PendingStep(self, (req_ids, rows_of, sampled_ids, host, done, sampler_out.logprobs), partial,
+                           step_start, time.perf_counter())
 
-    def run_model(self, inputs: StepInputs) -> torch.Tensor:
+    def run_model(self, inputs: StepInputs, src_rows: list[int] | None = None) -> torch.Tensor:
         """The forward of one step on this rank: block copies, the model (graph replay or eager) and the
         LM head on ``inputs.logits_rows``; returns ``[len(logits_rows), vocab]`` float32. Rank 0 of a
-        tensor-parallel engine first sends ``inputs`` to the workers so every rank runs the same step."""
+        tensor-parallel engine first sends ``inputs`` to the workers so every rank runs the same step.
+        ``src_rows``: per token, the row of ``prev_ids`` holding its id (an in-flight token), or -1."""
         if self.workers is not None:
+            if src_rows is not None:
+                raise RuntimeError("in-flight input tokens need one rank (tensor parallelism runs synchronously)")
             self.workers.send(inputs)
         self._copy_blocks(inputs.copies)
         device = self.device
         if inputs.use_graph:  # one replay: the forward and the LM head on the wanted rows
             logits = self.graphs.run(inputs.token_ids, inputs.positions, inputs.seq_lens, inputs.block_tables,
-                                     inputs.logits_rows)
+                                     inputs.logits_rows, src_rows)
             self.counters["graph_steps"] += 1
             self._count(inputs)
             return logits
         qlens = np.asarray(inputs.query_lens)
         arrays = plan_arrays(qlens, np.asarray(inputs.seq_lens), np.asarray(inputs.block_tables), self.block_size)
-        (input_ids, pos, slots, rows), (qsl, seq_lens, table) = self.stager.stage(
-            [np.asarray(inputs.token_ids, dtype=np.int64), np.asarray(inputs.positions, dtype=np.int64),
-             arrays["slot_mapping"], np.asarray(inputs.logits_rows, dtype=np.int64)],
-            [arrays["query_start_loc"], arrays["seq_lens"], arrays["block_table"]])
+        int64 = [np.asarray(inputs.token_ids, dtype=np.int64), np.asarray(inputs.positions, dtype=np.int64),
+                 arrays["slot_mapping"], np.asarray(inputs.logits_rows, dtype=np.int64)]
+        if src_rows is not None:
+            int64.append(np.asarray(src_rows, dtype=np.int64))
+        staged, (qsl, seq_lens, table) = self.stager.stage(
+            int64, [arrays["query_start_loc"], arrays["seq_lens"], arrays["block_table"]])
+        input_ids, pos, slots, rows = staged[:4]
+        if src_rows is not None:
+            gather_inflight(input_ids, staged[4], self.prev_ids)
         md = metadata_from_tensors(
             {"query_start_loc": qsl, "seq_lens": seq_lens, "block_table": table, "slot_mapping": slots},
             max_query_len=int(qlens.max()), max_seq_len=max(inputs.seq_lens),

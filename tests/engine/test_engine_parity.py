@@ -1,5 +1,6 @@
 """The engine's greedy outputs equal transformers' ``generate`` token for token, for every model
-family, also under preemption, chunked prefill, prefix caching and another block size."""
+family, also under preemption, chunked prefill, prefix caching, another block size and asynchronous
+scheduling."""
 
 import random
 
@@ -26,6 +27,9 @@ CONFIGS = {
     "chunked": dict(max_num_batched_tokens=16, long_prefill_token_threshold=8),
     "prefix": dict(enable_prefix_caching=True, max_num_seqs=3),
     "block32": dict(block_size=32),
+    # asynchronous scheduling (the default on CUDA), forced on here on the CPU
+    "async-preempt": dict(kv_cache_memory_bytes="blocks:14", max_model_len=128, async_scheduling=True),
+    "async-chunked": dict(max_num_batched_tokens=16, long_prefill_token_threshold=8, async_scheduling=True),
 }
 
 
@@ -61,9 +65,9 @@ def test_greedy_equals_transformers(family_ref, config):
     assert all(o.finished and o.outputs[0].finish_reason == "length" for o in outs)
     engine = llm.engine
     assert engine.kv_manager.num_free_blocks == engine.runner.num_blocks - 1  # all blocks back (null block kept)
-    if config == "preempt":
+    if config.endswith("preempt"):
         assert engine.scheduler.stats.num_preemptions > 0
     if config == "prefix":
         assert engine.scheduler.stats.prefix_hit_tokens >= 2 * 16
-    if config == "chunked":
+    if config.endswith("chunked"):
         assert max(len(p) for p in prompts) > 16
