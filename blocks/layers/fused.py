@@ -20,13 +20,12 @@ __all__ = ["use_fused", "linear", "FUSED_LAYERS", "SKINNY_GEMM", "SLAB_GEMV"]
 FUSED_LAYERS = os.environ.get("BLOCKS_FUSED_LAYERS", "1") != "0"
 SKINNY_GEMM = os.environ.get("BLOCKS_SKINNY_GEMM", "0") == "1"
 SLAB_GEMV = os.environ.get("BLOCKS_SLAB_GEMV", "1") != "0"
-# Where the slab GEMV beat cuBLAS inside a decode graph (H100, RESULTS.md): 1-2 rows, weights of 24-300 MB
-# (Llama-3-8B's qkv, o_proj, gate_up), K in one register chunk. Not Qwen2.5-0.5B's small layers (+-1% on an
-# H100, 14% slower on an H200), nor Llama-3-8B's down (K = 14336: two chunks, slower than split-K cuBLAS).
+# Where the slab GEMV beat cuBLAS inside a decode graph (H100, RESULTS.md): 1-2 rows, weights of 24 MB or
+# more with K in one register chunk (every Llama-3-8B projection and its LM head; Qwen2.5-0.5B's LM head).
+# Not Qwen2.5-0.5B's small layers (+-1% on an H100, 14% slower on an H200).
 SLAB_ROWS = 2
-SLAB_MAX_K = 8192
+SLAB_MAX_K = 16384
 SLAB_MIN_WEIGHT_BYTES = int(os.environ.get("BLOCKS_SLAB_MIN_MB", "24")) << 20
-SLAB_MAX_WEIGHT_BYTES = int(os.environ.get("BLOCKS_SLAB_MAX_MB", "300")) << 20
 
 
 def use_fused(x: torch.Tensor) -> bool:
@@ -35,13 +34,13 @@ def use_fused(x: torch.Tensor) -> bool:
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear(x, weight, bias)``. On CUDA, decode inputs of 1-2 rows with weights of 24-300 MB and
-    ``K <= 8192`` go through the slab GEMV (:func:`blocks.layers.triton_gemv.slab_linear`; ``BLOCKS_SLAB_GEMV=0``
+    """``F.linear(x, weight, bias)``. On CUDA, decode inputs of 1-2 rows with weights of 24 MB or more and
+    ``K <= 16384`` go through the slab GEMV (:func:`blocks.layers.triton_gemv.slab_linear`; ``BLOCKS_SLAB_GEMV=0``
     turns it off); with ``BLOCKS_SKINNY_GEMM=1``, other 2-D CUDA inputs of at most 16 rows go through
     :func:`blocks.layers.triton_gemv.skinny_linear`."""
     if (SLAB_GEMV and x.is_cuda and x.dim() == 2 and 1 <= x.shape[0] <= SLAB_ROWS and x.shape[1] <= SLAB_MAX_K
             and x.stride(1) == 1 and weight.stride(1) == 1
-            and SLAB_MIN_WEIGHT_BYTES <= weight.numel() * weight.element_size() <= SLAB_MAX_WEIGHT_BYTES):
+            and weight.numel() * weight.element_size() >= SLAB_MIN_WEIGHT_BYTES):
         from blocks.layers.triton_gemv import slab_linear
 
         return slab_linear(x, weight, bias)

@@ -3,7 +3,7 @@ cuBLAS, see :func:`blocks.layers.fused.linear`) and a split-K skinny GEMM (:func
 
 The slab GEMV gives each program whole weight rows held in registers and, launched with PDL on Hopper,
 loads them before it waits for the kernel that writes ``x``. Inside Llama-3-8B's decode graph on an H100 it
-took the batch-1 step from 6.15-6.17 to 5.56-5.80 ms (qkv, o_proj and gate_up; RESULTS.md).
+took the batch-1 step from 6.17 to 5.33 ms (every projection and the LM head; RESULTS.md).
 
 The skinny GEMM:
 
@@ -167,8 +167,8 @@ def slab_fits(m: int, k: int) -> bool:
 
 def slab_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``x [M, K] @ weight[N, K]^T (+ bias [N])`` -> ``[M, N]`` for decode batches (``M <= SLAB_MAX_ROWS``,
-    ``K <= SLAB_MAX_K``): each program owns ``BLOCK_N`` whole weight rows and walks ``K`` in chunks of about
-    ``SLAB_ELEMS / BLOCK_N`` (one chunk up to K = 8192). On Hopper it is launched with PDL and loads its first
+    ``K <= SLAB_MAX_K``): each program owns ``BLOCK_N`` whole weight rows and walks ``K`` in chunks of
+    ``SLAB_ELEMS`` (one chunk up to K = 16384; ``BLOCK_N = SLAB_ELEMS / K`` rows). On Hopper it is launched with PDL and loads its first
     chunk before waiting for the kernel that writes ``x``, so the weight stream starts during that kernel's
     tail and the launch, the gap in which cuBLAS spent much of a decode GEMM's time. Products and sums in
     float32 (no split-K, so no second kernel).
@@ -181,7 +181,7 @@ def slab_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if n == 0:
         return out
-    block_k = min(triton.next_power_of_2(k), 8192)
+    block_k = min(triton.next_power_of_2(k), SLAB_ELEMS)
     block_n = max(1, min(64, SLAB_ELEMS // block_k, triton.next_power_of_2(n)))
     pdl = pdl_enabled(x.device)
     _slab_kernel[(triton.cdiv(n, block_n),)](

@@ -256,11 +256,13 @@ class SamplingBatch:
             return
         if int(self.num_tokens[:n].max()) >= self.max_len:
             raise ValueError(f"a request exceeds max_len={self.max_len} tokens.")
-        ids = token_ids.to(device=self.device, dtype=torch.int64)[:, None]
-        pos = torch.from_numpy(self.num_tokens[:n].copy()).to(self.device, non_blocking=True)[:, None]
-        self.token_ids[:n].scatter_(1, pos, ids)
-        if self.output_counts is not None:
-            self.output_counts[:n].scatter_add_(1, ids, torch.ones_like(ids, dtype=torch.int32))
+        if self._any_penalty or self._dirty:  # only penalties read the token tensors (a row without one is
+            # unaffected by stale contents: its penalty is neutral)
+            ids = token_ids.to(device=self.device, dtype=torch.int64)[:, None]
+            pos = torch.from_numpy(self.num_tokens[:n].copy()).to(self.device, non_blocking=True)[:, None]
+            self.token_ids[:n].scatter_(1, pos, ids)
+            if self.output_counts is not None:
+                self.output_counts[:n].scatter_add_(1, ids, torch.ones_like(ids, dtype=torch.int32))
         self.num_tokens[:n] += 1
         self.num_output[:n] += 1
 
