@@ -16,8 +16,10 @@ import triton.language as tl
 
 __all__ = ["gather_inflight"]
 
+_BLOCK = 512
 
-@triton.jit
+
+@triton.jit(do_not_specialize=["n"])  # one variant for every batch size: no compile mid-run
 def _gather_inflight_kernel(ids_ptr, src_ptr, prev_ptr, n, BLOCK: tl.constexpr):
     rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = rows < n
@@ -39,8 +41,7 @@ def gather_inflight(ids: torch.Tensor, src: torch.Tensor, prev: torch.Tensor) ->
     if n == 0:
         return
     if ids.is_cuda:
-        block = min(1024, triton.next_power_of_2(n))
-        _gather_inflight_kernel[(triton.cdiv(n, block),)](ids, src, prev, n, BLOCK=block, num_warps=4)
+        _gather_inflight_kernel[(triton.cdiv(n, _BLOCK),)](ids, src, prev, n, BLOCK=_BLOCK, num_warps=4)
     else:
         take = src >= 0
         ids[take] = prev[src[take]]
