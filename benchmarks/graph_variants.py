@@ -1,0 +1,99 @@
+"""Decode-graph variants timed on one card in one process: L2 prefetch and slab-GEMV settings (H100).
+
+Builds the engine once (dummy weights at a named shape), decodes a few steps so every bucket's inputs hold a
+real batch, then for each variant recaptures the decode graphs and replays each bucket 20 times between CUDA
+events (forward and LM head; no sampler, no host), median of 5. Logits are compared with the first variant's
+(the prefetch only moves data, so it must match bit for bit; the slab GEMV sums in another order)::
+
+    PYTHONPATH=. python3 benchmarks/graph_variants.py --model llama-3-8b --variants "slab=0 slab=1 slab=1,min=300"
+    PYTHONPATH=. python3 benchmarks/graph_variants.py --model qwen2.5-0.5b --buckets 1,8,256 \\
+        --variants "prefetch=0 prefetch=1"
+
+A variant is comma-separated settings: ``prefetch=0|1`` (``BLOCKS_L2_PREFETCH``), ``slab=0|1``,
+``min=MB`` (smallest weight for the slab GEMV), ``rows=N`` (most rows), ``maxk=K``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+
+import torch
+
+import blocks.layers.fused as fused
+from blocks.engine.cuda_graphs import DecodeGraphs
+from blocks.engine.llm import LLM
+from blocks.sample.params import SamplingParams
+
+DEFAULTS = {"prefetch": os.environ.get("BLOCKS_L2_PREFETCH", "1"), "slab": int(fused.SLAB_GEMV),
+            "min": fused.SLAB_MIN_WEIGHT_BYTES >> 20, "rows": fused.SLAB_ROWS, "maxk": fused.SLAB_MAX_K}
+
+
+def _apply(variant: str) -> None:
+    cfg = dict(DEFAULTS)
+    for item in filter(None, variant.split(",")):
+        key, _, value = item.partition("=")
+        if key not in cfg:
+            raise ValueError(f"unknown setting {key!r} in variant {variant!r} (known: {', '.join(cfg)})")
+        cfg[key] = value
+    os.environ["BLOCKS_L2_PREFETCH"] = str(cfg["prefetch"])
+    fused.SLAB_GEMV = str(cfg["slab"]) == "1"
+    fused.SLAB_MIN_WEIGHT_BYTES = int(cfg["min"]) << 20
+    fused.SLAB_ROWS = int(cfg["rows"])
+    fused.SLAB_MAX_K = int(cfg["maxk"])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="qwen2.5-0.5b")
+    p.add_argument("--variants", default="prefetch=0 prefetch=1", help="space-separated variants")
+    p.add_argument("--buckets", default="1,2,4,8")
+    p.add_argument("--prompt-len", type=int, default=200)
+    args = p.parse_args()
+    buckets = [int(b) for b in args.buckets.split(",")]
+    seqs = max(buckets)
+    llm = LLM(args.model, load_format="dummy", skip_tokenizer_init=True, max_model_len=2048, max_num_seqs=seqs,
+              enable_prefix_caching=False, seed=0)
+    engine, runner = llm.engine, llm.engine.runner
+    rng = random.Random(0)
+    for i in range(seqs):  # fills every bucket's static inputs with a real decode batch
+        engine.add_request(f"w{i}", [rng.randrange(engine.vocab_size) for _ in range(args.prompt_len)],
+                           SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True))
+    while engine.has_unfinished_requests():
+        engine.step()
+    base = runner.graphs
+    reference: dict[int, torch.Tensor] = {}
+    for variant in args.variants.split():
+        _apply(variant)
+        graphs = DecodeGraphs(base.model, base.kv_caches, block_size=base.block_size, max_batch=seqs,
+                              max_model_len=base.max_model_len, prev_ids=runner.prev_ids)
+        for bs in buckets:
+            graphs._dev[bs].copy_(base._dev[bs])
+        graphs.capture()
+        cells = []
+        for bs in buckets:
+            graph, out = graphs.graphs[bs]
+            for _ in range(3):
+                graph.replay()
+            torch.cuda.synchronize()
+            ref = reference.setdefault(bs, out.clone())
+            same = "same" if torch.equal(out, ref) else f"max diff {(out - ref).abs().max().item():.3f}"
+            times = []
+            for _ in range(5):
+                torch.cuda._sleep(2_000_000)  # the GPU busy while the host queues the replays
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                for _ in range(20):
+                    graph.replay()
+                end.record()
+                torch.cuda.synchronize()
+                times.append(start.elapsed_time(end) / 20 * 1e3)
+            cells.append(f"bs{bs} {sorted(times)[2]:.1f} us ({same})")
+        print(f"{args.model} [{variant}]: " + "; ".join(cells), flush=True)
+        del graphs
+    llm.shutdown()
+
+
+if __name__ == "__main__":
+    main()
