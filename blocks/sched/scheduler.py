@@ -220,11 +220,12 @@ class Scheduler:
                     idx = running.index(victim)
                     del running[idx]
                     computed = victim.num_computed_tokens
-                    if idx < i:  # already scheduled this step: give its tokens back
+                    if idx < i:  # before req in the list (scheduled this step, or skipped: last token in flight)
+                        i -= 1
+                    if victim.request_id in num_sched:  # already scheduled this step: give its tokens back
                         if victim.in_flight_step == step:
                             victim.num_in_flight -= 1
                             victim.in_flight_step = -1
-                        i -= 1
                         budget += num_sched.pop(victim.request_id)
                         if victim.request_id in c_ids:
                             j = c_ids.index(victim.request_id)

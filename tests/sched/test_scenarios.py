@@ -324,3 +324,25 @@ def test_tokens_for_aborted_or_unknown_requests_are_ignored(kv_impl):
     assert sched.update_from_output(sampled) == []
     assert a.output_token_ids == [] and b.output_token_ids == sampled["b"]
     assert "ghost" not in sched.requests and kv.num_free_blocks == 20 - 1
+
+
+def test_async_victim_skipped_with_its_last_token_in_flight():
+    """Asynchronous reporting: the policy's victim sits before the current request in ``running`` but was
+    not scheduled this step (its last token is in flight). Preempting it gives back nothing it did not take."""
+    from blocks.cache.manager import KVCacheManager
+
+    kv = KVCacheManager(4, 4)  # 3 usable blocks of 4 tokens
+    sched = Scheduler(kv, SchedulerConfig(max_model_len=12, watermark=0.0), policy="priority")
+    sched.add_request(Request("B", [1, 2, 3], max_tokens=2, priority=1))
+    unread, finished = None, []
+    for step in range(8):
+        if step == 1:
+            sched.add_request(Request("A", list(range(1, 9)), max_tokens=3, priority=0))
+        out = sched.schedule()
+        sampled = {r.request_id: 5 for r in sched.running if r.in_flight_step == out.step}
+        sampled, unread = unread, sampled
+        finished += [r.request_id for r in sched.update_from_output(sampled or {})]
+        if not sched.has_unfinished_requests() and not unread:
+            break
+    assert sched.stats.num_preemptions >= 1 and sorted(finished) == ["A", "B"]
+    assert kv.num_free_blocks == 3
