@@ -13,9 +13,10 @@ building, stop checks and detokenization overlap the GPU instead of idling it. T
 are then unknown when this one is scheduled: the scheduler counts them as in flight, and the runner takes
 them from the device. A request that stops is seen one step late; that step's token for it is dropped (and
 requests whose last token is in flight by ``max_tokens`` are not scheduled). Outputs equal the synchronous
-engine's. Steps run synchronously while any request asks for logprobs or prompt logprobs, uses multi-token
+engine's. Steps run synchronously while any request asks for logprobs or prompt logprobs or has
 ``bad_words``, or a beam search runs (each needs the last token on the host before the next step), and with
-tensor parallelism.
+tensor parallelism. A step's tokens go to the requests that were launched with it: a request id reused
+after an abort (or a late-seen stop) while that step was in flight does not receive them.
 
 Requests enter with :meth:`add_request` (token ids + ``SamplingParams``) and leave when they
 finish or by :meth:`abort_request`. ``n > 1`` requests run as ``n`` child sequences with derived
@@ -223,7 +224,8 @@ class EngineCore:
             parent.seqs.append(seq)
         for seq in parent.seqs:  # register all before queueing so a queue-full error leaves nothing behind
             self._seqs[seq.request_id] = seq
-            if params.logprobs is not None or params.prompt_logprobs is not None:
+            if (params.logprobs is not None or params.prompt_logprobs is not None or params.bad_words
+                    or params.bad_words_token_ids):  # each needs the last token on the host before a step
                 self._sync_seqs.add(seq.request_id)
         self._parents[request_id] = parent
         try:
@@ -320,15 +322,15 @@ class EngineCore:
         overlap = self._can_overlap()
         outputs: list = []
         if self._pending is not None and not overlap:  # the next step needs this one's tokens on the host
-            outputs += self._complete(self._pending)
-            self._pending = None
+            pending, self._pending = self._pending, None
+            outputs += self._complete(pending)
         sched_out = self.scheduler.schedule()
         if sched_out.scheduled_new_reqs:
             self._mark_scheduled(sched_out.scheduled_new_reqs)
         launched = self.runner.launch(sched_out)
         if self._pending is not None:  # the step before, read while this one runs on the device
-            outputs += self._complete(self._pending)
-            self._pending = None
+            pending, self._pending = self._pending, None
+            outputs += self._complete(pending)
         if overlap and sched_out.total_num_scheduled_tokens:
             self._pending = launched
         else:

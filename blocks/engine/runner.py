@@ -108,7 +108,7 @@ class PendingStep:
         if self._sampled is None:
             return self._result
         runner = self.runner
-        req_ids, rows, sampled_ids, host_buf, done, lp = self._sampled
+        req_ids, launched, rows, sampled_ids, host_buf, done, lp = self._sampled
         self._sampled = None
         if done is not None:
             done.synchronize()
@@ -118,11 +118,15 @@ class PendingStep:
             runner._inflight = None  # no later step took over: nothing is in flight any more
         runner.batch.record_tokens_on_host(sampled_ids, host)
         states = runner.requests.states
-        sampled = dict(zip(req_ids, host))
-        for rid, tok in sampled.items():
+        sampled = {}
+        for rid, st0, tok in zip(req_ids, launched, host):
             st = states.get(rid)
-            if st is not None:  # gone when it finished or was preempted after this step was launched
+            if st is st0:
                 st.token_ids.append(tok)
+            elif st is not None:  # the id now names a request added after this step was launched: not its token
+                continue
+            # (None: finished or preempted since the launch; the scheduler keeps a preempted request's token)
+            sampled[rid] = tok
         logprobs = {}
         if lp is not None:  # one host read for all rows that asked for logprobs (synchronous engines only)
             asked = [(i, p.logprobs) for i, p in enumerate(runner.batch.params) if p.logprobs is not None]
@@ -394,9 +398,10 @@ class ModelRunner:
             done.record()
         req_ids = list(self.batch.req_ids)
         self._inflight = rows_of = dict(zip(req_ids, range(n)))
+        launched = [states[r] for r in req_ids]  # identity: an id reused later must not take these tokens
         partial = StepResult({}, {}, prompt_result, len(ids), beam_logprobs)
-        return PendingStep(self, (req_ids, rows_of, sampled_ids, host, done, sampler_out.logprobs), partial,
-                           step_start, time.perf_counter())
+        return PendingStep(self, (req_ids, launched, rows_of, sampled_ids, host, done, sampler_out.logprobs),
+                           partial, step_start, time.perf_counter())
 
     def run_model(self, inputs: StepInputs, src_rows: list[int] | None = None) -> torch.Tensor:
         """The forward of one step on this rank: block copies, the model (graph replay or eager) and the

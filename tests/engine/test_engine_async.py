@@ -69,13 +69,13 @@ def test_async_equals_sync(tiny_llama, config, logprobs):
         llm = LLM(path, async_scheduling=mode, **kwargs)
         steps = []
         core = llm.engine
-        orig = core._complete
+        orig = core.runner.launch
 
-        def tracked(launched, core=core, orig=orig, steps=steps):
-            steps.append(core._pending is not None)
-            return orig(launched)
+        def tracked(out, core=core, orig=orig, steps=steps):
+            steps.append(core._pending is not None)  # launched while the step before is unread: overlapped
+            return orig(out)
 
-        core._complete = tracked
+        core.runner.launch = tracked
         outs = llm.generate(prompts, params, use_tqdm=False)
         runs[mode] = _tokens(outs)
         assert not core.has_unfinished_requests()
@@ -127,4 +127,59 @@ def test_async_equals_sync_on_cuda(tiny_llama, enforce_eager):
         core = llm.engine
         assert core.kv_manager.num_free_blocks == core.runner.num_blocks - 1
         assert (core.runner.counters["graph_steps"] > 0) != enforce_eager
+    assert runs[True] == runs[False]
+
+
+def test_async_request_id_reused_while_a_step_is_in_flight(tiny_llama):
+    """An id aborted (or stopped, seen a step late) and added again at once: the new request gets its own
+    tokens, not the in-flight token of the old one (the same as a fresh id, and as the synchronous engine)."""
+    path, _ = tiny_llama
+    greedy = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    for mode in (False, True):
+        core = LLM(path, dtype="float32", device="cpu", max_model_len=128, async_scheduling=mode, seed=0).engine
+        got = {}
+
+        def drain(core=core, got=got):
+            while core.has_unfinished_requests():
+                for o in core.step():
+                    got[o.request_id] = list(o.outputs[0].token_ids)
+
+        core.add_request("x", [3, 9, 27, 81], greedy)
+        for _ in range(3):
+            core.step()
+        core.abort_request("x")
+        core.add_request("x", [4, 8, 15, 16], greedy)
+        drain()
+        core.add_request("fresh", [4, 8, 15, 16], greedy)
+        drain()
+        assert got["x"] == got["fresh"], mode
+        stop = SamplingParams(temperature=0.0, max_tokens=6, stop_token_ids=[got["fresh"][2]])
+        core.add_request("y", [4, 8, 15, 16], stop)  # stops at its 3rd token; the next step is already queued
+        while "y" not in got:
+            for o in core.step():
+                got[o.request_id] = list(o.outputs[0].token_ids)
+        core.add_request("y", [4, 8, 15, 16], greedy)
+        drain()
+        assert got["y"] == got["fresh"], mode
+        assert core.kv_manager.num_free_blocks == core.runner.num_blocks - 1
+
+
+def test_async_with_bad_words_joining_mid_run(tiny_llama):
+    """A request with multi-token bad words joins while other requests' steps overlap: the engine runs its
+    steps synchronously (the bans need the last token on the host) and the outputs equal the sync engine's."""
+    path, _ = tiny_llama
+    runs = {}
+    for mode in (False, True):
+        core = LLM(path, dtype="float32", device="cpu", max_model_len=128, async_scheduling=mode, seed=0).engine
+        core.add_request("a", [3, 9, 27, 81], SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True))
+        core.step()
+        core.step()
+        banned = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+        banned.bad_words_token_ids = [[5, 6], [250, 174]]
+        core.add_request("b", [4, 8, 15, 16], banned)
+        got = {}
+        while core.has_unfinished_requests():
+            for o in core.step():
+                got[o.request_id] = list(o.outputs[0].token_ids)
+        runs[mode] = got
     assert runs[True] == runs[False]
