@@ -83,6 +83,9 @@ def add_parser(sp: argparse.ArgumentParser) -> None:
     e.add_argument("--max-num-queued-requests", type=int, default=None,
                    help="waiting requests beyond this are refused with 503 + Retry-After (default: no limit)")
     e.add_argument("--enforce-eager", action="store_true", help="do not capture CUDA graphs")
+    e.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                   help="launch each engine step before reading the last one's tokens (default: on for one "
+                        "CUDA device)")
     e.add_argument("--seed", type=int, default=0, help="engine seed (default: 0)")
     sp.set_defaults(func=run)
 
@@ -110,7 +113,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         enable_prefix_caching=args.enable_prefix_caching, tensor_parallel_size=args.tensor_parallel_size,
         kv_cache_dtype=args.kv_cache_dtype, scheduling_policy=args.scheduling_policy,
         max_num_queued_requests=args.max_num_queued_requests, max_logprobs=args.max_logprobs,
-        enforce_eager=args.enforce_eager, seed=args.seed,
+        enforce_eager=args.enforce_eager, seed=args.seed, async_scheduling=args.async_scheduling,
     )
 
 

@@ -1,5 +1,5 @@
-"""The engine process's delta encoding on the real EngineCore (in-process): streamed deltas concatenate to
-the finished text, stop strings included, and messages survive msgpack."""
+"""The engine process's delta encoding on the real EngineCore (in-process), synchronous and asynchronous:
+streamed deltas concatenate to the finished text, stop strings included, and messages survive msgpack."""
 
 from __future__ import annotations
 
@@ -12,9 +12,10 @@ from blocks.engine.llm import LLM
 from blocks.sample.params import SamplingParams
 
 
-@pytest.fixture(scope="module")
-def llm(tiny_model):
-    return LLM(tiny_model, dtype="float32", device="cpu", max_model_len=128, kv_cache_memory_bytes=8 << 20)
+@pytest.fixture(scope="module", params=[False, True], ids=["sync", "async"])
+def llm(tiny_model, request):
+    return LLM(tiny_model, dtype="float32", device="cpu", max_model_len=128, kv_cache_memory_bytes=8 << 20,
+               async_scheduling=request.param)
 
 
 def _run(core, requests: dict[str, tuple[list[int], SamplingParams]], *, stream: bool) -> dict[str, dict]:
