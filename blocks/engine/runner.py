@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -33,6 +33,7 @@ from blocks.engine.config import EngineConfig
 from blocks.engine.cuda_graphs import DecodeGraphs
 from blocks.engine.inflight import gather_inflight
 from blocks.engine.kv_sizing import num_kv_blocks
+from blocks.engine.pending import PendingStep, StepResult
 from blocks.engine.request_table import RequestTable
 from blocks.engine.shapes import MODEL_SHAPES, shape_config
 from blocks.engine.staging import InputStager
@@ -70,71 +71,6 @@ class SamplingInfo:
     eos_token_id: int | None = None
     generator: RequestRng | None = None  # the random stream, kept across preemption
     beam: bool = False  # a beam-search sequence: return its log-softmax row instead of sampling
-
-
-@dataclass
-class StepResult:
-    """Host-side results of one step.
-
-    Attributes:
-        sampled: request id -> sampled token id (only requests that sampled).
-        logprobs: request id -> ``(token logprob, rank, {token id: (logprob, rank)} top-n)``.
-        prompt_logprobs: request id -> list of ``{token id: (logprob, rank)}`` for prompt positions
-            computed this step (position 0 excluded), for requests that asked for them.
-        num_tokens: tokens computed this step.
-        beam_logprobs: request id -> ``[vocab]`` float32 log-softmax row (on the device) of each
-            beam-search sequence that completed its known tokens (beam search picks its token).
-    """
-
-    sampled: dict[str, int]
-    logprobs: dict[str, tuple[float, int, dict[int, tuple[float, int]]]]
-    prompt_logprobs: dict[str, list[dict[int, tuple[float, int]]]]
-    num_tokens: int
-    beam_logprobs: dict[str, torch.Tensor] = field(default_factory=dict)
-
-
-class PendingStep:
-    """A launched step whose sampled ids may still be on their way to the host (:meth:`ModelRunner.launch`).
-
-    ``resolve()`` waits for them (this step's device work only, not a later step's), appends them to the
-    runner's per-request tokens and returns the :class:`StepResult`; it may be called once."""
-
-    def __init__(self, runner: ModelRunner, sampled: tuple | None, partial: StepResult, step_start: float,
-                 launched: float = 0.0) -> None:
-        self.runner, self._sampled, self._result = runner, sampled, partial
-        self._step_start, self._launched = step_start, launched
-
-    def resolve(self) -> StepResult:
-        if self._sampled is None:
-            return self._result
-        runner = self.runner
-        req_ids, launched, rows, sampled_ids, host_buf, done, lp = self._sampled
-        self._sampled = None
-        if done is not None:
-            done.synchronize()
-        synced = time.perf_counter()
-        host = host_buf.tolist()
-        if runner._inflight is rows:
-            runner._inflight = None  # no later step took over: nothing is in flight any more
-        runner.batch.record_tokens_on_host(sampled_ids, host)
-        states = runner.requests.states
-        sampled = {}
-        for rid, st0, tok in zip(req_ids, launched, host):
-            st = states.get(rid)
-            if st is st0:
-                st.token_ids.append(tok)
-            elif st is not None:  # the id now names a request added after this step was launched: not its token
-                continue
-            # (None: finished or preempted since the launch; the scheduler keeps a preempted request's token)
-            sampled[rid] = tok
-        logprobs = {}
-        if lp is not None:  # one host read for all rows that asked for logprobs (synchronous engines only)
-            asked = [(i, p.logprobs) for i, p in enumerate(runner.batch.params) if p.logprobs is not None]
-            entries = lp.to_host([i for i, _ in asked], [n for _, n in asked])
-            logprobs = {req_ids[i]: e for (i, _), e in zip(asked, entries)}
-        runner.counters["host_s"] += (self._launched - self._step_start) + (time.perf_counter() - synced)
-        r = self._result
-        return StepResult(sampled, logprobs, r.prompt_logprobs, r.num_tokens, r.beam_logprobs)
 
 
 class ModelRunner:
