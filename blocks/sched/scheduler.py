@@ -37,7 +37,6 @@ full prompt blocks through the prefix cache).
 
 from __future__ import annotations
 
-import heapq
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
 from blocks.sched.config import SchedulerConfig, SchedulerStats
@@ -45,6 +44,7 @@ from blocks.sched.errors import QueueFullError
 from blocks.sched.output import CachedRequestData, NewRequestData, SchedulerOutput
 from blocks.sched.policy import SchedulingPolicy, make_policy
 from blocks.sched.request import PreemptionReason, Request, RequestStatus
+from blocks.sched.waiting import WaitingQueue
 
 __all__ = ["Scheduler"]
 
@@ -97,10 +97,8 @@ class Scheduler:
         self.watermark_blocks = int(self.config.watermark * self.num_usable_blocks)
         self.requests: dict[str, Request] = {}
         self.running: list[Request] = []
-        self._waiting: list[tuple[tuple, Request]] = []  # heap; aborted entries are skipped lazily
-        self.num_waiting = 0
+        self.waiting = WaitingQueue()
         self._forked: set[str] = set()  # forked requests not yet sent to the runner
-        self.num_queued_tokens = 0
         self._finished_ids: list[str] = []
         self._seq = 0
         self.step = 0
@@ -133,7 +131,7 @@ class Scheduler:
         self._seq += 1
         request.seq = self._seq
         self.requests[request.request_id] = request
-        self._push_waiting(request)
+        self.waiting.push(self.policy.key(request), request)
 
     def abort_request(self, request_id: str) -> bool:
         """Abort a request in any state, freeing its blocks; False if unknown or already finished."""
@@ -142,11 +140,18 @@ class Scheduler:
             return False
         if req.status is _RUNNING:
             self.running.remove(req)
-        else:  # waiting or preempted: leave the heap entry, it is skipped when popped
-            self.num_waiting -= 1
-            self.num_queued_tokens -= req.num_tokens
+        else:  # waiting or preempted
+            self.waiting.remove(req)
         self._finish(req, RequestStatus.FINISHED_ABORTED)
         return True
+
+    @property
+    def num_waiting(self) -> int:
+        return self.waiting.num_waiting
+
+    @property
+    def num_queued_tokens(self) -> int:
+        return self.waiting.num_queued_tokens
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
@@ -293,7 +298,7 @@ class Scheduler:
         pos = 0
         while budget > 0 and len(running) < cfg.max_num_seqs:
             if pos == len(cands):
-                cands = self._pop_waiting(window)
+                cands = self.waiting.pop(window)
                 pos = 0
                 if not cands:
                     break
@@ -324,8 +329,7 @@ class Scheduler:
             if new_blocks is None:
                 break
             pos += 1
-            self.num_waiting -= 1
-            self.num_queued_tokens -= num_tokens
+            self.waiting.remove(req)
             stats.prefix_query_tokens += num_tokens
             stats.prefix_hit_tokens += num_cached
             if req.num_cached_tokens < 0:
@@ -347,7 +351,7 @@ class Scheduler:
             if window > 1:
                 policy.on_admitted(req, cands[pos:])
         for req in cands[pos:]:  # popped but not admitted: back to the queue
-            heapq.heappush(self._waiting, (policy.key(req), req))
+            self.waiting.put_back(policy.key(req), req)
         return budget
 
     # ------------------------------------------------------------------ after the forward
@@ -372,30 +376,27 @@ class Scheduler:
             if req is None or not req.num_in_flight:
                 continue  # finished, or a partial prefill chunk: its sample is not a token
             req.num_in_flight -= 1
-            if req.status is not _RUNNING:
-                if req.status is _PREEMPTED and self._append_while_waiting(req, toks, stop_checker, now):
-                    finished.append(req)
-                    waited.append(req)
-                continue
-            all_ids = req.all_token_ids
             out_ids = req.output_token_ids
             if not out_ids:
                 req.first_token_time = now
+            if req.status is _PREEMPTED:  # sampled before it was preempted: the recompute prefills it too
+                before = req.num_tokens
+                status = self._append_tokens(req, toks)
+                self.waiting.add_tokens(req.num_tokens - before)
+                if status is not None:
+                    self.waiting.remove(req)
+                    req.finish_time = now
+                    self._finish(req, status)
+                    waited.append(req)
+                continue
+            all_ids = req.all_token_ids
             if type(toks) is int and (stop_checker is None or not req.check_stop):  # one token, no custom check
                 out_ids.append(toks)
                 all_ids.append(toks)
                 if len(out_ids) < req.max_tokens and toks not in req.stop_ids and len(all_ids) < max_len:
                     continue
                 del out_ids[-1], all_ids[-1]  # undo; the general path below decides the status
-            status = None
-            for tok in (toks,) if isinstance(toks, int) else toks:
-                status = req.append_token(tok)
-                if status is None and stop_checker is not None and req.check_stop:
-                    status = stop_checker(req)
-                if status is None and len(all_ids) >= max_len:
-                    status = RequestStatus.FINISHED_LENGTH
-                if status is not None:
-                    break
+            status = self._append_tokens(req, toks)
             if status is not None:
                 req.finish_time = now
                 finished.append(req)
@@ -403,34 +404,25 @@ class Scheduler:
         if finished:
             if len(finished) * 8 < len(self.running):
                 for req in finished:
-                    if not (waited and req in waited):  # not one that finished while preempted
-                        self.running.remove(req)
+                    self.running.remove(req)
             else:
                 self.running = [r for r in self.running if r.status is _RUNNING]
-        return finished
+        return finished + waited
 
     # ------------------------------------------------------------------ helpers
-    def _append_while_waiting(self, req: Request, toks, stop_checker, now: float | None) -> bool:
-        """A token sampled before ``req`` was preempted: append it (the recompute prefills it too), or finish
-        the request if it stops there (returns True)."""
-        if not req.output_token_ids:
-            req.first_token_time = now
+    def _append_tokens(self, req: Request, toks) -> RequestStatus | None:
+        """Append one step's token(s) to ``req``; the finished status they cause (``max_tokens``, a stop token,
+        the stop checker, ``max_model_len``), or None."""
         status = None
         for tok in (toks,) if isinstance(toks, int) else toks:
             status = req.append_token(tok)
-            self.num_queued_tokens += 1
-            if status is None and stop_checker is not None and req.check_stop:
-                status = stop_checker(req)
+            if status is None and self.stop_checker is not None and req.check_stop:
+                status = self.stop_checker(req)
             if status is None and len(req.all_token_ids) >= self.config.max_model_len:
                 status = RequestStatus.FINISHED_LENGTH
             if status is not None:
                 break
-        if status is not None:  # leave the queue (its heap entry is skipped when popped)
-            self.num_waiting -= 1
-            self.num_queued_tokens -= req.num_tokens
-            req.finish_time = now
-            self._finish(req, status)
-        return status is not None
+        return status
 
     def _cached_tokens(self, req: Request) -> int:
         """Prefix-cache hit tokens of a waiting request, looked up at most every ``_HINT_STEPS`` steps."""
@@ -439,20 +431,6 @@ class Scheduler:
             hits = self.kv.get_computed_blocks(req.request_id, req.all_token_ids, extra_keys=req.extra_keys)[1]
             req.prefix_hint = (self.step, hits)
         return hits
-
-    def _push_waiting(self, req: Request) -> None:
-        heapq.heappush(self._waiting, (self.policy.key(req), req))
-        self.num_waiting += 1
-        self.num_queued_tokens += req.num_tokens
-
-    def _pop_waiting(self, k: int) -> list[Request]:
-        out = []
-        heap = self._waiting
-        while heap and len(out) < k:
-            req = heapq.heappop(heap)[1]
-            if req.status is _WAITING or req.status is _PREEMPTED:
-                out.append(req)
-        return out
 
     def fork_request(self, parent_id: str, child_id: str) -> Request:
         """Start ``child_id`` as a running copy of the running request ``parent_id``.
@@ -502,7 +480,7 @@ class Scheduler:
         by = self.stats.preemptions_by_reason
         by[reason.value] = by.get(reason.value, 0) + 1
         preempted.append(req.request_id)
-        self._push_waiting(req)
+        self.waiting.push(self.policy.key(req), req)
 
     def _finish(self, req: Request, status: RequestStatus) -> None:
         if req.status is _RUNNING:
@@ -517,4 +495,4 @@ class Scheduler:
 
     def iter_waiting(self) -> Iterable[Request]:
         """Waiting and preempted requests in policy order (a sorted copy; for inspection and tests)."""
-        return [r for _, r in sorted(self._waiting, key=lambda e: e[0]) if r.status in (_WAITING, _PREEMPTED)]
+        return self.waiting.in_order()
