@@ -327,11 +327,12 @@ class EngineCore:
         sched_out = self.scheduler.schedule()
         if sched_out.scheduled_new_reqs:
             self._mark_scheduled(sched_out.scheduled_new_reqs)
-        launched = self.runner.launch(sched_out)
+        keep = overlap and sched_out.total_num_scheduled_tokens > 0
+        launched = self.runner.launch(sched_out, overlap=keep)
         if self._pending is not None:  # the step before, read while this one runs on the device
             pending, self._pending = self._pending, None
             outputs += self._complete(pending)
-        if overlap and sched_out.total_num_scheduled_tokens:
+        if keep:
             self._pending = launched
         else:
             outputs += self._complete(launched)

@@ -52,25 +52,28 @@ class PendingStep:
         if self._sampled is None:
             return self._result
         runner = self.runner
-        req_ids, launched, rows, sampled_ids, host_buf, done, lp = self._sampled
+        req_ids, launched, sampled_ids, host_buf, done, lp = self._sampled
         self._sampled = None
         if done is not None:
             done.synchronize()
         synced = time.perf_counter()
         host = host_buf.tolist()
-        if runner._inflight is rows:
-            runner._inflight = None  # no later step took over: nothing is in flight any more
         runner.batch.record_tokens_on_host(sampled_ids, host)
         states = runner.requests.states
-        sampled = {}
-        for rid, st0, tok in zip(req_ids, launched, host):
-            st = states.get(rid)
-            if st is st0:
-                st.token_ids.append(tok)
-            elif st is not None:  # the id now names a request added after this step was launched: not its token
-                continue
-            # (None: finished or preempted since the launch; the scheduler keeps a preempted request's token)
-            sampled[rid] = tok
+        if launched is None:  # resolved before any later launch: the runner's requests are the launch's
+            sampled = dict(zip(req_ids, host))
+            for rid, tok in sampled.items():
+                states[rid].token_ids.append(tok)
+        else:
+            sampled = {}
+            for rid, st0, tok in zip(req_ids, launched, host):
+                st = states.get(rid)
+                if st is st0:
+                    st.token_ids.append(tok)
+                elif st is not None:  # the id names a request added after this step's launch: not its token
+                    continue
+                # (None: finished or preempted since the launch; the scheduler keeps a preempted one's token)
+                sampled[rid] = tok
         logprobs = {}
         if lp is not None:  # one host read for all rows that asked for logprobs (synchronous engines only)
             asked = [(i, p.logprobs) for i, p in enumerate(runner.batch.params) if p.logprobs is not None]

@@ -151,7 +151,7 @@ class ModelRunner:
         pin = self.device.type == "cuda"
         self._host_ids = [torch.zeros(config.max_num_seqs, dtype=torch.int64, pin_memory=pin) for _ in range(2)]
         self._flip = 0
-        self._inflight: dict[str, int] | None = None  # rid -> row of the last launched, unresolved step
+        self._inflight: dict[str, int] | None = None  # rid -> row of the last step launched with overlap
         self.graphs: DecodeGraphs | None = None
         if self.device.type == "cuda" and not config.enforce_eager:
             self.graphs = DecodeGraphs(self.model, self.kv_caches, block_size=self.block_size,
@@ -248,11 +248,12 @@ class ModelRunner:
         return self.launch(out).resolve()
 
     @torch.inference_mode()
-    def launch(self, out: SchedulerOutput) -> PendingStep:
+    def launch(self, out: SchedulerOutput, *, overlap: bool = False) -> PendingStep:
         """Queue one scheduled step on the device: inputs, forward, sampler, and the copy of the sampled ids
-        to the host; returns a :class:`PendingStep` whose ``resolve`` waits for them. An asynchronous engine
-        launches the next step before resolving this one: a decode row whose input token is this step's
-        still-unread sample takes it from the device (:mod:`blocks.engine.inflight`)."""
+        to the host; returns a :class:`PendingStep` whose ``resolve`` waits for them. With ``overlap`` the
+        caller will launch the next step before resolving this one: that step's decode rows whose input is
+        this step's still-unread sample take it from the device (:mod:`blocks.engine.inflight`), so the ids
+        are also kept on the device, and the requests they belong to are remembered."""
         step_start = time.perf_counter()
         self.requests.apply(out)
         if out.total_num_scheduled_tokens == 0:
@@ -267,7 +268,9 @@ class ModelRunner:
         last_row: dict[str, int] = {}
         prompt_lp: list[tuple[str, int, int, int]] = []  # (rid, first row, first position, count)
         states = self.requests.states
-        inflight = self._inflight  # rid -> row of the unread sampled ids of the last step (async engines)
+        # rid -> row of the last step's sampled ids, if it was launched to overlap this one (when it was read
+        # first after all, its tokens are known and no row below needs the map)
+        inflight, self._inflight = self._inflight, None
         src: list[int] | None = None
         for rid in order:
             st = states[rid]
@@ -325,7 +328,6 @@ class ModelRunner:
         sampled_ids = sampler_out.sampled_token_ids
         self.batch.record_tokens_on_device(sampled_ids)  # queued behind the step, off the host's critical path
         n = len(sampled_ids)
-        self.prev_ids[:n].copy_(sampled_ids)  # where the next step's in-flight rows read their ids
         host = self._host_ids[self._flip][:n]
         self._flip ^= 1
         host.copy_(sampled_ids, non_blocking=True)
@@ -333,11 +335,14 @@ class ModelRunner:
         if done is not None:
             done.record()
         req_ids = list(self.batch.req_ids)
-        self._inflight = rows_of = dict(zip(req_ids, range(n)))
-        launched = [states[r] for r in req_ids]  # identity: an id reused later must not take these tokens
+        launched = None
+        if overlap:
+            self.prev_ids[:n].copy_(sampled_ids)  # where the next step's in-flight rows read their ids
+            self._inflight = dict(zip(req_ids, range(n)))
+            launched = [states[r] for r in req_ids]  # identity: an id reused meanwhile must not take these tokens
         partial = StepResult({}, {}, prompt_result, len(ids), beam_logprobs)
-        return PendingStep(self, (req_ids, launched, rows_of, sampled_ids, host, done, sampler_out.logprobs),
-                           partial, step_start, time.perf_counter())
+        return PendingStep(self, (req_ids, launched, sampled_ids, host, done, sampler_out.logprobs), partial,
+                           step_start, time.perf_counter())
 
     def run_model(self, inputs: StepInputs, src_rows: list[int] | None = None) -> torch.Tensor:
         """The forward of one step on this rank: block copies, the model (graph replay or eager) and the

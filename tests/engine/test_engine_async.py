@@ -71,9 +71,9 @@ def test_async_equals_sync(tiny_llama, config, logprobs):
         core = llm.engine
         orig = core.runner.launch
 
-        def tracked(out, core=core, orig=orig, steps=steps):
-            steps.append(core._pending is not None)  # launched while the step before is unread: overlapped
-            return orig(out)
+        def tracked(out, overlap=False, orig=orig, steps=steps):
+            steps.append(overlap)  # launched to be read after the next one: overlapped
+            return orig(out, overlap=overlap)
 
         core.runner.launch = tracked
         outs = llm.generate(prompts, params, use_tqdm=False)
