@@ -15,7 +15,7 @@ import torch
 
 from blocks.attention.metadata import AttentionMetadata
 
-__all__ = ["reshape_and_cache", "paged_attention", "FP8_KV_DTYPE"]
+__all__ = ["reshape_and_cache", "paged_attention", "physical_walk_table", "FP8_KV_DTYPE"]
 
 FP8_KV_DTYPE = torch.float8_e4m3fn
 
@@ -129,3 +129,21 @@ def paged_attention(
         probs = torch.softmax(scores, dim=-1)
         out[q_start:q_end] = torch.einsum("hqk,khd->qhd", probs, v).to(out.dtype)
     return out
+
+
+def physical_walk_table(block_table: torch.Tensor, seq_lens: torch.Tensor, block_size: int) -> torch.Tensor:
+    """``[num_seqs, width]`` int32: each row's blocks in the order a decode program should read them.
+
+    Row ``i`` holds the ``ceil(seq_lens[i] / block_size) - 1`` full blocks of ``block_table[i]`` sorted by
+    physical id, then its last (possibly partial) block, then the row's padding entries in their order.
+    So the first ``seq_lens[i]`` key slots of the walk are exactly the sequence's keys, and the mask
+    ``key < seq_len`` of a one-token query still holds; only the order of the keys changes. Device ops
+    only (a sort along rows), no sync: capturable in a CUDA graph.
+    """
+    width = block_table.shape[1]
+    slot = torch.arange(width, device=block_table.device, dtype=torch.int64)
+    last = (seq_lens.to(torch.int64) + block_size - 1) // block_size - 1  # index of each row's last block
+    full = slot[None, :] < last[:, None]
+    # full blocks sort by their id; the rest keep their place after them (keys past any block id)
+    key = torch.where(full, block_table.to(torch.int64), (1 << 40) + slot[None, :])
+    return block_table.gather(1, key.argsort(dim=1)).to(torch.int32)

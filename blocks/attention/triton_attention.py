@@ -31,7 +31,7 @@ import triton.language as tl
 
 from blocks.triton_pdl import pdl_launch_dependents, pdl_wait
 
-__all__ = ["paged_attn_kernel", "merge_splits_kernel", "kv_offsets"]
+__all__ = ["paged_attn_kernel", "merge_splits_kernel", "kv_offsets", "walk_table_kernel"]
 
 LOG2E = 1.4426950408889634
 
@@ -278,3 +278,26 @@ def merge_splits_kernel(
     )
     o = tl.sum(part * w[:, None], 0)
     tl.store(out_ptr + token * stride_ot + head * stride_oh + d, o.to(out_ptr.dtype.element_ty), mask=d_ok)
+
+
+@triton.jit(do_not_specialize=["width", "stride_b", "stride_o"])
+def walk_table_kernel(bt_ptr, seq_lens_ptr, out_ptr, width, stride_b, stride_o, BLOCK_SIZE: tl.constexpr,
+                      CHUNK_I: tl.constexpr, CHUNK_J: tl.constexpr):
+    """``CHUNK_I`` entries of one row of the physical walk table, placed by rank: a full block goes to the
+    number of full blocks of its row with a smaller ``(id, slot)``; the last block and the padding keep
+    their slots. The compares scale with a row's own full blocks, not the table's width, so a graph planned
+    for long rows costs little on short ones."""
+    row = tl.program_id(1).to(tl.int64)
+    i = tl.program_id(0) * CHUNK_I + tl.arange(0, CHUNK_I)
+    ok = i < width
+    ids = tl.load(bt_ptr + row * stride_b + i, mask=ok, other=0)
+    last = (tl.load(seq_lens_ptr + row) + BLOCK_SIZE - 1) // BLOCK_SIZE - 1  # full blocks: slots [0, last)
+    rank = tl.zeros([CHUNK_I], dtype=tl.int32)
+    if tl.program_id(0) * CHUNK_I < last:
+        for j0 in range(0, last, CHUNK_J):
+            j = j0 + tl.arange(0, CHUNK_J)
+            other = tl.load(bt_ptr + row * stride_b + j, mask=j < last, other=0)
+            before = (other[None, :] < ids[:, None]) | ((other[None, :] == ids[:, None]) & (j[None, :] < i[:, None]))
+            rank += tl.sum((before & (j < last)[None, :]).to(tl.int32), 1)
+    dest = tl.where(i < last, rank, i)
+    tl.store(out_ptr + row * stride_o + dest, ids, mask=ok)

@@ -15,7 +15,12 @@ Kernel choice (host integers only):
   chunks (merged by log-sum-exp): enough to fill them twice and to keep each chunk at most
   ``SPLIT_TOKENS`` keys (8 x 32768 on an H100, once a decode program's start-up was cheap: 8 splits
   361-363 us, 16 splits 363-365 us, 33 splits 367 us; RESULTS.md),
-  never below 256 keys a chunk.
+  never below 256 keys a chunk. From ``WALK_MIN_SEQ_LEN`` keys on, the launch reads a *walk table*: each
+  row's full blocks in ascending physical id, its last block kept last (:func:`physical_walk_table`, one
+  device sort a step, shared by the layers). A decode row's softmax does not depend on the order of its
+  keys, and a program whose blocks are sorted changes 2 MB pages once per page instead of once per block
+  (the cost that kept 8 x 32768 on shuffled blocks 1.5-2% behind SDPA; RESULTS.md). Not with a sliding
+  window (its mask needs logical positions).
 * a mixed batch whose first ``num_decode_tokens`` rows are decode rows (the engine's order): two
   launches, those rows as above (as a decode batch of that many sequences) and the prefill chunks as
   below; one 128-row tile per one-token row would cost 8x the tensor-core work of the 16-row tile.
@@ -34,15 +39,18 @@ import torch
 import triton
 
 from blocks.attention.metadata import AttentionMetadata
-from blocks.attention.triton_attention import merge_splits_kernel, paged_attn_kernel
+from blocks.attention.triton_attention import merge_splits_kernel, paged_attn_kernel, walk_table_kernel
 from blocks.attention.validation import check_attention
 from blocks.triton_pdl import pdl_enabled, pdl_launch_kwargs
 
-__all__ = ["Launch", "LaunchConfig", "TritonPlan", "WorkspacePool", "choose_config", "paged_attention"]
+__all__ = ["Launch", "LaunchConfig", "TritonPlan", "WorkspacePool", "choose_config", "paged_attention",
+           "physical_walk_table"]
 
 MAX_SPLITS = 64
 MIN_SPLIT_TOKENS = 256
 SPLIT_TOKENS = 4096
+WALK_MIN_SEQ_LEN = 8192
+WALK_CHUNK = 64  # walk-table entries a program places
 
 
 @dataclass(frozen=True)
@@ -55,6 +63,7 @@ class LaunchConfig:
     num_splits: int = 1
     num_warps: int = 4
     num_stages: int = 2
+    sorted_walk: bool = False  # decode only: read blocks in physical order (see physical_walk_table)
 
 
 @functools.lru_cache(maxsize=16)
@@ -95,12 +104,30 @@ def choose_config(
             num_splits = max(triton.cdiv(2 * num_sms, programs), triton.cdiv(max_seq_len, SPLIT_TOKENS))
             num_splits = max(1, min(num_splits, max_seq_len // MIN_SPLIT_TOKENS, MAX_SPLITS))
         return LaunchConfig(block_q=1, block_m=block_m, block_n=block_n, num_splits=num_splits,
-                            num_warps=4, num_stages=stages)
+                            num_warps=4, num_stages=stages, sorted_walk=max_seq_len >= WALK_MIN_SEQ_LEN)
     block_m = max(64 if wide else 128, group_pad)
     block_q = max(1, block_m // group)
     if wide:
         return LaunchConfig(block_q=block_q, block_m=block_m, block_n=32, num_warps=4, num_stages=2)
     return LaunchConfig(block_q=block_q, block_m=block_m, block_n=128, num_warps=8, num_stages=3)
+
+
+def physical_walk_table(block_table: torch.Tensor, seq_lens: torch.Tensor, block_size: int) -> torch.Tensor:
+    """``[num_seqs, width]`` int32: each row's blocks in the order a decode program should read them (the
+    contract: :func:`blocks.attention.reference.physical_walk_table`), placing each full block by its rank
+    among its row's full blocks (``walk_table_kernel``: ``O(blocks^2)`` compares a row, spread over many
+    programs; torch's ``argsort`` took 57-92 us for 1-256 rows of 2048 on an H100, and a sort in registers
+    45 us)."""
+    num_seqs, width = block_table.shape
+    out = torch.empty_like(block_table, dtype=torch.int32)
+    if num_seqs == 0 or width == 0:
+        return out
+    if block_table.stride(1) != 1:
+        block_table = block_table.contiguous()
+    walk_table_kernel[(triton.cdiv(width, WALK_CHUNK), num_seqs)](
+        block_table, seq_lens, out, width, block_table.stride(0), out.stride(0), BLOCK_SIZE=block_size,
+        CHUNK_I=WALK_CHUNK, CHUNK_J=128, num_warps=4)
+    return out
 
 
 class WorkspacePool:
@@ -169,6 +196,7 @@ class TritonPlan:
     overrides: dict = field(default_factory=dict)
     pool: WorkspacePool = field(default=DEFAULT_WORKSPACE_POOL, repr=False)
     launches: dict = field(default_factory=dict)
+    walk_table: torch.Tensor | None = field(default=None, repr=False)  # physical_walk_table, made on first use
 
     @classmethod
     def from_metadata(cls, metadata: AttentionMetadata, *, pool: WorkspacePool | None = None,
@@ -272,6 +300,11 @@ def paged_attention(
     pdl = pdl_enabled(query.device)
     for part in plan.launches_for(query, num_kv_heads):
         cfg, workspace = part.config, part.workspace
+        block_table = metadata.block_table
+        if cfg.sorted_walk and (part.one_token or plan.max_query_len <= 1) and not use_window:
+            if plan.walk_table is None:
+                plan.walk_table = physical_walk_table(block_table, metadata.seq_lens, key_cache.shape[1])
+            block_table = plan.walk_table
         part_tokens = part.tok_end - part.tok_start
         if cfg.block_q == 1:
             grid_q = part_tokens
@@ -281,14 +314,14 @@ def paged_attention(
         part_out, part_lse = workspace if split else (out, out)
         paged_attn_kernel[(grid_q, num_kv_heads, cfg.num_splits)](
             query, key_cache, value_cache, out, part_out, part_lse,
-            metadata.query_start_loc, metadata.seq_lens, metadata.block_table,
+            metadata.query_start_loc, metadata.seq_lens, block_table,
             k_scale if fp8 else dummy, v_scale if fp8 else dummy,
             float(scale), float(soft_cap) if use_softcap else 1.0, int(sliding_window) if use_window else 0,
             part.seq_start, part.num_seqs, part.tok_end, grid_q,
             query.stride(0), query.stride(1), out.stride(0), out.stride(1),
             key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
             value_cache.stride(0), value_cache.stride(1), value_cache.stride(2),
-            metadata.block_table.stride(0),
+            block_table.stride(0),
             part_out.stride(0) if split else 0, part_out.stride(1) if split else 0,
             part_out.stride(2) if split else 0, part_lse.stride(0) if split else 0, part_lse.stride(1) if split else 0,
             GROUP=group, BLOCK_Q=cfg.block_q, ONE_TOKEN=part.one_token and cfg.block_q == 1, BLOCK_M=cfg.block_m,

@@ -7,13 +7,15 @@ Caches are poisoned with NaN outside the written slots, so any read past a seque
 
 from __future__ import annotations
 
+import random
+
 import pytest
 import torch
 
 from blocks.attention import reference
 from blocks.attention.backend import get_attention_backend
 from blocks.attention.triton_backend import TritonAttentionBackend
-from blocks.attention.triton_paged import TritonPlan
+from blocks.attention.triton_paged import WALK_MIN_SEQ_LEN, TritonPlan, choose_config, physical_walk_table
 from tests.attention.helpers import DECODE_PAIRS, FP8, MIXED_PAIRS, assert_close_no_nan, make_batch
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -90,6 +92,52 @@ def test_decode_batch_with_forced_split_kv(num_splits, dtype, heads, window):
     (launch,) = next(iter(batch.metadata.plan.launches.values()))
     cfg, workspace = launch.config, launch.workspace
     assert cfg.num_splits == num_splits and (workspace is not None) == (num_splits > 1)
+
+
+@pytest.mark.parametrize("num_splits", [1, 4])
+@pytest.mark.parametrize("dtype,heads", [(torch.float32, (8, 2)), (torch.float16, (7, 1))])
+def test_decode_in_physical_block_order_matches_reference(num_splits, dtype, heads):
+    """The sorted walk (forced): every row's blocks read in physical order, its partial last block last;
+    padding rows and tokens included. The same keys, so the reference's output."""
+    pairs = [(1, 300), (1, 17), (1, 16), (1, 1), (1, 97), (1, 250)]
+    batch = make_batch(pairs, num_heads=heads[0], num_kv_heads=heads[1], head_dim=64, block_size=16, dtype=dtype,
+                       device=DEVICE, pad_rows=1, pad_tokens=1)
+    backend = TritonAttentionBackend(num_splits=num_splits, sorted_walk=True)
+    out = run_and_check(batch, dtype, backend=backend)
+    walk = batch.metadata.plan.walk_table
+    assert walk is not None and (out[len(pairs):] == 0).all()
+    # with a sliding window the walk is not used (its mask needs logical positions); still correct
+    windowed = make_batch(pairs, num_heads=heads[0], num_kv_heads=heads[1], head_dim=64, block_size=16, dtype=dtype,
+                          device=DEVICE)
+    run_and_check(windowed, dtype, backend=TritonAttentionBackend(sorted_walk=True), sliding_window=40)
+    assert windowed.metadata.plan.walk_table is None
+
+
+@pytest.mark.parametrize("width", [12, 33, 300])
+def test_physical_walk_table_sorts_full_blocks_and_keeps_the_last_block_last(width):
+    rng = random.Random(width)
+    block_size = 16
+    seq_lens, rows = [], []
+    for n_blocks in [width, 1, 5, 0, 7, width - 1]:
+        ids = rng.sample(range(1, 1 << 20), n_blocks)
+        rows.append(ids + [rng.randrange(1 << 20) for _ in range(width - n_blocks)])  # padding: any ids
+        seq_lens.append(max(0, (n_blocks - 1) * block_size + rng.randint(1, block_size)) if n_blocks else 0)
+    table = torch.tensor(rows, dtype=torch.int32, device=DEVICE)
+    lens = torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE)
+    walk = physical_walk_table(table, lens, block_size)
+    assert walk.dtype == torch.int32 and walk.shape == table.shape
+    assert torch.equal(walk, reference.physical_walk_table(table, lens, block_size))
+    for row, got, sl in zip(rows, walk.tolist(), seq_lens):
+        n = -(-sl // block_size)
+        assert got[:max(n - 1, 0)] == sorted(row[:max(n - 1, 0)])  # full blocks by physical id
+        assert got[max(n - 1, 0):] == row[max(n - 1, 0):]  # the last block, then the padding, in place
+
+
+def test_long_decode_plans_the_sorted_walk_and_prefill_does_not():
+    kw = dict(num_heads=32, num_kv_heads=8, head_dim=128, num_sms=132, dtype=torch.bfloat16)
+    assert choose_config(num_seqs=8, max_query_len=1, max_seq_len=WALK_MIN_SEQ_LEN, **kw).sorted_walk
+    assert not choose_config(num_seqs=8, max_query_len=1, max_seq_len=WALK_MIN_SEQ_LEN - 1, **kw).sorted_walk
+    assert not choose_config(num_seqs=1, max_query_len=512, max_seq_len=32768, **kw).sorted_walk
 
 
 def test_split_heuristic_picks_split_for_few_long_sequences():
