@@ -1,4 +1,4 @@
-"""Decode-graph variants timed on one card in one process: L2 prefetch and slab-GEMV settings (H100).
+"""Decode-graph variants timed on one card in one process: L2 prefetch, decode fusion and slab-GEMV settings.
 
 Builds the engine once (dummy weights at a named shape), decodes a few steps so every bucket's inputs hold a
 real batch, then for each variant recaptures the decode graphs and replays each bucket 20 times between CUDA
@@ -9,8 +9,11 @@ events (forward and LM head; no sampler, no host), median of 5. Logits are compa
     PYTHONPATH=. python3 benchmarks/graph_variants.py --model qwen2.5-0.5b --buckets 1,8,256 \\
         --variants "prefetch=0 prefetch=1"
 
-A variant is comma-separated settings: ``prefetch=0|1`` (``BLOCKS_L2_PREFETCH``), ``slab=0|1``,
-``min=MB`` (smallest weight for the slab GEMV), ``rows=N`` (most rows), ``maxk=K``.
+A variant is comma-separated settings: ``prefetch=0|1`` (``BLOCKS_L2_PREFETCH``), ``fusion=0|1`` (the fused
+decode layers, ``BLOCKS_DECODE_FUSION``), ``felems=N`` / ``fwarps=N`` (their weight elements and warps a
+program), ``walk=0|1`` (the sorted attention walk, ``BLOCKS_SORTED_WALK``), ``slab=0|1``,
+``min=MB`` (smallest weight for the slab GEMV), ``selems=N`` (its weight elements a program), ``rows=N`` (most
+rows), ``maxk=K``.
 """
 
 from __future__ import annotations
@@ -21,12 +24,17 @@ import random
 
 import torch
 
+import blocks.attention.triton_paged as triton_paged
 import blocks.layers.fused as fused
+import blocks.layers.triton_decode_fused as decode_fused
+import blocks.layers.triton_gemv as triton_gemv
 from blocks.engine.cuda_graphs import DecodeGraphs
 from blocks.engine.llm import LLM
 from blocks.sample.params import SamplingParams
 
-DEFAULTS = {"prefetch": os.environ.get("BLOCKS_L2_PREFETCH", "1"), "slab": int(fused.SLAB_GEMV),
+DEFAULTS = {"prefetch": os.environ.get("BLOCKS_L2_PREFETCH", "1"), "fusion": int(fused.DECODE_FUSION),
+            "slab": int(fused.SLAB_GEMV), "walk": int(triton_paged.SORTED_WALK), "felems": decode_fused.ELEMS,
+            "fwarps": 0, "selems": triton_gemv.SLAB_ELEMS,
             "min": fused.SLAB_MIN_WEIGHT_BYTES >> 20, "rows": fused.SLAB_ROWS, "maxk": fused.SLAB_MAX_K}
 
 
@@ -38,6 +46,11 @@ def _apply(variant: str) -> None:
             raise ValueError(f"unknown setting {key!r} in variant {variant!r} (known: {', '.join(cfg)})")
         cfg[key] = value
     os.environ["BLOCKS_L2_PREFETCH"] = str(cfg["prefetch"])
+    fused.DECODE_FUSION = str(cfg["fusion"]) == "1"
+    triton_paged.SORTED_WALK = str(cfg["walk"]) == "1"
+    decode_fused.ELEMS = int(cfg["felems"])
+    decode_fused.WARPS = int(cfg["fwarps"]) or None
+    triton_gemv.SLAB_ELEMS = int(cfg["selems"])
     fused.SLAB_GEMV = str(cfg["slab"]) == "1"
     fused.SLAB_MIN_WEIGHT_BYTES = int(cfg["min"]) << 20
     fused.SLAB_ROWS = int(cfg["rows"])
@@ -50,11 +63,12 @@ def main() -> None:
     p.add_argument("--variants", default="prefetch=0 prefetch=1", help="space-separated variants")
     p.add_argument("--buckets", default="1,2,4,8")
     p.add_argument("--prompt-len", type=int, default=200)
+    p.add_argument("--max-model-len", type=int, default=2048)
     args = p.parse_args()
     buckets = [int(b) for b in args.buckets.split(",")]
     seqs = max(buckets)
-    llm = LLM(args.model, load_format="dummy", skip_tokenizer_init=True, max_model_len=2048, max_num_seqs=seqs,
-              enable_prefix_caching=False, seed=0)
+    llm = LLM(args.model, load_format="dummy", skip_tokenizer_init=True, max_model_len=args.max_model_len,
+              max_num_seqs=seqs, enable_prefix_caching=False, seed=0)
     engine, runner = llm.engine, llm.engine.runner
     rng = random.Random(0)
     for i in range(seqs):  # fills every bucket's static inputs with a real decode batch

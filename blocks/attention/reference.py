@@ -135,10 +135,11 @@ def physical_walk_table(block_table: torch.Tensor, seq_lens: torch.Tensor, block
     """``[num_seqs, width]`` int32: each row's blocks in the order a decode program should read them.
 
     Row ``i`` holds the ``ceil(seq_lens[i] / block_size) - 1`` full blocks of ``block_table[i]`` sorted by
-    physical id, then its last (possibly partial) block, then the row's padding entries in their order.
-    So the first ``seq_lens[i]`` key slots of the walk are exactly the sequence's keys, and the mask
-    ``key < seq_len`` of a one-token query still holds; only the order of the keys changes. Device ops
-    only (a sort along rows), no sync: capturable in a CUDA graph.
+    physical id, then its last (possibly partial) block. So the first ``seq_lens[i]`` key slots of the walk
+    are exactly the sequence's keys, and the mask ``key < seq_len`` of a one-token query still holds; only
+    the order of the keys changes. Entries past the last block are never read: here they keep their
+    place, the Triton version leaves them 0. Device ops only (a sort along rows), no sync: capturable in a
+    CUDA graph.
     """
     width = block_table.shape[1]
     slot = torch.arange(width, device=block_table.device, dtype=torch.int64)

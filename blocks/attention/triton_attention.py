@@ -282,22 +282,26 @@ def merge_splits_kernel(
 
 @triton.jit(do_not_specialize=["width", "stride_b", "stride_o"])
 def walk_table_kernel(bt_ptr, seq_lens_ptr, out_ptr, width, stride_b, stride_o, BLOCK_SIZE: tl.constexpr,
-                      CHUNK_I: tl.constexpr, CHUNK_J: tl.constexpr):
+                      CHUNK_I: tl.constexpr, CHUNK_J: tl.constexpr, PDL: tl.constexpr = False):
     """``CHUNK_I`` entries of one row of the physical walk table, placed by rank: a full block goes to the
-    number of full blocks of its row with a smaller ``(id, slot)``; the last block and the padding keep
-    their slots. The compares scale with a row's own full blocks, not the table's width, so a graph planned
-    for long rows costs little on short ones."""
+    number of full blocks of its row with a smaller ``(id, slot)``, the last block keeps its slot, and
+    entries past it are not written. The compares scale with a row's own blocks, not the table's width, so
+    a graph planned for long rows costs little on short ones. It reads only the metadata, so with PDL it
+    runs beside the kernel before it and waits for that kernel only at the end (the attention after it
+    then sees that kernel's writes too)."""
     row = tl.program_id(1).to(tl.int64)
     i = tl.program_id(0) * CHUNK_I + tl.arange(0, CHUNK_I)
-    ok = i < width
-    ids = tl.load(bt_ptr + row * stride_b + i, mask=ok, other=0)
     last = (tl.load(seq_lens_ptr + row) + BLOCK_SIZE - 1) // BLOCK_SIZE - 1  # full blocks: slots [0, last)
-    rank = tl.zeros([CHUNK_I], dtype=tl.int32)
-    if tl.program_id(0) * CHUNK_I < last:
-        for j0 in range(0, last, CHUNK_J):
-            j = j0 + tl.arange(0, CHUNK_J)
-            other = tl.load(bt_ptr + row * stride_b + j, mask=j < last, other=0)
-            before = (other[None, :] < ids[:, None]) | ((other[None, :] == ids[:, None]) & (j[None, :] < i[:, None]))
-            rank += tl.sum((before & (j < last)[None, :]).to(tl.int32), 1)
-    dest = tl.where(i < last, rank, i)
-    tl.store(out_ptr + row * stride_o + dest, ids, mask=ok)
+    if tl.program_id(0) * CHUNK_I <= last:
+        ok = (i < width) & (i <= last)
+        ids = tl.load(bt_ptr + row * stride_b + i, mask=ok, other=0)
+        rank = tl.zeros([CHUNK_I], dtype=tl.int32)
+        if tl.program_id(0) * CHUNK_I < last:
+            for j0 in range(0, last, CHUNK_J):
+                j = j0 + tl.arange(0, CHUNK_J)
+                other = tl.load(bt_ptr + row * stride_b + j, mask=j < last, other=0)
+                before = (other[None, :] < ids[:, None]) | ((other[None, :] == ids[:, None]) & (j[None, :] < i[:, None]))
+                rank += tl.sum((before & (j < last)[None, :]).to(tl.int32), 1)
+        tl.store(out_ptr + row * stride_o + tl.where(i < last, rank, i), ids, mask=ok)
+    pdl_wait(PDL)
+    pdl_launch_dependents(PDL)

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -50,7 +51,9 @@ MAX_SPLITS = 64
 MIN_SPLIT_TOKENS = 256
 SPLIT_TOKENS = 4096
 WALK_MIN_SEQ_LEN = 8192
-WALK_CHUNK = 64  # walk-table entries a program places
+WALK_CHUNK = 16  # walk-table entries a program places (H100 sweep: 16 x 256 keys, 2 warps; RESULTS.md)
+WALK_MAX_SEQS = 16  # the walk is for few long rows (the split-KV regime); many rows fill the card without it
+SORTED_WALK = os.environ.get("BLOCKS_SORTED_WALK", "1") != "0"
 
 
 @dataclass(frozen=True)
@@ -104,7 +107,8 @@ def choose_config(
             num_splits = max(triton.cdiv(2 * num_sms, programs), triton.cdiv(max_seq_len, SPLIT_TOKENS))
             num_splits = max(1, min(num_splits, max_seq_len // MIN_SPLIT_TOKENS, MAX_SPLITS))
         return LaunchConfig(block_q=1, block_m=block_m, block_n=block_n, num_splits=num_splits,
-                            num_warps=4, num_stages=stages, sorted_walk=max_seq_len >= WALK_MIN_SEQ_LEN)
+                            num_warps=4, num_stages=stages,
+                            sorted_walk=SORTED_WALK and max_seq_len >= WALK_MIN_SEQ_LEN and num_seqs <= WALK_MAX_SEQS)
     block_m = max(64 if wide else 128, group_pad)
     block_q = max(1, block_m // group)
     if wide:
@@ -119,14 +123,15 @@ def physical_walk_table(block_table: torch.Tensor, seq_lens: torch.Tensor, block
     programs; torch's ``argsort`` took 57-92 us for 1-256 rows of 2048 on an H100, and a sort in registers
     45 us)."""
     num_seqs, width = block_table.shape
-    out = torch.empty_like(block_table, dtype=torch.int32)
+    out = torch.zeros_like(block_table, dtype=torch.int32)
     if num_seqs == 0 or width == 0:
         return out
     if block_table.stride(1) != 1:
         block_table = block_table.contiguous()
+    pdl = pdl_enabled(block_table.device)
     walk_table_kernel[(triton.cdiv(width, WALK_CHUNK), num_seqs)](
         block_table, seq_lens, out, width, block_table.stride(0), out.stride(0), BLOCK_SIZE=block_size,
-        CHUNK_I=WALK_CHUNK, CHUNK_J=128, num_warps=4)
+        CHUNK_I=WALK_CHUNK, CHUNK_J=256, PDL=pdl, num_warps=2, **pdl_launch_kwargs(pdl))
     return out
 
 
@@ -197,12 +202,23 @@ class TritonPlan:
     pool: WorkspacePool = field(default=DEFAULT_WORKSPACE_POOL, repr=False)
     launches: dict = field(default_factory=dict)
     walk_table: torch.Tensor | None = field(default=None, repr=False)  # physical_walk_table, made on first use
+    _walk_in_capture: bool = field(default=False, repr=False)
 
     @classmethod
     def from_metadata(cls, metadata: AttentionMetadata, *, pool: WorkspacePool | None = None,
                       **overrides) -> TritonPlan:
         return cls(metadata.num_seqs, metadata.num_tokens, metadata.max_query_len, metadata.max_seq_len,
                    metadata.num_decode_tokens, overrides=dict(overrides), pool=pool or DEFAULT_WORKSPACE_POOL)
+
+    def walk_for(self, metadata: AttentionMetadata, block_size: int) -> torch.Tensor:
+        """The step's :func:`physical_walk_table`, built by the first layer that asks and reused by the rest. A
+        table made outside a CUDA-graph capture (the warm-up run before it) is made again inside it, so the
+        graph rebuilds it on every replay, in the graph's own memory."""
+        capturing = metadata.block_table.is_cuda and torch.cuda.is_current_stream_capturing()
+        if self.walk_table is None or self._walk_in_capture != capturing:
+            self.walk_table = physical_walk_table(metadata.block_table, metadata.seq_lens, block_size)
+            self._walk_in_capture = capturing
+        return self.walk_table
 
     def launches_for(self, query: torch.Tensor, num_kv_heads: int, *, split_mixed: bool = True) -> list[Launch]:
         """The (cached) kernel launches of this layer shape: one for the whole batch, or, for a mixed batch
@@ -302,9 +318,7 @@ def paged_attention(
         cfg, workspace = part.config, part.workspace
         block_table = metadata.block_table
         if cfg.sorted_walk and (part.one_token or plan.max_query_len <= 1) and not use_window:
-            if plan.walk_table is None:
-                plan.walk_table = physical_walk_table(block_table, metadata.seq_lens, key_cache.shape[1])
-            block_table = plan.walk_table
+            block_table = plan.walk_for(metadata, key_cache.shape[1])
         part_tokens = part.tok_end - part.tok_start
         if cfg.block_q == 1:
             grid_q = part_tokens

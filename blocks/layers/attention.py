@@ -64,6 +64,15 @@ class Attention(nn.Module):
         v = value.view(num_tokens, self.num_kv_heads, self.head_dim)
         key_cache, value_cache = kv_cache
         self.backend.write_kv(k, v, key_cache, value_cache, metadata, k_scale=self.k_scale, v_scale=self.v_scale)
+        return self.attend(q, kv_cache, metadata)
+
+    def attend(self, query: torch.Tensor, kv_cache: tuple[torch.Tensor, torch.Tensor],
+               metadata: AttentionMetadata) -> torch.Tensor:
+        """Attention over a cache that already holds this step's K/V (written by a fused kernel):
+        ``query [T, num_heads * head_dim]`` or ``[T, num_heads, head_dim]`` -> ``[T, num_heads * head_dim]``."""
+        num_tokens = query.shape[0]
+        q = query.view(num_tokens, self.num_heads, self.head_dim)
+        key_cache, value_cache = kv_cache
         out = self.backend.attend(q, key_cache, value_cache, metadata, scale=self.scale,
                                   sliding_window=self.sliding_window, soft_cap=self.soft_cap,
                                   k_scale=self.k_scale, v_scale=self.v_scale)

@@ -15,9 +15,15 @@ import os
 import torch
 import torch.nn.functional as F
 
-__all__ = ["use_fused", "linear", "FUSED_LAYERS", "SKINNY_GEMM", "SLAB_GEMV"]
+__all__ = ["use_fused", "use_decode_fusion", "linear", "FUSED_LAYERS", "SKINNY_GEMM", "SLAB_GEMV", "DECODE_FUSION"]
 
 FUSED_LAYERS = os.environ.get("BLOCKS_FUSED_LAYERS", "1") != "0"
+# Decode steps of one token run a Llama-family layer as six kernels instead of twelve
+# (:mod:`blocks.layers.triton_decode_fused`); ``BLOCKS_DECODE_FUSION=0`` turns it off. Two tokens a launch ran
+# slower than the unfused layers on an H100 (RESULTS.md), so one.
+DECODE_FUSION = os.environ.get("BLOCKS_DECODE_FUSION", "1") != "0"
+DECODE_FUSION_MAX_ROWS = 1
+DECODE_FUSION_MAX_K = 16384  # the norm needs a whole row in one register chunk
 SKINNY_GEMM = os.environ.get("BLOCKS_SKINNY_GEMM", "0") == "1"
 SLAB_GEMV = os.environ.get("BLOCKS_SLAB_GEMV", "1") != "0"
 # Where the slab GEMV beat cuBLAS inside a decode graph (H100, RESULTS.md): 1-2 rows, weights of 24 MB or
@@ -31,6 +37,13 @@ SLAB_MIN_WEIGHT_BYTES = int(os.environ.get("BLOCKS_SLAB_MIN_MB", "24")) << 20
 def use_fused(x: torch.Tensor) -> bool:
     """True when ``x``'s layer should call the fused kernel."""
     return FUSED_LAYERS and x.is_cuda
+
+
+def use_decode_fusion(x: torch.Tensor) -> bool:
+    """True when a decoder layer should run its fused decode kernels on hidden states ``x [T, H]``: CUDA,
+    ``T == 1``, ``H <= 16384``, a unit stride (the layer checks its own conditions too)."""
+    return (DECODE_FUSION and use_fused(x) and x.dim() == 2 and 1 <= x.shape[0] <= DECODE_FUSION_MAX_ROWS
+            and x.shape[1] <= DECODE_FUSION_MAX_K and x.stride(1) == 1)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

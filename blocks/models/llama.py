@@ -23,6 +23,7 @@ from torch import nn
 
 from blocks.attention.backend import AttentionBackend
 from blocks.attention.metadata import AttentionMetadata
+from blocks.layers import fused as fused_layers
 from blocks.layers import l2_prefetch
 from blocks.layers.activation import SiluAndMul
 from blocks.layers.attention import Attention
@@ -103,6 +104,8 @@ class LlamaDecoderLayer(nn.Module):
         self.self_attn.prefetch_after_qkv = (self.self_attn.o_proj, self.mlp.gate_up_proj, self.mlp.down_proj)
 
     def forward(self, positions, hidden, residual, kv_cache, metadata, rope=None):
+        if self._decode_fusable(hidden, kv_cache):
+            return self._forward_decode_fused(positions, hidden, residual, kv_cache, metadata, rope)
         if residual is None:
             residual = hidden
             hidden = self.input_layernorm(hidden)
@@ -111,6 +114,31 @@ class LlamaDecoderLayer(nn.Module):
         hidden = self.self_attn(positions, hidden, kv_cache, metadata, rope)
         hidden, residual = self.post_attention_layernorm(hidden, residual)
         return self.mlp(hidden), residual
+
+    def _decode_fusable(self, hidden: torch.Tensor, kv_cache: tuple[torch.Tensor, torch.Tensor]) -> bool:
+        attn = self.self_attn
+        return (fused_layers.use_decode_fusion(hidden) and attn.q_norm is None
+                and attn.rotary_emb.rotary_dim == attn.attn.head_dim and kv_cache[0].dtype == hidden.dtype
+                and self.input_layernorm.weight.dtype == hidden.dtype)
+
+    def _forward_decode_fused(self, positions, hidden, residual, kv_cache, metadata, rope):
+        """The same layer for 1-2 tokens in six kernels (:mod:`blocks.layers.triton_decode_fused`): norm + QKV +
+        RoPE + KV write, attention (and its split merge), o_proj, norm + gate_up + SiLU-and-mul, down."""
+        from blocks.layers.triton_decode_fused import norm_gated_linear, norm_qkv_rope_cache
+
+        attn, mlp, qkv = self.self_attn, self.mlp, self.self_attn.qkv_proj
+        cos, sin = rope if rope is not None else attn.rotary_emb.cos_sin(positions)
+        norm = self.input_layernorm
+        q, residual = norm_qkv_rope_cache(
+            hidden, residual, norm.weight, norm.eps, qkv.weight, qkv.bias, cos, sin, kv_cache[0], kv_cache[1],
+            metadata.slot_mapping, num_heads=qkv.num_heads, num_kv_heads=qkv.num_kv_heads,
+            head_dim=attn.attn.head_dim, is_neox_style=attn.rotary_emb.is_neox_style)
+        l2_prefetch.issue([m.weight for m in attn.prefetch_after_qkv])
+        hidden = attn.o_proj(attn.attn.attend(q, kv_cache, metadata))
+        norm = self.post_attention_layernorm
+        hidden, residual = norm_gated_linear(hidden, residual, norm.weight, norm.eps, mlp.gate_up_proj.weight,
+                                             mlp.gate_up_proj.bias)
+        return mlp.down_proj(hidden), residual
 
 
 class LlamaModel(nn.Module):

@@ -50,15 +50,16 @@ def test_fp8_kv_matches_reference(pairs, head_dim, block_size, heads, num_splits
     run_and_check(batch, BF16, backend=TritonAttentionBackend(**over), sliding_window=None)
 
 
-@pytest.mark.parametrize("backend_name", ["triton", "cupy", "cupy-vector"])
+@pytest.mark.parametrize("backend_name", ["triton", "triton-walk", "cupy", "cupy-vector"])
 def test_cuda_graph_capture_and_replay(backend_name):
-    """Plan once, capture write_kv + attend, then replay on new data with the same shapes."""
+    """Plan once, capture write_kv + attend, then replay on new data with the same shapes (the second replay
+    with a changed block table: the sorted walk is rebuilt inside the graph)."""
     if backend_name.startswith("cupy"):
         pytest.importorskip("cupy")
         from blocks.attention.cupy_backend import CupyAttentionBackend
         backend = CupyAttentionBackend(kernel="vector" if backend_name == "cupy-vector" else "scalar")
     else:
-        backend = TritonAttentionBackend()
+        backend = TritonAttentionBackend(sorted_walk=backend_name == "triton-walk")
     pairs = [(1, 300), (1, 17), (1, 1), (1, 2048)]
     batch = make_batch(pairs, num_heads=32, num_kv_heads=8, head_dim=128, block_size=16, dtype=BF16,
                        device="cuda", pad_rows=2, pad_tokens=2)
@@ -77,7 +78,9 @@ def test_cuda_graph_capture_and_replay(backend_name):
     torch.cuda.current_stream().wait_stream(stream)
     md.plan = None  # the engine drops the capture-time metadata: the split workspace must outlive it
     junk = [torch.full((1 << 20,), float("nan"), device="cuda") for _ in range(16)]  # reuse freed memory
-    for _ in range(2):
+    for replay in range(2):
+        if replay == 1:  # row 0 now reads row 3's first 18 blocks (written keys) and its own last block
+            md.block_table[0, :18] = md.block_table[3, :18]
         batch.key_cache.copy_(kc0)
         batch.value_cache.copy_(vc0)
         for t in (batch.query, batch.key, batch.value):

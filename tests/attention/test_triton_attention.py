@@ -125,18 +125,20 @@ def test_physical_walk_table_sorts_full_blocks_and_keeps_the_last_block_last(wid
     table = torch.tensor(rows, dtype=torch.int32, device=DEVICE)
     lens = torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE)
     walk = physical_walk_table(table, lens, block_size)
+    want = reference.physical_walk_table(table, lens, block_size)
     assert walk.dtype == torch.int32 and walk.shape == table.shape
-    assert torch.equal(walk, reference.physical_walk_table(table, lens, block_size))
-    for row, got, sl in zip(rows, walk.tolist(), seq_lens):
-        n = -(-sl // block_size)
+    for row, got, ref, sl in zip(rows, walk.tolist(), want.tolist(), seq_lens):
+        n = -(-sl // block_size)  # entries past the row's last block are never read
+        assert got[:n] == ref[:n]
         assert got[:max(n - 1, 0)] == sorted(row[:max(n - 1, 0)])  # full blocks by physical id
-        assert got[max(n - 1, 0):] == row[max(n - 1, 0):]  # the last block, then the padding, in place
+        assert got[max(n - 1, 0):n] == row[max(n - 1, 0):n]  # then the last block
 
 
 def test_long_decode_plans_the_sorted_walk_and_prefill_does_not():
     kw = dict(num_heads=32, num_kv_heads=8, head_dim=128, num_sms=132, dtype=torch.bfloat16)
     assert choose_config(num_seqs=8, max_query_len=1, max_seq_len=WALK_MIN_SEQ_LEN, **kw).sorted_walk
     assert not choose_config(num_seqs=8, max_query_len=1, max_seq_len=WALK_MIN_SEQ_LEN - 1, **kw).sorted_walk
+    assert not choose_config(num_seqs=64, max_query_len=1, max_seq_len=4 * WALK_MIN_SEQ_LEN, **kw).sorted_walk
     assert not choose_config(num_seqs=1, max_query_len=512, max_seq_len=32768, **kw).sorted_walk
 
 
