@@ -13,7 +13,7 @@ A variant is comma-separated settings: ``prefetch=0|1`` (``BLOCKS_L2_PREFETCH``)
 decode layers, ``BLOCKS_DECODE_FUSION``), ``felems=N`` / ``fwarps=N`` (their weight elements and warps a
 program), ``walk=0|1`` (the sorted attention walk, ``BLOCKS_SORTED_WALK``), ``slab=0|1``,
 ``min=MB`` (smallest weight for the slab GEMV), ``selems=N`` (its weight elements a program), ``rows=N`` (most
-rows), ``maxk=K``.
+rows), ``maxk=K``, ``pgroup=0|1`` (the fused layers' L2 prefetches in one launch).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import torch
 
 import blocks.attention.triton_paged as triton_paged
 import blocks.layers.fused as fused
+import blocks.layers.l2_prefetch as l2_prefetch
 import blocks.layers.triton_decode_fused as decode_fused
 import blocks.layers.triton_gemv as triton_gemv
 from blocks.engine.cuda_graphs import DecodeGraphs
@@ -34,7 +35,7 @@ from blocks.sample.params import SamplingParams
 
 DEFAULTS = {"prefetch": os.environ.get("BLOCKS_L2_PREFETCH", "1"), "fusion": int(fused.DECODE_FUSION),
             "slab": int(fused.SLAB_GEMV), "walk": int(triton_paged.SORTED_WALK), "felems": decode_fused.ELEMS,
-            "fwarps": 0, "selems": triton_gemv.SLAB_ELEMS,
+            "fwarps": 0, "selems": triton_gemv.SLAB_ELEMS, "pgroup": int(l2_prefetch.GROUPED),
             "min": fused.SLAB_MIN_WEIGHT_BYTES >> 20, "rows": fused.SLAB_ROWS, "maxk": fused.SLAB_MAX_K}
 
 
@@ -51,6 +52,7 @@ def _apply(variant: str) -> None:
     decode_fused.ELEMS = int(cfg["felems"])
     decode_fused.WARPS = int(cfg["fwarps"]) or None
     triton_gemv.SLAB_ELEMS = int(cfg["selems"])
+    l2_prefetch.GROUPED = str(cfg["pgroup"]) == "1"
     fused.SLAB_GEMV = str(cfg["slab"]) == "1"
     fused.SLAB_MIN_WEIGHT_BYTES = int(cfg["min"]) << 20
     fused.SLAB_ROWS = int(cfg["rows"])

@@ -133,7 +133,7 @@ class LlamaDecoderLayer(nn.Module):
             hidden, residual, norm.weight, norm.eps, qkv.weight, qkv.bias, cos, sin, kv_cache[0], kv_cache[1],
             metadata.slot_mapping, num_heads=qkv.num_heads, num_kv_heads=qkv.num_kv_heads,
             head_dim=attn.attn.head_dim, is_neox_style=attn.rotary_emb.is_neox_style)
-        l2_prefetch.issue([m.weight for m in attn.prefetch_after_qkv])
+        l2_prefetch.issue([m.weight for m in attn.prefetch_after_qkv], grouped=True)
         hidden = attn.o_proj(attn.attn.attend(q, kv_cache, metadata))
         norm = self.post_attention_layernorm
         hidden, residual = norm_gated_linear(hidden, residual, norm.weight, norm.eps, mlp.gate_up_proj.weight,

@@ -22,10 +22,10 @@ def test_off_on_cpu_and_outside_a_window(monkeypatch):
         assert not l2_prefetch.prefetch_enabled(torch.device("cuda"))
 
 
-def _layer(x, ws):
+def _layer(x, ws, grouped=False):
     """qkv-like GEMM, the prefetch of the rest, then the rest: the order a decoder layer issues them in."""
     h = F.linear(x, ws[0])
-    l2_prefetch.issue(ws[1:])
+    l2_prefetch.issue(ws[1:], grouped=grouped)
     for w in ws[1:]:
         h = F.linear(torch.tanh(h), w)
     return h
@@ -33,7 +33,8 @@ def _layer(x, ws):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("budget_mb", [64, 1])  # everything fits / nothing fits (all or nothing)
-def test_results_unchanged_eager_and_in_a_graph(budget_mb):
+@pytest.mark.parametrize("grouped", [False, True])  # one launch a weight / one for all three
+def test_results_unchanged_eager_and_in_a_graph(budget_mb, grouped):
     dev = torch.device("cuda")
     if not l2_prefetch.prefetch_enabled(dev):
         pytest.skip("needs compute capability 9.0+")
@@ -45,7 +46,7 @@ def test_results_unchanged_eager_and_in_a_graph(budget_mb):
     want = _layer(x, ws)
     budget = budget_mb << 20
     with l2_prefetch.prefetch_window(dev, budget_bytes=budget):
-        got = _layer(x, ws)
+        got = _layer(x, ws, grouped)
         issued = len(l2_prefetch._state["window"]["events"])
     assert issued == (1 if budget_mb == 64 else 0)
     torch.testing.assert_close(got, want, rtol=0, atol=0)
@@ -56,7 +57,7 @@ def test_results_unchanged_eager_and_in_a_graph(budget_mb):
     graph = torch.cuda.CUDAGraph()
     with (torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream),
           l2_prefetch.prefetch_window(dev, budget_bytes=budget)):
-        out = _layer(static_x, ws)
+        out = _layer(static_x, ws, grouped)
     torch.cuda.current_stream().wait_stream(stream)
     for _ in range(3):
         static_x.copy_(torch.randn(3, 896, device=dev, dtype=torch.bfloat16, generator=g))
