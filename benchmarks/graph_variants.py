@@ -13,7 +13,8 @@ A variant is comma-separated settings: ``prefetch=0|1`` (``BLOCKS_L2_PREFETCH``)
 decode layers, ``BLOCKS_DECODE_FUSION``), ``felems=N`` / ``fwarps=N`` (their weight elements and warps a
 program), ``walk=0|1`` (the sorted attention walk, ``BLOCKS_SORTED_WALK``), ``slab=0|1``,
 ``min=MB`` (smallest weight for the slab GEMV), ``selems=N`` (its weight elements a program), ``rows=N`` (most
-rows), ``maxk=K``, ``pgroup=0|1`` (the fused layers' L2 prefetches in one launch).
+rows), ``maxk=K``, ``pgroup=0|1`` (the fused layers' L2 prefetches in one launch),
+``splits=N`` (force the decode attention's split count; 0: the plan's choice).
 """
 
 from __future__ import annotations
@@ -36,10 +37,11 @@ from blocks.sample.params import SamplingParams
 DEFAULTS = {"prefetch": os.environ.get("BLOCKS_L2_PREFETCH", "1"), "fusion": int(fused.DECODE_FUSION),
             "slab": int(fused.SLAB_GEMV), "walk": int(triton_paged.SORTED_WALK), "felems": decode_fused.ELEMS,
             "fwarps": 0, "selems": triton_gemv.SLAB_ELEMS, "pgroup": int(l2_prefetch.GROUPED),
+            "splits": 0,
             "min": fused.SLAB_MIN_WEIGHT_BYTES >> 20, "rows": fused.SLAB_ROWS, "maxk": fused.SLAB_MAX_K}
 
 
-def _apply(variant: str) -> None:
+def _apply(variant: str, backend) -> None:
     cfg = dict(DEFAULTS)
     for item in filter(None, variant.split(",")):
         key, _, value = item.partition("=")
@@ -53,6 +55,9 @@ def _apply(variant: str) -> None:
     decode_fused.WARPS = int(cfg["fwarps"]) or None
     triton_gemv.SLAB_ELEMS = int(cfg["selems"])
     l2_prefetch.GROUPED = str(cfg["pgroup"]) == "1"
+    backend.overrides.pop("num_splits", None)
+    if int(cfg["splits"]):
+        backend.overrides["num_splits"] = int(cfg["splits"])
     fused.SLAB_GEMV = str(cfg["slab"]) == "1"
     fused.SLAB_MIN_WEIGHT_BYTES = int(cfg["min"]) << 20
     fused.SLAB_ROWS = int(cfg["rows"])
@@ -81,7 +86,7 @@ def main() -> None:
     base = runner.graphs
     reference: dict[int, torch.Tensor] = {}
     for variant in args.variants.split():
-        _apply(variant)
+        _apply(variant, base.model.attn_backend)
         graphs = DecodeGraphs(base.model, base.kv_caches, block_size=base.block_size, max_batch=seqs,
                               max_model_len=base.max_model_len, prev_ids=runner.prev_ids)
         for bs in buckets:

@@ -324,20 +324,25 @@ class ModelRunner:
         if not self.batch.req_ids:
             return PendingStep(self, None, StepResult({}, {}, prompt_result, len(ids), beam_logprobs), step_start)
         logits = all_logits[:ns]
-        sampler_out = self.sampler(logits, self.batch, inplace=True)
-        sampled_ids = sampler_out.sampled_token_ids
-        self.batch.record_tokens_on_device(sampled_ids)  # queued behind the step, off the host's critical path
-        n = len(sampled_ids)
+        n = ns
         host = self._host_ids[self._flip][:n]
         self._flip ^= 1
-        host.copy_(sampled_ids, non_blocking=True)
+        # the host buffer and the next step's in-flight ids, written by the sampler's own kernel where it can
+        sinks = (host, self.prev_ids[:n]) if overlap else (host,)
+        sampler_out = self.sampler(logits, self.batch, inplace=True,
+                                   id_sinks=sinks if self.device.type == "cuda" else ())
+        sampled_ids = sampler_out.sampled_token_ids
+        self.batch.record_tokens_on_device(sampled_ids)  # queued behind the step, off the host's critical path
+        if not sampler_out.sinks_written:
+            host.copy_(sampled_ids, non_blocking=True)
         done = torch.cuda.Event() if self.device.type == "cuda" else None
         if done is not None:
             done.record()
         req_ids = list(self.batch.req_ids)
         launched = None
         if overlap:
-            self.prev_ids[:n].copy_(sampled_ids)  # where the next step's in-flight rows read their ids
+            if not sampler_out.sinks_written:
+                self.prev_ids[:n].copy_(sampled_ids)  # where the next step's in-flight rows read their ids
             self._inflight = dict(zip(req_ids, range(n)))
             launched = [states[r] for r in req_ids]  # identity: an id reused meanwhile must not take these tokens
         partial = StepResult({}, {}, prompt_result, len(ids), beam_logprobs)

@@ -39,11 +39,12 @@ def use_fused(x: torch.Tensor) -> bool:
     return FUSED_LAYERS and x.is_cuda
 
 
-def use_decode_fusion(x: torch.Tensor) -> bool:
-    """True when a decoder layer should run its fused decode kernels on hidden states ``x [T, H]``: CUDA,
-    ``T == 1``, ``H <= 16384``, a unit stride (the layer checks its own conditions too)."""
-    return (DECODE_FUSION and use_fused(x) and x.dim() == 2 and 1 <= x.shape[0] <= DECODE_FUSION_MAX_ROWS
-            and x.shape[1] <= DECODE_FUSION_MAX_K and x.stride(1) == 1)
+def use_decode_fusion(num_tokens: int, hidden_size: int, device: torch.device) -> bool:
+    """True when a decoder layer should run its fused decode kernels on ``num_tokens`` hidden rows of
+    ``hidden_size`` on ``device``: CUDA, one token, ``hidden_size <= 16384`` (the layer checks its own
+    conditions too)."""
+    return (DECODE_FUSION and FUSED_LAYERS and device.type == "cuda" and 1 <= num_tokens <= DECODE_FUSION_MAX_ROWS
+            and hidden_size <= DECODE_FUSION_MAX_K)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -10,9 +10,9 @@ loads them before it waits for the kernel that writes its input):
   rows of ``gate_up`` (a program owns matching gate and up rows) and ``silu(gate) * up``. Replaces the
   RMSNorm, the gate_up GEMM and the SiLU-and-mul kernels.
 * :func:`norm_qkv_rope_cache`: the same norm, then the QKV projection (bias included), RoPE on the query
-  and key heads (a program owns pairs of rotated rows) and the KV write into the paged cache by
-  ``slot_mapping`` (``-1`` skips). Replaces the RMSNorm, QKV GEMM, rotary and KV-write kernels; returns the
-  rotated queries.
+  and key heads (a program owns pairs of rotated rows and computes their angles from the position) and the
+  KV write into the paged cache by ``slot_mapping`` (``-1`` skips). Replaces the RMSNorm, QKV GEMM, rotary
+  and KV-write kernels, and for the first layer the embedding lookup; returns the rotated queries.
 
 Every program recomputes the norm of the token's row (``K`` elements, from L2); program 0 writes the new
 residual stream. The roundings are those of the unfused layers (:class:`~blocks.layers.norm.RMSNorm`,
@@ -47,14 +47,16 @@ def fits(num_tokens: int, hidden_size: int) -> bool:
 
 
 @triton.jit
-def _normed_row(x_ptr, res_ptr, res_out_ptr, nw_ptr, K, eps, pid, HAS_RES: tl.constexpr, BLOCK_K: tl.constexpr):
+def _normed_row(x_ptr, res_ptr, res_out_ptr, nw_ptr, K, eps, pid, HAS_RES: tl.constexpr, STORE_X: tl.constexpr,
+                BLOCK_K: tl.constexpr):
     """``rmsnorm(x + residual) * norm_weight`` of the token as float32 values of the activation dtype;
-    program 0 (``pid``) writes the sum to ``res_out`` (the new residual stream)."""
+    program 0 (``pid``) writes the sum (``STORE_X``: ``x`` itself) to ``res_out``, the new residual stream."""
     offs = tl.arange(0, BLOCK_K)
     ok = offs < K
     x = tl.load(x_ptr + offs, mask=ok, other=0.0)
     if HAS_RES:
         x = x + tl.load(res_ptr + offs, mask=ok, other=0.0)  # rounded to the dtype, as torch
+    if HAS_RES or STORE_X:
         tl.store(res_out_ptr + offs, x, mask=ok & (offs * 0 + pid == 0))
     xf = x.to(tl.float32)
     inv = tl.rsqrt(tl.sum(xf * xf, axis=0) / K + eps)
@@ -81,7 +83,7 @@ def _norm_gated_kernel(x_ptr, res_ptr, res_out_ptr, nw_ptr, w_ptr, b_ptr, out_pt
         bu = tl.load(b_ptr + N + offs_n, mask=n_ok, other=0.0).to(tl.float32)
     pdl_wait(PDL)
     pdl_launch_dependents(PDL)
-    y = _normed_row(x_ptr, res_ptr, res_out_ptr, nw_ptr, K, eps, pid, HAS_RES, BLOCK_K)
+    y = _normed_row(x_ptr, res_ptr, res_out_ptr, nw_ptr, K, eps, pid, HAS_RES, False, BLOCK_K)
     g = tl.sum(wg * y[None, :], axis=1)
     u = tl.sum(wu * y[None, :], axis=1)
     if HAS_BIAS:
@@ -94,11 +96,12 @@ def _norm_gated_kernel(x_ptr, res_ptr, res_out_ptr, nw_ptr, w_ptr, b_ptr, out_pt
 
 
 @triton.jit
-def _norm_qkv_kernel(x_ptr, res_ptr, res_out_ptr, nw_ptr, w_ptr, b_ptr, q_ptr, kc_ptr, vc_ptr, slot_ptr, cos_ptr,
-                     sin_ptr, K, eps, stride_wn, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+def _norm_qkv_kernel(x_ptr, ids_ptr, stride_e, res_ptr, res_out_ptr, nw_ptr, w_ptr, b_ptr, q_ptr, kc_ptr, vc_ptr,
+                     slot_ptr, pos_ptr, inv_freq_ptr, K, eps, stride_wn, stride_kb, stride_ks, stride_kh, stride_vb,
+                     stride_vs, stride_vh,
                      NUM_Q_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
                      PAIRS: tl.constexpr, BLOCK_SIZE: tl.constexpr, IS_NEOX: tl.constexpr, HAS_RES: tl.constexpr,
-                     HAS_BIAS: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr = False):
+                     EMBED: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr = False):
     HALF: tl.constexpr = HEAD_DIM // 2
     pid = tl.program_id(0)
     head = pid // (HALF // PAIRS)  # over [query heads | key heads | value heads]
@@ -121,7 +124,9 @@ def _norm_qkv_kernel(x_ptr, res_ptr, res_out_ptr, nw_ptr, w_ptr, b_ptr, q_ptr, k
     pdl_wait(PDL)
     pdl_launch_dependents(PDL)
     dt = q_ptr.dtype.element_ty
-    y = _normed_row(x_ptr, res_ptr, res_out_ptr, nw_ptr, K, eps, pid, HAS_RES, BLOCK_K)
+    if EMBED:  # x is the embedding table: the token's row
+        x_ptr += tl.load(ids_ptr) * stride_e
+    y = _normed_row(x_ptr, res_ptr, res_out_ptr, nw_ptr, K, eps, pid, HAS_RES, EMBED, BLOCK_K)
     a = tl.sum(wa * y[None, :], axis=1)
     b = tl.sum(wb * y[None, :], axis=1)
     if HAS_BIAS:
@@ -130,8 +135,9 @@ def _norm_qkv_kernel(x_ptr, res_ptr, res_out_ptr, nw_ptr, w_ptr, b_ptr, q_ptr, k
     a = a.to(dt).to(tl.float32)  # the projection's output, rounded
     b = b.to(dt).to(tl.float32)
     if head < NUM_Q_HEADS + NUM_KV_HEADS:  # queries and keys rotate (cos/sin cast to the dtype first)
-        c = tl.load(cos_ptr + i).to(dt).to(tl.float32)
-        s = tl.load(sin_ptr + i).to(dt).to(tl.float32)
+        angle = tl.load(pos_ptr).to(tl.float32) * tl.load(inv_freq_ptr + i)  # RotaryEmbedding.cos_sin's float32
+        c = tl.cos(angle).to(dt).to(tl.float32)
+        s = tl.sin(angle).to(dt).to(tl.float32)
         oa = ((a * c).to(dt).to(tl.float32) - (b * s).to(dt).to(tl.float32)).to(dt)
         ob = ((b * c).to(dt).to(tl.float32) + (a * s).to(dt).to(tl.float32)).to(dt)
     else:
@@ -201,37 +207,50 @@ def norm_gated_linear(x: torch.Tensor, residual: torch.Tensor | None, norm_weigh
 
 
 def norm_qkv_rope_cache(
-    x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
-    weight: torch.Tensor, bias: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
+    x: torch.Tensor | None, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
+    weight: torch.Tensor, bias: torch.Tensor | None, positions: torch.Tensor, inv_freq: torch.Tensor,
     key_cache: torch.Tensor, value_cache: torch.Tensor, slot_mapping: torch.Tensor, *,
     num_heads: int, num_kv_heads: int, head_dim: int, is_neox_style: bool = True,
+    input_ids: torch.Tensor | None = None, embedding: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Norm, QKV projection, RoPE and the KV write of one decode token in one launch.
 
     Args:
-        x, residual, norm_weight, eps: as :func:`norm_gated_linear`.
+        x, residual, norm_weight, eps: as :func:`norm_gated_linear`. ``x`` may be ``None`` with ``input_ids``
+            ``[>= 1]`` int64 and ``embedding [vocab, K]``: the token's embedding row is read here (the first
+            layer), and it is also the returned residual stream.
         weight: ``[(num_heads + 2 num_kv_heads) head_dim, K]`` rows ``[q | k | v]``; bias likewise or ``None``.
-        cos, sin: ``[1, head_dim / 2]`` float32 (:meth:`RotaryEmbedding.cos_sin`; the whole head rotates).
+        positions: ``[>= 1]`` int64, the token's position first; inv_freq: ``[head_dim / 2]`` float32 (the rotary
+            module's; the whole head rotates, at angle ``float(position) * inv_freq`` as
+            :meth:`RotaryEmbedding.cos_sin` computes it).
         key_cache, value_cache: ``[num_blocks, block_size, num_kv_heads, head_dim]`` in ``x``'s dtype.
         slot_mapping: ``[>= 1]`` int64, the token's cache slot first (``-1``: not written).
 
     Returns:
         ``(q [1, num_heads * head_dim], s [1, K])``: the rotated queries and the new residual stream.
     """
+    embed = x is None
+    if embed:
+        if input_ids is None or embedding is None or embedding.stride(1) != 1:
+            raise ValueError("norm_qkv_rope_cache: x=None needs input_ids and an embedding table with unit stride")
+        x = embedding[:1]  # shape and dtype checks only: the kernel reads the row of input_ids[0]
     _check_rows(x, residual, norm_weight, weight)
     m, k = x.shape
     half = head_dim // 2
     rows = (num_heads + 2 * num_kv_heads) * head_dim
-    if (weight.shape[0] != rows or head_dim % 2 or cos.shape != (m, half) or sin.shape != cos.shape
-            or cos.stride() != sin.stride() or cos.stride(1) != 1):
-        raise ValueError(f"norm_qkv_rope_cache: weight {tuple(weight.shape)} needs {rows} rows, cos/sin "
-                         f"{tuple(cos.shape)} [{m}, {half}] with a unit last stride")
+    if (weight.shape[0] != rows or head_dim % 2 or inv_freq.shape != (half,) or inv_freq.dtype != torch.float32
+            or positions.shape[0] < m):
+        raise ValueError(f"norm_qkv_rope_cache: weight {tuple(weight.shape)} needs {rows} rows, inv_freq "
+                         f"{tuple(inv_freq.shape)} {inv_freq.dtype} [{half}] float32, positions >= {m}")
     if (key_cache.dtype != x.dtype or value_cache.dtype != x.dtype or key_cache.shape[2:] != (num_kv_heads, head_dim)
             or key_cache.stride(3) != 1 or value_cache.stride(3) != 1 or slot_mapping.shape[0] < m):
         raise ValueError(f"norm_qkv_rope_cache: caches {tuple(key_cache.shape)} {key_cache.dtype} must be "
                          f"[blocks, block_size, {num_kv_heads}, {head_dim}] {x.dtype}, slot_mapping >= {m} tokens")
     q = torch.empty((m, num_heads * head_dim), dtype=x.dtype, device=x.device)
-    res_in, res_out = _residual_args(x, residual)
+    if embed:
+        res_in, res_out = x, torch.empty_like(x)
+    else:
+        res_in, res_out = _residual_args(x, residual)
     block_k = triton.next_power_of_2(k)
     pairs = max(1, min(triton.next_power_of_2(half), ELEMS // (2 * block_k)))
     while half % pairs:
@@ -239,11 +258,12 @@ def norm_qkv_rope_cache(
     pdl = pdl_enabled(x.device)
     grid = ((num_heads + 2 * num_kv_heads) * (half // pairs),)
     _norm_qkv_kernel[grid](
-        x, res_in, res_out, norm_weight, weight, bias if bias is not None else weight, q, key_cache, value_cache,
-        slot_mapping, cos, sin, k, eps, weight.stride(0), key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
-        value_cache.stride(0), value_cache.stride(1), value_cache.stride(2),
+        embedding if embed else x, input_ids if embed else slot_mapping, embedding.stride(0) if embed else 0,
+        res_in, res_out, norm_weight, weight, bias if bias is not None else weight, q, key_cache, value_cache,
+        slot_mapping, positions, inv_freq, k, eps, weight.stride(0), key_cache.stride(0), key_cache.stride(1),
+        key_cache.stride(2), value_cache.stride(0), value_cache.stride(1), value_cache.stride(2),
         NUM_Q_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, PAIRS=pairs,
-        BLOCK_SIZE=key_cache.shape[1], IS_NEOX=is_neox_style, HAS_RES=residual is not None,
+        BLOCK_SIZE=key_cache.shape[1], IS_NEOX=is_neox_style, HAS_RES=residual is not None, EMBED=embed,
         HAS_BIAS=bias is not None, BLOCK_K=block_k, PDL=pdl,
         num_warps=_warps(2 * pairs * block_k), **pdl_launch_kwargs(pdl))
     return q, res_out

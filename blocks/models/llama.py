@@ -36,7 +36,7 @@ from blocks.models.base import CausalLM
 from blocks.models.config import ModelConfig
 from blocks.models.weights import load_named_weights
 
-__all__ = ["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"]
+__all__ = ["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "StepRope"]
 
 
 class LlamaMLP(nn.Module):
@@ -103,9 +103,14 @@ class LlamaDecoderLayer(nn.Module):
         # In a decode graph, the weights after the attention stream into L2 while it runs (l2_prefetch).
         self.self_attn.prefetch_after_qkv = (self.self_attn.o_proj, self.mlp.gate_up_proj, self.mlp.down_proj)
 
-    def forward(self, positions, hidden, residual, kv_cache, metadata, rope=None):
-        if self._decode_fusable(hidden, kv_cache):
-            return self._forward_decode_fused(positions, hidden, residual, kv_cache, metadata, rope)
+    def forward(self, positions, hidden, residual, kv_cache, metadata, rope=None, *, input_ids=None, embedding=None):
+        """``hidden [T, H]`` and ``residual`` (or ``None``) -> ``(hidden, residual)``. ``rope``: the forward's
+        ``(cos, sin)`` or a :class:`StepRope`. With ``hidden=None`` (the first layer of a fused decode step, see
+        :meth:`decode_fusable`) the kernel reads the rows of ``input_ids`` from the ``embedding`` table itself."""
+        if hidden is None or self.decode_fusable(hidden.shape[0], hidden.dtype, hidden.device, kv_cache):
+            return self._forward_decode_fused(positions, hidden, residual, kv_cache, metadata, input_ids, embedding)
+        if isinstance(rope, StepRope):
+            rope = rope.get()
         if residual is None:
             residual = hidden
             hidden = self.input_layernorm(hidden)
@@ -115,30 +120,48 @@ class LlamaDecoderLayer(nn.Module):
         hidden, residual = self.post_attention_layernorm(hidden, residual)
         return self.mlp(hidden), residual
 
-    def _decode_fusable(self, hidden: torch.Tensor, kv_cache: tuple[torch.Tensor, torch.Tensor]) -> bool:
+    def decode_fusable(self, num_tokens: int, dtype: torch.dtype, device: torch.device,
+                       kv_cache: tuple[torch.Tensor, torch.Tensor]) -> bool:
+        """Whether a step of ``num_tokens`` hidden rows runs the fused decode kernels here
+        (:func:`blocks.layers.fused.use_decode_fusion`, plus this layer's own conditions)."""
         attn = self.self_attn
-        return (fused_layers.use_decode_fusion(hidden) and attn.q_norm is None
-                and attn.rotary_emb.rotary_dim == attn.attn.head_dim and kv_cache[0].dtype == hidden.dtype
-                and self.input_layernorm.weight.dtype == hidden.dtype)
+        rotary = attn.rotary_emb
+        return (fused_layers.use_decode_fusion(num_tokens, self.input_layernorm.hidden_size, device)
+                and attn.q_norm is None and rotary.rotary_dim == attn.attn.head_dim and rotary.rope_type != "dynamic"
+                and kv_cache[0].dtype == dtype and self.input_layernorm.weight.dtype == dtype)
 
-    def _forward_decode_fused(self, positions, hidden, residual, kv_cache, metadata, rope):
-        """The same layer for 1-2 tokens in six kernels (:mod:`blocks.layers.triton_decode_fused`): norm + QKV +
-        RoPE + KV write, attention (and its split merge), o_proj, norm + gate_up + SiLU-and-mul, down."""
+    def _forward_decode_fused(self, positions, hidden, residual, kv_cache, metadata, input_ids, embedding):
+        """The same layer for one token in six kernels (:mod:`blocks.layers.triton_decode_fused`): embedding
+        (first layer) + norm + QKV + RoPE + KV write, attention (and its split merge), o_proj, norm + gate_up +
+        SiLU-and-mul, down."""
         from blocks.layers.triton_decode_fused import norm_gated_linear, norm_qkv_rope_cache
 
         attn, mlp, qkv = self.self_attn, self.mlp, self.self_attn.qkv_proj
-        cos, sin = rope if rope is not None else attn.rotary_emb.cos_sin(positions)
         norm = self.input_layernorm
         q, residual = norm_qkv_rope_cache(
-            hidden, residual, norm.weight, norm.eps, qkv.weight, qkv.bias, cos, sin, kv_cache[0], kv_cache[1],
-            metadata.slot_mapping, num_heads=qkv.num_heads, num_kv_heads=qkv.num_kv_heads,
-            head_dim=attn.attn.head_dim, is_neox_style=attn.rotary_emb.is_neox_style)
+            hidden, residual, norm.weight, norm.eps, qkv.weight, qkv.bias, positions, attn.rotary_emb.inv_freq,
+            kv_cache[0], kv_cache[1], metadata.slot_mapping, num_heads=qkv.num_heads,
+            num_kv_heads=qkv.num_kv_heads, head_dim=attn.attn.head_dim, is_neox_style=attn.rotary_emb.is_neox_style,
+            input_ids=input_ids, embedding=embedding)
         l2_prefetch.issue([m.weight for m in attn.prefetch_after_qkv], grouped=True)
         hidden = attn.o_proj(attn.attn.attend(q, kv_cache, metadata))
         norm = self.post_attention_layernorm
         hidden, residual = norm_gated_linear(hidden, residual, norm.weight, norm.eps, mlp.gate_up_proj.weight,
                                              mlp.gate_up_proj.bias)
         return mlp.down_proj(hidden), residual
+
+
+class StepRope:
+    """A forward's rotary ``(cos, sin)``, computed on first use: fused decode layers compute their own angles, so
+    a step where every layer fuses launches none of these kernels."""
+
+    def __init__(self, rotary_emb: RotaryEmbedding, positions: torch.Tensor) -> None:
+        self.rotary_emb, self.positions, self._cos_sin = rotary_emb, positions, None
+
+    def get(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._cos_sin is None:
+            self._cos_sin = self.rotary_emb.cos_sin(self.positions)
+        return self._cos_sin
 
 
 class LlamaModel(nn.Module):
@@ -157,11 +180,19 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(config.hidden_size, eps=config.norm_eps, params_dtype=dtype)
 
     def forward(self, input_ids, positions, kv_caches, metadata) -> torch.Tensor:
-        hidden = self.embed_tokens(input_ids)
+        embed = self.embed_tokens
+        table = None
+        if (embed.tp.size == 1 and embed.weight.stride(1) == 1 and len(self.layers)
+                and self.layers[0].decode_fusable(input_ids.shape[0], embed.weight.dtype, input_ids.device,
+                                                  kv_caches[0])):
+            hidden, table = None, embed.weight  # the first fused layer reads the token's embedding row itself
+        else:
+            hidden = embed(input_ids)
         residual = None
-        rope = self.rotary_emb.cos_sin(positions)  # once for all layers
+        rope = StepRope(self.rotary_emb, positions)  # once for all layers, if a layer needs it
         for layer, kv_cache in zip(self.layers, kv_caches):
-            hidden, residual = layer(positions, hidden, residual, kv_cache, metadata, rope)
+            hidden, residual = layer(positions, hidden, residual, kv_cache, metadata, rope, input_ids=input_ids,
+                                     embedding=table)
         hidden, _ = self.norm(hidden, residual)
         return hidden
 

@@ -51,17 +51,21 @@ class SamplerOutput:
 
     sampled_token_ids: torch.Tensor
     logprobs: LogprobsTensors | None = None
+    sinks_written: bool = False  # the ids were also written to the call's ``id_sinks``
 
 
-def _torch_argmax(x: torch.Tensor) -> torch.Tensor:
-    return x.argmax(dim=1)
+def _torch_argmax(x: torch.Tensor, sinks: tuple = ()) -> tuple[torch.Tensor, bool]:
+    return x.argmax(dim=1), False
 
 
-def _few_rows_argmax(argmax_rows, x: torch.Tensor) -> torch.Tensor:
+def _few_rows_argmax(argmax_rows, x: torch.Tensor, sinks: tuple = ()) -> tuple[torch.Tensor, bool]:
     """The Triton argmax for up to 64 rows, where torch's (one thread block a row) is slow: H100, 128256
     logits a row, 1 row 10.4 against 40.0 µs, 64 rows 21.6 against 48.5; at 256 rows (58.8 against 66.8 µs)
-    its two Python launches would cost more host time than the GPU time they save."""
-    return argmax_rows(x) if x.shape[0] <= 64 else x.argmax(dim=1)
+    its two Python launches would cost more host time than the GPU time they save. Returns ``(ids, whether
+    sinks were written)``."""
+    if x.shape[0] <= 64:
+        return argmax_rows(x, sinks=sinks), bool(sinks)
+    return x.argmax(dim=1), False
 
 
 class Sampler:
@@ -114,13 +118,17 @@ class Sampler:
             self._argmax = functools.partial(_few_rows_argmax, argmax_rows)
 
     # ------------------------------------------------------------------ public
-    def __call__(self, logits: torch.Tensor, batch: SamplingBatch, *, inplace: bool = False) -> SamplerOutput:
+    def __call__(self, logits: torch.Tensor, batch: SamplingBatch, *, inplace: bool = False,
+                 id_sinks: tuple[torch.Tensor, ...] = ()) -> SamplerOutput:
         """Sample one token per row.
 
         Args:
             logits: ``[batch.num_rows, vocab]`` float32 in ``batch.req_ids`` order, on ``batch.device``.
             batch: the sampling state (call ``batch.append_tokens`` with the result afterwards).
             inplace: allow the sampler to overwrite ``logits`` (saves a copy).
+            id_sinks: up to two ``[num_rows]`` int64 tensors to receive the ids too, where the path can write
+                them from its own kernel (the Triton argmax of an all-greedy batch); the output's
+                ``sinks_written`` says whether it did (else copy them).
         """
         bt = self._check(logits, batch)
         want_lp = bt.max_num_logprobs >= 0
@@ -129,8 +137,10 @@ class Sampler:
             logits = logits.clone()
         x = self.process_logits(logits, bt)
         keys, seeded = self._row_keys(batch) if bt.any_random else (None, [])
+        written = False
         if keys is None:  # an all-greedy batch: exact argmax (first index of the maximum), on either backend
-            thr, ids = None, self._argmax(x)
+            thr = None
+            ids, written = self._argmax(x, tuple(id_sinks))
         elif self.backend == "triton":
             thr = None  # computed below only if processed logprobs need it
             dev_keys = self._to_device(keys, x.device, bt.num_rows)
@@ -146,7 +156,7 @@ class Sampler:
                     thr = torch.full_like(bt.temperature, NEG_INF) if keys is None else self._threshold(x, bt)
                 source = self._scaled(x, bt, thr)
             lp = compute_logprobs(source, ids, bt.max_num_logprobs)
-        return SamplerOutput(sampled_token_ids=ids, logprobs=lp)
+        return SamplerOutput(sampled_token_ids=ids, logprobs=lp, sinks_written=written)
 
     def process_logits(self, logits: torch.Tensor, bt: BatchTensors) -> torch.Tensor:
         """Min-tokens masking, logit bias, allowed/banned tokens and penalties, in place on ``logits``

@@ -33,7 +33,8 @@ def _chunk_max_kernel(x_ptr, val_ptr, idx_ptr, stride_row, vocab, num_chunks, BL
 
 
 @triton.jit(do_not_specialize=["num_chunks"])
-def _pick_kernel(val_ptr, idx_ptr, out_ptr, vocab, num_chunks, CHUNKS: tl.constexpr):
+def _pick_kernel(val_ptr, idx_ptr, out_ptr, sink0_ptr, sink1_ptr, vocab, num_chunks, CHUNKS: tl.constexpr,
+                 SINKS: tl.constexpr):
     row = tl.program_id(0)
     c = tl.arange(0, CHUNKS)
     ok = c < num_chunks
@@ -41,12 +42,24 @@ def _pick_kernel(val_ptr, idx_ptr, out_ptr, vocab, num_chunks, CHUNKS: tl.conste
     i = tl.load(idx_ptr + row * num_chunks + c, mask=ok, other=vocab)
     m = tl.max(v, axis=0)
     first = tl.min(tl.where(ok & (v == m), i, vocab), axis=0)
-    tl.store(out_ptr + row, tl.where(first < vocab, first, 0).to(tl.int64))  # all -inf: index 0, as torch
+    first = tl.where(first < vocab, first, 0).to(tl.int64)  # all -inf: index 0, as torch
+    tl.store(out_ptr + row, first)
+    if SINKS >= 1:
+        tl.store(sink0_ptr + row, first)
+    if SINKS >= 2:
+        tl.store(sink1_ptr + row, first)
 
 
-def argmax_rows(x: torch.Tensor, *, block: int = 2048) -> torch.Tensor:
+def argmax_rows(x: torch.Tensor, *, block: int = 2048, sinks: tuple[torch.Tensor, ...] = ()) -> torch.Tensor:
     """``x [rows, vocab]`` float32 (unit stride along the vocabulary) -> ``[rows]`` int64: the first index
-    of each row's maximum, as ``x.argmax(dim=1)``."""
+    of each row's maximum, as ``x.argmax(dim=1)``.
+
+    ``sinks``: up to two more contiguous ``[rows]`` int64 tensors the ids are also written to by the same
+    kernel, in place of copies after it (on CUDA a pinned host tensor works: the engine's id buffer, read
+    after an event, and its in-flight id buffer save a device-to-host and a device-to-device copy a step)."""
+    if len(sinks) > 2 or any(t.shape != (x.shape[0],) or t.dtype != torch.int64 or not t.is_contiguous()
+                             for t in sinks):
+        raise ValueError(f"argmax_rows: at most 2 sinks, each a contiguous [{x.shape[0]}] int64 tensor")
     if x.dim() != 2 or x.dtype != torch.float32 or x.stride(1) != 1:
         raise ValueError(f"argmax_rows needs a 2-D float32 tensor with unit stride along its rows, got "
                          f"{tuple(x.shape)} {x.dtype} strides {x.stride()}.")
@@ -65,6 +78,9 @@ def argmax_rows(x: torch.Tensor, *, block: int = 2048) -> torch.Tensor:
     idxs = torch.empty(rows * num_chunks, dtype=torch.int32, device=x.device)
     _chunk_max_kernel[(rows, num_chunks)](x, vals, idxs, x.stride(0), vocab, num_chunks, BLOCK=block,
                                           num_warps=4 if block <= 2048 else 8)
-    _pick_kernel[(rows,)](vals, idxs, out, vocab, num_chunks, CHUNKS=max(16, triton.next_power_of_2(num_chunks)),
+    sink0 = sinks[0] if sinks else out
+    sink1 = sinks[1] if len(sinks) > 1 else out
+    _pick_kernel[(rows,)](vals, idxs, out, sink0, sink1, vocab, num_chunks,
+                          CHUNKS=max(16, triton.next_power_of_2(num_chunks)), SINKS=len(sinks),
                           num_warps=1 if num_chunks <= 128 else 4)
     return out

@@ -58,18 +58,25 @@ def test_norm_gated_linear_matches_norm_linear_silu(dtype, m, n, k, bias, with_r
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("m,heads,head_dim,k,neox,bias,with_residual", [
-    (1, (4, 2), 16, 100, True, True, True),
-    (1, (7, 1), 32, 72, True, False, False),
-    (1, (6, 3), 8, 130, False, True, True),
+@pytest.mark.parametrize("m,heads,head_dim,k,neox,bias,with_residual,embed", [
+    (1, (4, 2), 16, 100, True, True, True, False),
+    (1, (7, 1), 32, 72, True, False, False, False),
+    (1, (6, 3), 8, 130, False, True, True, False),
+    (1, (4, 2), 16, 100, True, True, False, True),
 ])
 def test_norm_qkv_rope_cache_matches_the_unfused_layers(dtype, m, heads, head_dim, k, neox, bias, with_residual,
-                                                        device=DEVICE):
+                                                        embed, device=DEVICE):
+    """Embed: the first layer, whose x is the embedding row of the token (read in the kernel)."""
     torch.manual_seed(k + head_dim)
     nq, nkv = heads
     rows = (nq + 2 * nkv) * head_dim
     norm = _norm(k, dtype, device)
     x, res = _inputs(m, k, dtype, device, with_residual)
+    table = ids = None
+    if embed:
+        table = torch.randn(37, k, device=device).to(dtype)
+        ids = torch.tensor([29], device=device)
+        x = table[ids]
     w = (torch.randn(rows, k, device=device) / k**0.5).to(dtype)
     b = torch.randn(rows, device=device).to(dtype) if bias else None
     rope = RotaryEmbedding(head_dim, base=10000.0, is_neox_style=neox).to(device)
@@ -82,15 +89,16 @@ def test_norm_qkv_rope_cache_matches_the_unfused_layers(dtype, m, heads, head_di
     slots = torch.tensor([-1 if head_dim == 32 else 13 + k % 7], device=device, dtype=torch.int64)
     ref_k, ref_v = kc.clone(), vc.clone()
 
-    q, got_res = fused.norm_qkv_rope_cache(x, res, norm.weight, norm.eps, w, b, cos, sin, kc, vc, slots,
-                                           num_heads=nq, num_kv_heads=nkv, head_dim=head_dim, is_neox_style=neox)
+    q, got_res = fused.norm_qkv_rope_cache(None if embed else x, res, norm.weight, norm.eps, w, b, positions,
+                                           rope.inv_freq, kc, vc, slots, num_heads=nq, num_kv_heads=nkv,
+                                           head_dim=head_dim, is_neox_style=neox, input_ids=ids, embedding=table)
     y, s = _unfused_norm(norm, x, res)
     qkv = F.linear(y.float(), w.float(), None if b is None else b.float()).to(dtype)
     wq, wk, wv = qkv.split([nq * head_dim, nkv * head_dim, nkv * head_dim], dim=1)
     wq, wk = rope._rotate(wq, cos, sin), rope._rotate(wk, cos, sin)
     reference.reshape_and_cache(wk.view(m, nkv, head_dim), wv.reshape(m, nkv, head_dim), ref_k, ref_v, slots)
     _close(q, wq, dtype)
-    assert torch.equal(got_res, s)
+    assert torch.equal(got_res, s) and (embed or (got_res is x) == (res is None))
     for got_cache, want_cache in ((kc, ref_k), (vc, ref_v)):
         assert torch.equal(got_cache.isnan(), want_cache.isnan())  # written exactly where the reference writes
         written = ~want_cache.isnan()
@@ -105,9 +113,13 @@ def test_fused_decode_kernels_refuse_bad_shapes():
         fused.norm_gated_linear(x[:1], None, torch.ones(8, dtype=torch.float16), 1e-6, torch.randn(4, 8))
     kc = torch.zeros(2, 4, 1, 8)
     with pytest.raises(ValueError, match="rows"):
-        fused.norm_qkv_rope_cache(x[:1], None, torch.ones(8), 1e-6, torch.randn(23, 8), None, torch.zeros(1, 4),
-                                  torch.zeros(1, 4), kc, kc, torch.zeros(1, dtype=torch.int64), num_heads=1,
-                                  num_kv_heads=1, head_dim=8)
+        fused.norm_qkv_rope_cache(x[:1], None, torch.ones(8), 1e-6, torch.randn(23, 8), None,
+                                  torch.zeros(1, dtype=torch.int64), torch.ones(4), kc, kc,
+                                  torch.zeros(1, dtype=torch.int64), num_heads=1, num_kv_heads=1, head_dim=8)
+    with pytest.raises(ValueError, match="input_ids"):
+        fused.norm_qkv_rope_cache(None, None, torch.ones(8), 1e-6, torch.randn(24, 8), None,
+                                  torch.zeros(1, dtype=torch.int64), torch.ones(4), kc, kc,
+                                  torch.zeros(1, dtype=torch.int64), num_heads=1, num_kv_heads=1, head_dim=8)
 
 
 @pytest.mark.gpu
@@ -116,8 +128,9 @@ def test_fused_decode_kernels_refuse_bad_shapes():
 def test_fused_decode_kernels_bf16_at_model_shapes(m):
     """Qwen2.5-0.5B's shapes (hidden 896, 14/2 heads of 64, intermediate 4864) in bf16."""
     test_norm_gated_linear_matches_norm_linear_silu(torch.bfloat16, m, 4864, 896, False, True, device="cuda")
-    test_norm_qkv_rope_cache_matches_the_unfused_layers(torch.bfloat16, m, (14, 2), 64, 896, True, True, True,
-                                                        device="cuda")
+    for embed in (False, True):
+        test_norm_qkv_rope_cache_matches_the_unfused_layers(torch.bfloat16, m, (14, 2), 64, 896, True, True,
+                                                            not embed, embed, device="cuda")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the tiny models run on the CPU: the interpreter's test")
@@ -131,9 +144,10 @@ def test_fused_decode_layers_match_transformers(family, prompt_lens, tmp_path, m
 
     calls = []
     real = fused.norm_qkv_rope_cache
-    monkeypatch.setattr(fused_layers, "use_decode_fusion", lambda x: x.dim() == 2 and x.shape[0] == 1)
-    monkeypatch.setattr(fused, "norm_qkv_rope_cache", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(fused_layers, "use_decode_fusion", lambda num_tokens, hidden_size, device: num_tokens == 1)
+    monkeypatch.setattr(fused, "norm_qkv_rope_cache", lambda *a, **k: calls.append(a[0] is None) or real(*a, **k))
     result = check_family(family, workdir=tmp_path, max_new_tokens=6, prompt_lens=prompt_lens,
                           attn_backend="triton", atol=1e-4)
     assert result.passed, result
     assert len(calls) >= 2 * 5  # both layers of every decode step went through the fused kernels
+    assert calls.count(True) == len(calls) // 2  # the first layer of each read its embedding row itself
