@@ -15,9 +15,9 @@ Kernel choice (host integers only):
   chunks (merged by log-sum-exp): enough to fill them twice and to keep each chunk at most
   ``SPLIT_TOKENS`` keys (8 x 32768 on an H100, once a decode program's start-up was cheap: 8 splits
   361-363 us, 16 splits 363-365 us, 33 splits 367 us; RESULTS.md),
-  never below 256 keys a chunk. From ``WALK_MIN_SEQ_LEN`` keys on, the launch reads a *walk table*: each
-  row's full blocks in ascending physical id, its last block kept last (:func:`physical_walk_table`, one
-  device sort a step, shared by the layers). A decode row's softmax does not depend on the order of its
+  never below 256 keys a chunk. With at most ``WALK_MAX_SEQS`` rows and ``WALK_MIN_SEQ_LEN`` keys or more,
+  the launch reads a *walk table*: each row's full blocks in ascending physical id, its last block kept
+  last (:func:`physical_walk_table`, one small kernel a step, shared by the layers). A decode row's softmax does not depend on the order of its
   keys, and a program whose blocks are sorted changes 2 MB pages once per page instead of once per block
   (the cost that kept 8 x 32768 on shuffled blocks 1.5-2% behind SDPA; RESULTS.md). Not with a sliding
   window (its mask needs logical positions).

@@ -123,12 +123,14 @@ class LlamaDecoderLayer(nn.Module):
     def decode_fusable(self, num_tokens: int, dtype: torch.dtype, device: torch.device,
                        kv_cache: tuple[torch.Tensor, torch.Tensor]) -> bool:
         """Whether a step of ``num_tokens`` hidden rows runs the fused decode kernels here
-        (:func:`blocks.layers.fused.use_decode_fusion`, plus this layer's own conditions)."""
+        (:func:`blocks.layers.fused.use_decode_fusion`, plus this layer's own conditions: no Qwen3-style q/k
+        norm, RoPE over whole heads without dynamic scaling, a KV cache in the activation dtype, one rank)."""
         attn = self.self_attn
         rotary = attn.rotary_emb
         return (fused_layers.use_decode_fusion(num_tokens, self.input_layernorm.hidden_size, device)
-                and attn.q_norm is None and rotary.rotary_dim == attn.attn.head_dim and rotary.rope_type != "dynamic"
-                and kv_cache[0].dtype == dtype and self.input_layernorm.weight.dtype == dtype)
+                and attn.qkv_proj.tp.size == 1 and attn.q_norm is None and rotary.rotary_dim == attn.attn.head_dim
+                and rotary.rope_type != "dynamic" and kv_cache[0].dtype == dtype
+                and self.input_layernorm.weight.dtype == dtype)
 
     def _forward_decode_fused(self, positions, hidden, residual, kv_cache, metadata, input_ids, embedding):
         """The same layer for one token in six kernels (:mod:`blocks.layers.triton_decode_fused`): embedding
