@@ -49,7 +49,7 @@ def test_bench_engine_host_step(benchmark, batch):
         return logits[: len(inputs.logits_rows)]
 
     runner.run_model = fake_forward
-    runner.sampler = lambda x, batch_, inplace=False: SamplerOutput(sampled_token_ids=tokens[: x.shape[0]])
+    runner.sampler = lambda x, batch_, inplace=False, id_sinks=(): SamplerOutput(sampled_token_ids=tokens[: x.shape[0]])
     for i in range(batch):
         eng.add_request(f"r{i}", [3 + i % 50] * 64, SamplingParams(temperature=0.0, max_tokens=400,
                                                                    ignore_eos=True))
