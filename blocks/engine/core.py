@@ -29,17 +29,18 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from blocks.cache.manager import KVCacheManager
 from blocks.engine.beam import BeamGroup, BeamSearchOutput
 from blocks.engine.config import EngineConfig
 from blocks.engine.detokenizer import IncrementalDetokenizer
-from blocks.engine.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+from blocks.engine.outputs import Logprob, RequestMetrics, RequestOutput
+from blocks.engine.request_state import ParentRequest, SequenceState, TokenTexts, final_output
 from blocks.engine.runner import ModelRunner, SamplingInfo
 from blocks.engine.step_profile import StepProfiler
-from blocks.engine.stream_delta import StreamCursor, StreamDelta, make_delta
-from blocks.sample.parallel import ParallelGroup, fork_parallel
+from blocks.engine.stream_delta import StreamDelta, make_delta
+from blocks.sample.parallel import fork_parallel
 from blocks.sample.params import BeamSearchParams, SamplingParams
 from blocks.sched.config import SchedulerConfig
 from blocks.sched.request import Request, RequestStatus
@@ -62,39 +63,6 @@ class StepStats:
     num_unfinished: int = 0
 
 
-@dataclass
-class _Sequence:
-    """Engine-side state of one sequence (a request, or one child of an ``n > 1`` request)."""
-
-    request_id: str
-    parent_id: str
-    index: int
-    params: SamplingParams
-    info: SamplingInfo
-    sched: Request
-    detok: IncrementalDetokenizer | None
-    logprobs: list[dict[int, Logprob]] | None
-    cumulative_logprob: float | None
-    stop_reason: int | str | None = None
-    finish_reason: str | None = None
-    cursor: StreamCursor = field(default_factory=StreamCursor)  # what a stream already handed out
-
-
-@dataclass
-class _Parent:
-    request_id: str
-    prompt: str | None
-    prompt_token_ids: list[int]
-    params: SamplingParams
-    seqs: list[_Sequence]
-    metrics: RequestMetrics
-    group: ParallelGroup | None = None
-    prompt_logprobs: list | None = None
-    finished: bool = False
-    stream: bool = False
-    extra: dict = field(default_factory=dict)
-
-
 class EngineCore:
     """The engine loop over a loaded model (see the module docstring).
 
@@ -107,8 +75,8 @@ class EngineCore:
     def __init__(self, config: EngineConfig, model_path: str, tokenizer=None) -> None:
         self.config = config
         self.tokenizer = tokenizer
-        self._seqs: dict[str, _Sequence] = {}
-        self._parents: dict[str, _Parent] = {}
+        self._seqs: dict[str, SequenceState] = {}
+        self._parents: dict[str, ParentRequest] = {}
         self.runner = ModelRunner(config, model_path, self._sampling_info)
         self._step_profiler = StepProfiler()  # BLOCKS_ENGINE_PROFILE: see step_profile.py
         mc = self.runner.model.config
@@ -133,7 +101,7 @@ class EngineCore:
         )
         self._last_num_tokens = 0
         self.step_times: deque[float] = deque(maxlen=65536)  # wall seconds of recent steps (benchmarks)
-        self._token_text: dict[int, str] = {}
+        self._texts = TokenTexts(tokenizer)
         self._beam_groups: dict[str, BeamGroup] = {}
         self._beam_of: dict[str, BeamGroup] = {}
         self._beam_info = SamplingInfo(SamplingParams(), 0, beam=True)
@@ -198,7 +166,7 @@ class EngineCore:
         max_tokens = params.max_tokens if params.max_tokens is not None else self.max_model_len - len(ids)
         group = fork_parallel(request_id, params) if params.n > 1 else None
         children = [(c.request_id, c.index, c.params) for c in group.children] if group else [(request_id, 0, params)]
-        parent = _Parent(request_id, prompt, ids, params, [], RequestMetrics(arrival_time=now), group=group,
+        parent = ParentRequest(request_id, prompt, ids, params, [], RequestMetrics(arrival_time=now), group=group,
                          stream=stream)
         if params.prompt_logprobs is not None:
             parent.prompt_logprobs = [None]
@@ -216,7 +184,7 @@ class EngineCore:
                     skip_special_tokens=params.skip_special_tokens,
                     spaces_between_special_tokens=params.spaces_between_special_tokens,
                 )
-            seq = _Sequence(
+            seq = SequenceState(
                 seq_id, request_id, index, seq_params,
                 SamplingInfo(seq_params, len(ids), eos_token_id=self.eos_token_id), sched_req, detok,
                 [] if params.logprobs is not None else None, 0.0 if params.logprobs is not None else None,
@@ -286,11 +254,11 @@ class EngineCore:
             if seq.finish_reason is None:
                 self.scheduler.abort_request(seq.request_id)
                 seq.finish_reason = "abort"
-        out = self._make_output(parent)
+        out = final_output(parent)
         self._drop_parent(parent, abort=False)
         return out
 
-    def _drop_parent(self, parent: _Parent, *, abort: bool) -> None:
+    def _drop_parent(self, parent: ParentRequest, *, abort: bool) -> None:
         for seq in parent.seqs:
             if abort:
                 self.scheduler.abort_request(seq.request_id)
@@ -383,12 +351,12 @@ class EngineCore:
         return None
 
     def _update_requests(self, result, finished: list[Request], now: float) -> list[RequestOutput | StreamDelta]:
-        touched: dict[str, _Parent] = {}
+        touched: dict[str, ParentRequest] = {}
         for rid, entries in result.prompt_logprobs.items():
             seq = self._seqs[rid]
             parent = self._parent_of(seq)
             if seq.index == 0:
-                parent.prompt_logprobs.extend(self._logprob_dicts(e) for e in entries)
+                parent.prompt_logprobs.extend(self._texts.logprob_dicts(e) for e in entries)
         seqs, parents, logprobs = self._seqs, self._parents, result.logprobs
         for rid, token in result.sampled.items():
             seq = seqs.get(rid)
@@ -396,8 +364,8 @@ class EngineCore:
                 continue
             if seq.logprobs is not None and rid in logprobs:
                 value, rank, top = logprobs[rid]
-                entry = self._logprob_dicts(top)
-                entry[token] = Logprob(value, rank, self._token_str(token))
+                entry = self._texts.logprob_dicts(top)
+                entry[token] = Logprob(value, rank, self._texts.text(token))
                 seq.logprobs.append(entry)
                 seq.cumulative_logprob += value
             parent = parents[seq.parent_id]
@@ -422,51 +390,14 @@ class EngineCore:
         for rid, parent in touched.items():
             if rid in ending and all(s.finish_reason is not None for s in parent.seqs):
                 parent.metrics.finished_time = now
-                outputs.append(self._make_output(parent))
+                outputs.append(final_output(parent))
                 self._drop_parent(parent, abort=False)
             elif parent.stream:
                 outputs.append(make_delta(parent, final=False))
         return outputs
 
-    def _parent_of(self, seq: _Sequence) -> _Parent:
+    def _parent_of(self, seq: SequenceState) -> ParentRequest:
         return self._parents[seq.parent_id]
-
-    def _token_str(self, token: int) -> str | None:
-        if self.tokenizer is None:
-            return None
-        text = self._token_text.get(token)
-        if text is None:
-            text = self._token_text[token] = self.tokenizer.decode([token])
-        return text
-
-    def _logprob_dicts(self, top: dict[int, tuple[float, int]]) -> dict[int, Logprob]:
-        return {t: Logprob(v, r, self._token_str(t)) for t, (v, r) in top.items()}
-
-    def _make_output(self, parent: _Parent) -> RequestOutput | StreamDelta:
-        """The final output of a finished (or aborted) request: all of it, or a stream's last delta."""
-        if parent.stream:
-            return make_delta(parent, final=True)
-        completions = []
-        for seq in parent.seqs:
-            tokens = list(seq.sched.output_token_ids)
-            text = ""
-            if seq.detok is not None:
-                missing = tokens[len(seq.detok.output_token_ids):]
-                if missing and seq.detok.stop_string is None:
-                    seq.detok.add_tokens(missing)
-                seq.detok.flush()
-                text = seq.detok.text
-            completions.append(CompletionOutput(
-                index=seq.index, text=text, token_ids=tokens, cumulative_logprob=seq.cumulative_logprob,
-                logprobs=seq.logprobs, finish_reason=seq.finish_reason, stop_reason=seq.stop_reason,
-            ))
-        first = parent.seqs[0].sched
-        parent.metrics.num_preemptions = sum(s.sched.num_preemptions for s in parent.seqs)
-        return RequestOutput(
-            request_id=parent.request_id, prompt=parent.prompt, prompt_token_ids=parent.prompt_token_ids,
-            prompt_logprobs=parent.prompt_logprobs, outputs=completions, finished=True,
-            metrics=parent.metrics, num_cached_tokens=max(first.num_cached_tokens, 0),
-        )
 
     def stats(self) -> StepStats:
         """Counters now (the last step's tokens; running, waiting, KV usage; totals since start)."""
