@@ -39,10 +39,11 @@ def _close(got, want, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("m,n,k,bias,with_residual", [(1, 37, 100, False, True), (1, 50, 96, True, False),
-                                                      (1, 70, 130, True, True)])
-def test_norm_gated_linear_matches_norm_linear_silu(dtype, m, n, k, bias, with_residual, device=DEVICE):
-    torch.manual_seed(m * n + k)
+@pytest.mark.parametrize("n,k,bias,with_residual", [(37, 100, False, True), (50, 96, True, False),
+                                                    (70, 130, True, True)])
+def test_norm_gated_linear_matches_norm_linear_silu(dtype, n, k, bias, with_residual, device=DEVICE):
+    m = 1  # one token: two a launch ran slower than the unfused layers (RESULTS.md)
+    torch.manual_seed(n + k)
     norm = _norm(k, dtype, device)
     x, res = _inputs(m, k, dtype, device, with_residual)
     w = (torch.randn(2 * n, k, device=device) / k**0.5).to(dtype)
@@ -58,15 +59,16 @@ def test_norm_gated_linear_matches_norm_linear_silu(dtype, m, n, k, bias, with_r
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("m,heads,head_dim,k,neox,bias,with_residual,embed", [
-    (1, (4, 2), 16, 100, True, True, True, False),
-    (1, (7, 1), 32, 72, True, False, False, False),
-    (1, (6, 3), 8, 130, False, True, True, False),
-    (1, (4, 2), 16, 100, True, True, False, True),
+@pytest.mark.parametrize("heads,head_dim,k,neox,bias,with_residual,embed", [
+    ((4, 2), 16, 100, True, True, True, False),
+    ((7, 1), 32, 72, True, False, False, False),
+    ((6, 3), 8, 130, False, True, True, False),
+    ((4, 2), 16, 100, True, True, False, True),
 ])
-def test_norm_qkv_rope_cache_matches_the_unfused_layers(dtype, m, heads, head_dim, k, neox, bias, with_residual,
+def test_norm_qkv_rope_cache_matches_the_unfused_layers(dtype, heads, head_dim, k, neox, bias, with_residual,
                                                         embed, device=DEVICE):
     """Embed: the first layer, whose x is the embedding row of the token (read in the kernel)."""
+    m = 1
     torch.manual_seed(k + head_dim)
     nq, nkv = heads
     rows = (nq + 2 * nkv) * head_dim
@@ -124,12 +126,11 @@ def test_fused_decode_kernels_refuse_bad_shapes():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("m", [1])
-def test_fused_decode_kernels_bf16_at_model_shapes(m):
+def test_fused_decode_kernels_bf16_at_model_shapes():
     """Qwen2.5-0.5B's shapes (hidden 896, 14/2 heads of 64, intermediate 4864) in bf16."""
-    test_norm_gated_linear_matches_norm_linear_silu(torch.bfloat16, m, 4864, 896, False, True, device="cuda")
+    test_norm_gated_linear_matches_norm_linear_silu(torch.bfloat16, 4864, 896, False, True, device="cuda")
     for embed in (False, True):
-        test_norm_qkv_rope_cache_matches_the_unfused_layers(torch.bfloat16, m, (14, 2), 64, 896, True, True,
+        test_norm_qkv_rope_cache_matches_the_unfused_layers(torch.bfloat16, (14, 2), 64, 896, True, True,
                                                             not embed, embed, device="cuda")
 
 
