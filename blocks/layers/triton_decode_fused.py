@@ -66,33 +66,48 @@ def _normed_row(x_ptr, res_ptr, res_out_ptr, nw_ptr, K, eps, pid, HAS_RES: tl.co
 
 
 @triton.jit
+def _load_row_pair(w_ptr, b_ptr, rows_a, rows_b, row_ok, K, stride_wn, HAS_BIAS: tl.constexpr,
+                   BLOCK_K: tl.constexpr):
+    """Weight rows ``rows_a`` and ``rows_b`` (``[R, BLOCK_K]`` float32, masked by ``row_ok``) and their biases
+    (zeros without one): loaded before a kernel's PDL wait."""
+    offs_k = tl.arange(0, BLOCK_K)
+    mask = row_ok[:, None] & (offs_k < K)[None, :]
+    wa = tl.load(w_ptr + rows_a.to(tl.int64)[:, None] * stride_wn + offs_k[None, :], mask=mask, other=0.0)
+    wb = tl.load(w_ptr + rows_b.to(tl.int64)[:, None] * stride_wn + offs_k[None, :], mask=mask, other=0.0)
+    if HAS_BIAS:
+        ba = tl.load(b_ptr + rows_a, mask=row_ok, other=0.0).to(tl.float32)
+        bb = tl.load(b_ptr + rows_b, mask=row_ok, other=0.0).to(tl.float32)
+    else:
+        ba = tl.zeros(rows_a.shape, dtype=tl.float32)
+        bb = tl.zeros(rows_b.shape, dtype=tl.float32)
+    return wa.to(tl.float32), wb.to(tl.float32), ba, bb
+
+
+@triton.jit
+def _dot_row_pair(wa, wb, ba, bb, y, dt):
+    """``(wa @ y + ba, wb @ y + bb)``, each rounded to the activation dtype ``dt`` (as the projection's
+    output), as float32."""
+    a = tl.sum(wa * y[None, :], axis=1) + ba
+    b = tl.sum(wb * y[None, :], axis=1) + bb
+    return a.to(dt).to(tl.float32), b.to(dt).to(tl.float32)
+
+
+@triton.jit
 def _norm_gated_kernel(x_ptr, res_ptr, res_out_ptr, nw_ptr, w_ptr, b_ptr, out_ptr, N, K, eps, stride_wn,
                        HAS_RES: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
                        BLOCK_K: tl.constexpr, PDL: tl.constexpr = False):
     pid = tl.program_id(0)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
     n_ok = offs_n < N
-    w_ok = n_ok[:, None] & (offs_k < K)[None, :]
-    gate_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn + offs_k[None, :]
-    # weights first (they do not depend on the kernel before), then wait for x
-    wg = tl.load(gate_rows, mask=w_ok, other=0.0).to(tl.float32)
-    wu = tl.load(gate_rows + N * stride_wn, mask=w_ok, other=0.0).to(tl.float32)
-    if HAS_BIAS:
-        bg = tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
-        bu = tl.load(b_ptr + N + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+    # weights first (they do not depend on the kernel before), then wait for x; gate row j pairs with up row N + j
+    wg, wu, bg, bu = _load_row_pair(w_ptr, b_ptr, offs_n, offs_n + N, n_ok, K, stride_wn, HAS_BIAS, BLOCK_K)
     pdl_wait(PDL)
     pdl_launch_dependents(PDL)
     y = _normed_row(x_ptr, res_ptr, res_out_ptr, nw_ptr, K, eps, pid, HAS_RES, False, BLOCK_K)
-    g = tl.sum(wg * y[None, :], axis=1)
-    u = tl.sum(wu * y[None, :], axis=1)
-    if HAS_BIAS:
-        g += bg
-        u += bu
     dt = out_ptr.dtype.element_ty
-    g = g.to(dt).to(tl.float32)  # the gate_up output, rounded
+    g, u = _dot_row_pair(wg, wu, bg, bu, y, dt)  # the gate_up output, rounded
     act = (g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32)  # silu, rounded like F.silu's output
-    tl.store(out_ptr + offs_n, (act * u.to(dt).to(tl.float32)).to(dt), mask=n_ok)
+    tl.store(out_ptr + offs_n, (act * u).to(dt), mask=n_ok)
 
 
 @triton.jit
@@ -112,28 +127,16 @@ def _norm_qkv_kernel(x_ptr, ids_ptr, stride_e, res_ptr, res_out_ptr, nw_ptr, w_p
     else:  # pair (2 d, 2 d + 1)
         da = 2 * i
         db = 2 * i + 1
-    offs_k = tl.arange(0, BLOCK_K)
-    k_ok = (offs_k < K)[None, :]
-    row_a = (head * HEAD_DIM + da).to(tl.int64)
-    row_b = (head * HEAD_DIM + db).to(tl.int64)
-    wa = tl.load(w_ptr + row_a[:, None] * stride_wn + offs_k[None, :], mask=k_ok, other=0.0).to(tl.float32)
-    wb = tl.load(w_ptr + row_b[:, None] * stride_wn + offs_k[None, :], mask=k_ok, other=0.0).to(tl.float32)
-    if HAS_BIAS:
-        ba = tl.load(b_ptr + row_a).to(tl.float32)
-        bb = tl.load(b_ptr + row_b).to(tl.float32)
+    row_a = head * HEAD_DIM + da
+    row_b = head * HEAD_DIM + db
+    wa, wb, ba, bb = _load_row_pair(w_ptr, b_ptr, row_a, row_b, i < HALF, K, stride_wn, HAS_BIAS, BLOCK_K)
     pdl_wait(PDL)
     pdl_launch_dependents(PDL)
     dt = q_ptr.dtype.element_ty
     if EMBED:  # x is the embedding table: the token's row
         x_ptr += tl.load(ids_ptr) * stride_e
     y = _normed_row(x_ptr, res_ptr, res_out_ptr, nw_ptr, K, eps, pid, HAS_RES, EMBED, BLOCK_K)
-    a = tl.sum(wa * y[None, :], axis=1)
-    b = tl.sum(wb * y[None, :], axis=1)
-    if HAS_BIAS:
-        a += ba
-        b += bb
-    a = a.to(dt).to(tl.float32)  # the projection's output, rounded
-    b = b.to(dt).to(tl.float32)
+    a, b = _dot_row_pair(wa, wb, ba, bb, y, dt)  # the projection's output, rounded
     if head < NUM_Q_HEADS + NUM_KV_HEADS:  # queries and keys rotate (cos/sin cast to the dtype first)
         angle = tl.load(pos_ptr).to(tl.float32) * tl.load(inv_freq_ptr + i)  # RotaryEmbedding.cos_sin's float32
         c = tl.cos(angle).to(dt).to(tl.float32)
