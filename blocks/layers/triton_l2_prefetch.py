@@ -23,13 +23,9 @@ def _prefetch_chunks(base_ptr, n_bytes, idx, CHUNK: tl.constexpr):
 
 
 @triton.jit
-def _bulk_prefetch_kernel(base_ptr, n_bytes, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
-    _prefetch_chunks(base_ptr, n_bytes, tl.program_id(0) * BLOCK + tl.arange(0, BLOCK), CHUNK)
-
-
-@triton.jit
-def _bulk_prefetch3_kernel(p0, n0, g0, p1, n1, g1, p2, n2, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
-    """Three regions in one launch: programs ``[0, g0)`` take region 0, ``[g0, g0 + g1)`` region 1, the rest 2."""
+def _bulk_prefetch_kernel(p0, n0, g0, p1, n1, g1, p2, n2, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+    """Up to three regions in one launch: programs ``[0, g0)`` take region 0, ``[g0, g0 + g1)`` region 1, the
+    rest region 2."""
     pid = tl.program_id(0)
     lanes = tl.arange(0, BLOCK)
     if pid < g0:
@@ -40,35 +36,25 @@ def _bulk_prefetch3_kernel(p0, n0, g0, p1, n1, g1, p2, n2, CHUNK: tl.constexpr, 
         _prefetch_chunks(p2, n2, (pid - g0 - g1) * BLOCK + lanes, CHUNK)
 
 
-def _prefetchable(weight: torch.Tensor) -> bool:
-    n_bytes = weight.numel() * weight.element_size()
-    return n_bytes > 0 and n_bytes % 16 == 0 and weight.data_ptr() % 16 == 0
-
-
 def prefetch_many_into_l2(weights: list[torch.Tensor]) -> None:
-    """:func:`prefetch_into_l2` of up to three weights in one launch (one graph node instead of three)."""
-    weights = [w for w in weights if _prefetchable(w)]
+    """Ask for up to three contiguous weights' bytes to be brought into L2, in one launch on the current stream.
+    A weight whose size or address is not a multiple of 16 bytes (the bulk copy's granule) is skipped."""
+    weights = [w for w in weights if w.numel() and (w.numel() * w.element_size()) % 16 == 0 and w.data_ptr() % 16 == 0]
     if len(weights) > 3:
         raise ValueError(f"prefetch_many_into_l2 takes at most 3 weights, got {len(weights)}")
     if not weights:
         return
     args, groups = [], []
-    for w in weights + [weights[-1]] * (3 - len(weights)):
+    for w in weights + [weights[-1]] * (3 - len(weights)):  # unused regions: any pointer, no programs
         n = w.numel() * w.element_size()
         args += [w.view(-1).view(torch.uint8), n]
         groups.append(triton.cdiv(triton.cdiv(n, CHUNK_BYTES), _LANES))
     groups[len(weights):] = [0] * (3 - len(weights))
     p0, n0, p1, n1, p2, n2 = args
-    _bulk_prefetch3_kernel[(sum(groups),)](p0, n0, groups[0], p1, n1, groups[1], p2, n2, CHUNK=CHUNK_BYTES,
-                                           BLOCK=_LANES, num_warps=1)
+    _bulk_prefetch_kernel[(sum(groups),)](p0, n0, groups[0], p1, n1, groups[1], p2, n2, CHUNK=CHUNK_BYTES,
+                                          BLOCK=_LANES, num_warps=1)
 
 
 def prefetch_into_l2(weight: torch.Tensor) -> None:
-    """Ask for the contiguous ``weight``'s bytes to be brought into L2, on the current stream. Its size must
-    be a multiple of 16 bytes (the bulk copy's granule); other sizes are skipped."""
-    n_bytes = weight.numel() * weight.element_size()
-    if n_bytes == 0 or n_bytes % 16 or weight.data_ptr() % 16:
-        return
-    grid = triton.cdiv(triton.cdiv(n_bytes, CHUNK_BYTES), _LANES)
-    _bulk_prefetch_kernel[(grid,)](weight.view(-1).view(torch.uint8), n_bytes, CHUNK=CHUNK_BYTES, BLOCK=_LANES,
-                                   num_warps=1)
+    """:func:`prefetch_many_into_l2` of one weight."""
+    prefetch_many_into_l2([weight])
