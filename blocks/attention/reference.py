@@ -138,7 +138,7 @@ def physical_walk_table(block_table: torch.Tensor, seq_lens: torch.Tensor, block
     physical id, then its last (possibly partial) block. So the first ``seq_lens[i]`` key slots of the walk
     are exactly the sequence's keys, and the mask ``key < seq_len`` of a one-token query still holds; only
     the order of the keys changes. Entries past the last block are never read: here they keep their
-    place, the Triton version leaves them 0. Device ops only (a sort along rows), no sync: capturable in a
+    place, the Triton version leaves them unwritten. Device ops only (a sort along rows), no sync: capturable in a
     CUDA graph.
     """
     width = block_table.shape[1]

@@ -106,6 +106,11 @@ def test_decode_in_physical_block_order_matches_reference(num_splits, dtype, hea
     out = run_and_check(batch, dtype, backend=backend)
     walk = batch.metadata.plan.walk_table
     assert walk is not None and (out[len(pairs):] == 0).all()
+    # the kernel reads the walk, not the block table: point row 0's first full block at the poisoned block 0
+    walk[0, 0] = 0
+    again = backend.attend(batch.query, batch.key_cache, batch.value_cache, batch.metadata,
+                           scale=batch.query.shape[-1] ** -0.5)
+    assert again[0].isnan().any() and not again[1:].isnan().any()
     # with a sliding window the walk is not used (its mask needs logical positions); still correct
     windowed = make_batch(pairs, num_heads=heads[0], num_kv_heads=heads[1], head_dim=64, block_size=16, dtype=dtype,
                           device=DEVICE)
