@@ -324,13 +324,11 @@ class ModelRunner:
         if not self.batch.req_ids:
             return PendingStep(self, None, StepResult({}, {}, prompt_result, len(ids), beam_logprobs), step_start)
         logits = all_logits[:ns]
-        n = ns
-        host = self._host_ids[self._flip][:n]
+        host = self._host_ids[self._flip][:ns]
         self._flip ^= 1
         # the host buffer and the next step's in-flight ids, written by the sampler's own kernel where it can
-        sinks = (host, self.prev_ids[:n]) if overlap else (host,)
-        sampler_out = self.sampler(logits, self.batch, inplace=True,
-                                   id_sinks=sinks if self.device.type == "cuda" else ())
+        sinks = (host, self.prev_ids[:ns]) if overlap else (host,)
+        sampler_out = self.sampler(logits, self.batch, inplace=True, id_sinks=sinks)
         sampled_ids = sampler_out.sampled_token_ids
         self.batch.record_tokens_on_device(sampled_ids)  # queued behind the step, off the host's critical path
         if not sampler_out.sinks_written:
@@ -342,8 +340,8 @@ class ModelRunner:
         launched = None
         if overlap:
             if not sampler_out.sinks_written:
-                self.prev_ids[:n].copy_(sampled_ids)  # where the next step's in-flight rows read their ids
-            self._inflight = dict(zip(req_ids, range(n)))
+                self.prev_ids[:ns].copy_(sampled_ids)  # where the next step's in-flight rows read their ids
+            self._inflight = dict(zip(req_ids, range(ns)))
             launched = [states[r] for r in req_ids]  # identity: an id reused meanwhile must not take these tokens
         partial = StepResult({}, {}, prompt_result, len(ids), beam_logprobs)
         return PendingStep(self, (req_ids, launched, sampled_ids, host, done, sampler_out.logprobs), partial,
