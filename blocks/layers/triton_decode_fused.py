@@ -84,9 +84,10 @@ def _load_row_pair(w_ptr, b_ptr, rows_a, rows_b, row_ok, K, stride_wn, HAS_BIAS:
 
 
 @triton.jit
-def _dot_row_pair(wa, wb, ba, bb, y, dt):
-    """``(wa @ y + ba, wb @ y + bb)``, each rounded to the activation dtype ``dt`` (as the projection's
+def _dot_row_pair(wa, wb, ba, bb, y, out_ptr):
+    """``(wa @ y + ba, wb @ y + bb)``, each rounded to the activation dtype (``out_ptr``'s, as the projection's
     output), as float32."""
+    dt = out_ptr.dtype.element_ty
     a = tl.sum(wa * y[None, :], axis=1) + ba
     b = tl.sum(wb * y[None, :], axis=1) + bb
     return a.to(dt).to(tl.float32), b.to(dt).to(tl.float32)
@@ -105,7 +106,7 @@ def _norm_gated_kernel(x_ptr, res_ptr, res_out_ptr, nw_ptr, w_ptr, b_ptr, out_pt
     pdl_launch_dependents(PDL)
     y = _normed_row(x_ptr, res_ptr, res_out_ptr, nw_ptr, K, eps, pid, HAS_RES, False, BLOCK_K)
     dt = out_ptr.dtype.element_ty
-    g, u = _dot_row_pair(wg, wu, bg, bu, y, dt)  # the gate_up output, rounded
+    g, u = _dot_row_pair(wg, wu, bg, bu, y, out_ptr)  # the gate_up output, rounded
     act = (g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32)  # silu, rounded like F.silu's output
     tl.store(out_ptr + offs_n, (act * u).to(dt), mask=n_ok)
 
@@ -136,7 +137,7 @@ def _norm_qkv_kernel(x_ptr, ids_ptr, stride_e, res_ptr, res_out_ptr, nw_ptr, w_p
     if EMBED:  # x is the embedding table: the token's row
         x_ptr += tl.load(ids_ptr) * stride_e
     y = _normed_row(x_ptr, res_ptr, res_out_ptr, nw_ptr, K, eps, pid, HAS_RES, EMBED, BLOCK_K)
-    a, b = _dot_row_pair(wa, wb, ba, bb, y, dt)  # the projection's output, rounded
+    a, b = _dot_row_pair(wa, wb, ba, bb, y, q_ptr)  # the projection's output, rounded
     if head < NUM_Q_HEADS + NUM_KV_HEADS:  # queries and keys rotate (cos/sin cast to the dtype first)
         angle = tl.load(pos_ptr).to(tl.float32) * tl.load(inv_freq_ptr + i)  # RotaryEmbedding.cos_sin's float32
         c = tl.cos(angle).to(dt).to(tl.float32)
