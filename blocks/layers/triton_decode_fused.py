@@ -47,10 +47,18 @@ def fits(num_tokens: int, hidden_size: int) -> bool:
 
 
 @triton.jit
-def _normed_row(x_ptr, res_ptr, res_out_ptr, nw_ptr, K, eps, pid, HAS_RES: tl.constexpr, STORE_X: tl.constexpr,
+def _norm_weight(nw_ptr, K, BLOCK_K: tl.constexpr):
+    """The RMSNorm weight ``[BLOCK_K]`` as float32 (a constant: loaded before a kernel's PDL wait)."""
+    offs = tl.arange(0, BLOCK_K)
+    return tl.load(nw_ptr + offs, mask=offs < K, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _normed_row(x_ptr, res_ptr, res_out_ptr, w, K, eps, pid, HAS_RES: tl.constexpr, STORE_X: tl.constexpr,
                 BLOCK_K: tl.constexpr):
-    """``rmsnorm(x + residual) * norm_weight`` of the token as float32 values of the activation dtype;
-    program 0 (``pid``) writes the sum (``STORE_X``: ``x`` itself) to ``res_out``, the new residual stream."""
+    """``rmsnorm(x + residual) * w`` of the token (``w`` from :func:`_norm_weight`) as float32 values of the
+    activation dtype; program 0 (``pid``) writes the sum (``STORE_X``: ``x`` itself) to ``res_out``, the new
+    residual stream."""
     offs = tl.arange(0, BLOCK_K)
     ok = offs < K
     x = tl.load(x_ptr + offs, mask=ok, other=0.0)
@@ -61,7 +69,6 @@ def _normed_row(x_ptr, res_ptr, res_out_ptr, nw_ptr, K, eps, pid, HAS_RES: tl.co
     xf = x.to(tl.float32)
     inv = tl.rsqrt(tl.sum(xf * xf, axis=0) / K + eps)
     y = (xf * inv).to(x.dtype).to(tl.float32)
-    w = tl.load(nw_ptr + offs, mask=ok, other=0.0).to(tl.float32)
     return (w * y).to(x.dtype).to(tl.float32)
 
 
@@ -84,12 +91,15 @@ def _load_row_pair(w_ptr, b_ptr, rows_a, rows_b, row_ok, K, stride_wn, HAS_BIAS:
 
 
 @triton.jit
-def _dot_row_pair(wa, wb, ba, bb, y, out_ptr):
-    """``(wa @ y + ba, wb @ y + bb)``, each rounded to the activation dtype (``out_ptr``'s, as the projection's
-    output), as float32."""
+def _dot_row_pair(wa, wb, ba, bb, y, out_ptr, HAS_BIAS: tl.constexpr):
+    """``(wa @ y + ba, wb @ y + bb)`` (no bias without HAS_BIAS), each rounded to the activation dtype
+    (``out_ptr``'s, as the projection's output), as float32."""
     dt = out_ptr.dtype.element_ty
-    a = tl.sum(wa * y[None, :], axis=1) + ba
-    b = tl.sum(wb * y[None, :], axis=1) + bb
+    a = tl.sum(wa * y[None, :], axis=1)
+    b = tl.sum(wb * y[None, :], axis=1)
+    if HAS_BIAS:
+        a += ba
+        b += bb
     return a.to(dt).to(tl.float32), b.to(dt).to(tl.float32)
 
 
@@ -102,13 +112,22 @@ def _norm_gated_kernel(x_ptr, res_ptr, res_out_ptr, nw_ptr, w_ptr, b_ptr, out_pt
     n_ok = offs_n < N
     # weights first (they do not depend on the kernel before), then wait for x; gate row j pairs with up row N + j
     wg, wu, bg, bu = _load_row_pair(w_ptr, b_ptr, offs_n, offs_n + N, n_ok, K, stride_wn, HAS_BIAS, BLOCK_K)
+    nw = _norm_weight(nw_ptr, K, BLOCK_K)
     pdl_wait(PDL)
     pdl_launch_dependents(PDL)
-    y = _normed_row(x_ptr, res_ptr, res_out_ptr, nw_ptr, K, eps, pid, HAS_RES, False, BLOCK_K)
+    y = _normed_row(x_ptr, res_ptr, res_out_ptr, nw, K, eps, pid, HAS_RES, False, BLOCK_K)
     dt = out_ptr.dtype.element_ty
-    g, u = _dot_row_pair(wg, wu, bg, bu, y, out_ptr)  # the gate_up output, rounded
+    g, u = _dot_row_pair(wg, wu, bg, bu, y, out_ptr, HAS_BIAS)  # the gate_up output, rounded
     act = (g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32)  # silu, rounded like F.silu's output
     tl.store(out_ptr + offs_n, (act * u).to(dt), mask=n_ok)
+
+
+@triton.jit
+def _rope_and_slot(pos_ptr, inv_freq_ptr, slot_ptr, i, dt: tl.constexpr):
+    """cos and sin of rotation pairs ``i`` at the token's position (``RotaryEmbedding.cos_sin``'s float32
+    angle, each cast to the activation dtype ``dt``) and the token's cache slot."""
+    angle = tl.load(pos_ptr).to(tl.float32) * tl.load(inv_freq_ptr + i)
+    return tl.cos(angle).to(dt).to(tl.float32), tl.sin(angle).to(dt).to(tl.float32), tl.load(slot_ptr)
 
 
 @triton.jit
@@ -117,7 +136,8 @@ def _norm_qkv_kernel(x_ptr, ids_ptr, stride_e, res_ptr, res_out_ptr, nw_ptr, w_p
                      stride_vs, stride_vh,
                      NUM_Q_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
                      PAIRS: tl.constexpr, BLOCK_SIZE: tl.constexpr, IS_NEOX: tl.constexpr, HAS_RES: tl.constexpr,
-                     EMBED: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr = False):
+                     EMBED: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_K: tl.constexpr, EARLY: tl.constexpr,
+                     PDL: tl.constexpr = False):
     HALF: tl.constexpr = HEAD_DIM // 2
     pid = tl.program_id(0)
     head = pid // (HALF // PAIRS)  # over [query heads | key heads | value heads]
@@ -131,17 +151,19 @@ def _norm_qkv_kernel(x_ptr, ids_ptr, stride_e, res_ptr, res_out_ptr, nw_ptr, w_p
     row_a = head * HEAD_DIM + da
     row_b = head * HEAD_DIM + db
     wa, wb, ba, bb = _load_row_pair(w_ptr, b_ptr, row_a, row_b, i < HALF, K, stride_wn, HAS_BIAS, BLOCK_K)
+    nw = _norm_weight(nw_ptr, K, BLOCK_K)
+    dt = q_ptr.dtype.element_ty
+    if EARLY:  # the position and slot were not written by the kernel before: cos/sin before the wait too
+        c, s, slot = _rope_and_slot(pos_ptr, inv_freq_ptr, slot_ptr, i, dt)
     pdl_wait(PDL)
     pdl_launch_dependents(PDL)
-    dt = q_ptr.dtype.element_ty
-    if EMBED:  # x is the embedding table: the token's row
+    if not EARLY:
+        c, s, slot = _rope_and_slot(pos_ptr, inv_freq_ptr, slot_ptr, i, dt)
+    if EMBED:  # x is the embedding table: the token's row (its id may come from the step's in-flight gather)
         x_ptr += tl.load(ids_ptr) * stride_e
-    y = _normed_row(x_ptr, res_ptr, res_out_ptr, nw_ptr, K, eps, pid, HAS_RES, EMBED, BLOCK_K)
-    a, b = _dot_row_pair(wa, wb, ba, bb, y, q_ptr)  # the projection's output, rounded
-    if head < NUM_Q_HEADS + NUM_KV_HEADS:  # queries and keys rotate (cos/sin cast to the dtype first)
-        angle = tl.load(pos_ptr).to(tl.float32) * tl.load(inv_freq_ptr + i)  # RotaryEmbedding.cos_sin's float32
-        c = tl.cos(angle).to(dt).to(tl.float32)
-        s = tl.sin(angle).to(dt).to(tl.float32)
+    y = _normed_row(x_ptr, res_ptr, res_out_ptr, nw, K, eps, pid, HAS_RES, EMBED, BLOCK_K)
+    a, b = _dot_row_pair(wa, wb, ba, bb, y, q_ptr, HAS_BIAS)  # the projection's output, rounded
+    if head < NUM_Q_HEADS + NUM_KV_HEADS:  # queries and keys rotate
         oa = ((a * c).to(dt).to(tl.float32) - (b * s).to(dt).to(tl.float32)).to(dt)
         ob = ((b * c).to(dt).to(tl.float32) + (a * s).to(dt).to(tl.float32)).to(dt)
     else:
@@ -151,7 +173,6 @@ def _norm_qkv_kernel(x_ptr, ids_ptr, stride_e, res_ptr, res_out_ptr, nw_ptr, w_p
         tl.store(q_ptr + row_a, oa)
         tl.store(q_ptr + row_b, ob)
     else:
-        slot = tl.load(slot_ptr)
         blk = tl.maximum(slot, 0) // BLOCK_SIZE
         off = tl.maximum(slot, 0) % BLOCK_SIZE
         if head < NUM_Q_HEADS + NUM_KV_HEADS:
@@ -215,7 +236,7 @@ def norm_qkv_rope_cache(
     weight: torch.Tensor, bias: torch.Tensor | None, positions: torch.Tensor, inv_freq: torch.Tensor,
     key_cache: torch.Tensor, value_cache: torch.Tensor, slot_mapping: torch.Tensor, *,
     num_heads: int, num_kv_heads: int, head_dim: int, is_neox_style: bool = True,
-    input_ids: torch.Tensor | None = None, embedding: torch.Tensor | None = None,
+    input_ids: torch.Tensor | None = None, embedding: torch.Tensor | None = None, inputs_ready: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Norm, QKV projection, RoPE and the KV write of one decode token in one launch.
 
@@ -229,6 +250,11 @@ def norm_qkv_rope_cache(
             :meth:`RotaryEmbedding.cos_sin` computes it).
         key_cache, value_cache: ``[num_blocks, block_size, num_kv_heads, head_dim]`` in ``x``'s dtype.
         slot_mapping: ``[>= 1]`` int64, the token's cache slot first (``-1``: not written).
+        inputs_ready: ``positions`` and ``slot_mapping`` were not written by the kernel launched just before
+            this one, so on Hopper (PDL) they and the rotary angles are read while that kernel still runs. A
+            model's layers after the first qualify (the kernel before is the previous layer's down
+            projection); with False they are read after the wait, like ``x``. Qwen2.5-0.5B's batch-1 decode
+            graph on an H100: 811 -> 772 us (RESULTS.md).
 
     Returns:
         ``(q [1, num_heads * head_dim], s [1, K])``: the rotated queries and the new residual stream.
@@ -268,6 +294,6 @@ def norm_qkv_rope_cache(
         key_cache.stride(2), value_cache.stride(0), value_cache.stride(1), value_cache.stride(2),
         NUM_Q_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, PAIRS=pairs,
         BLOCK_SIZE=key_cache.shape[1], IS_NEOX=is_neox_style, HAS_RES=residual is not None, EMBED=embed,
-        HAS_BIAS=bias is not None, BLOCK_K=block_k, PDL=pdl,
+        HAS_BIAS=bias is not None, BLOCK_K=block_k, EARLY=bool(inputs_ready), PDL=pdl,
         num_warps=_warps(2 * pairs * block_k), **pdl_launch_kwargs(pdl))
     return q, res_out

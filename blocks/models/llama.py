@@ -144,7 +144,9 @@ class LlamaDecoderLayer(nn.Module):
             hidden, residual, norm.weight, norm.eps, qkv.weight, qkv.bias, positions, attn.rotary_emb.inv_freq,
             kv_cache[0], kv_cache[1], metadata.slot_mapping, num_heads=qkv.num_heads,
             num_kv_heads=qkv.num_kv_heads, head_dim=attn.attn.head_dim, is_neox_style=attn.rotary_emb.is_neox_style,
-            input_ids=input_ids, embedding=embedding)
+            input_ids=input_ids, embedding=embedding, inputs_ready=hidden is not None)
+        # (only the first layer gets hidden=None; the others follow the previous layer's down projection, which
+        # writes neither positions nor slots, so their kernels read them before the PDL wait)
         l2_prefetch.issue([m.weight for m in attn.prefetch_after_qkv], grouped=True)
         hidden = attn.o_proj(attn.attn.attend(q, kv_cache, metadata))
         norm = self.post_attention_layernorm

@@ -93,7 +93,8 @@ def test_norm_qkv_rope_cache_matches_the_unfused_layers(dtype, heads, head_dim, 
 
     q, got_res = fused.norm_qkv_rope_cache(None if embed else x, res, norm.weight, norm.eps, w, b, positions,
                                            rope.inv_freq, kc, vc, slots, num_heads=nq, num_kv_heads=nkv,
-                                           head_dim=head_dim, is_neox_style=neox, input_ids=ids, embedding=table)
+                                           head_dim=head_dim, is_neox_style=neox, input_ids=ids, embedding=table,
+                                           inputs_ready=not embed)  # both orders of the PDL wait
     y, s = _unfused_norm(norm, x, res)
     qkv = F.linear(y.float(), w.float(), None if b is None else b.float()).to(dtype)
     wq, wk, wv = qkv.split([nq * head_dim, nkv * head_dim, nkv * head_dim], dim=1)
