@@ -119,10 +119,6 @@ def paged_attn_kernel(
     USE_SPLIT: tl.constexpr, USE_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr, KV_FP8: tl.constexpr,
     DOT_PRECISION: tl.constexpr, ALIGN: tl.constexpr, ONE_TOKEN: tl.constexpr = False, PDL: tl.constexpr = False,
 ):
-    # launched with PDL: wait for the kernel before (the KV write), then let the next one (the split merge,
-    # or the next layer's kernel) be scheduled while this one runs
-    pdl_wait(PDL)
-    pdl_launch_dependents(PDL)
     # heaviest (latest) query blocks first
     pid = num_programs_q - 1 - tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -184,6 +180,11 @@ def paged_attn_kernel(
     ctx_start = seq_len - q_len
     q_pos = ctx_start + tok_local
 
+    # Launched with PDL: the metadata above is a step input (never written by the kernel just before), so
+    # it is read while that kernel runs; wait for it (the KV write) before the queries and the cache, then
+    # let the next kernel (the split merge, or the next layer's) be scheduled while this one runs.
+    pdl_wait(PDL)
+    pdl_launch_dependents(PDL)
     q_row = tl.multiple_of(token * stride_qt + head * stride_qh, ALIGN)
     q = tl.load(
         q_ptr + q_row[:, None] + d_offs[None, :],

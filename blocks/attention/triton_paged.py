@@ -284,7 +284,9 @@ def paged_attention(
         key_cache, value_cache: ``[num_blocks, block_size, num_kv_heads, head_dim]`` in the query
             dtype or ``torch.float8_e4m3fn`` (then ``k_scale``/``v_scale`` float32 one-element tensors).
         metadata: the step's metadata; its ``plan`` is used if it is a :class:`TritonPlan`, else a
-            plan is built here (and stored) from its host integers.
+            plan is built here (and stored) from its host integers. On Hopper (PDL) its ``query_start_loc``
+            and ``seq_lens`` are read while the kernel launched just before still runs, so that kernel
+            must not write them (the engine's never do: they are step inputs).
         scale: softmax scale. sliding_window: keys with ``pos - p < W`` only. soft_cap: ``c*tanh(s/c)``.
         out: optional ``[num_tokens, num_heads, head_dim]`` output buffer (query dtype).
 
