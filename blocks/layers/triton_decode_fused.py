@@ -253,8 +253,8 @@ def norm_qkv_rope_cache(
         inputs_ready: ``positions`` and ``slot_mapping`` were not written by the kernel launched just before
             this one, so on Hopper (PDL) they and the rotary angles are read while that kernel still runs. A
             model's layers after the first qualify (the kernel before is the previous layer's down
-            projection); with False they are read after the wait, like ``x``. Qwen2.5-0.5B's batch-1 decode
-            graph on an H100: 811 -> 772 us (RESULTS.md).
+            projection); with False they are read after the wait, like ``x``. It took about 40 us off
+            Qwen2.5-0.5B's batch-1 decode graph on an H100 (811 -> 772 us; RESULTS.md).
 
     Returns:
         ``(q [1, num_heads * head_dim], s [1, K])``: the rotated queries and the new residual stream.
