@@ -15,8 +15,8 @@ Kernel choice (host integers only):
   chunks (merged by log-sum-exp): enough to fill them twice and to keep each chunk at most
   ``SPLIT_TOKENS`` keys (8 x 32768 on an H100, once a decode program's start-up was cheap: 8 splits
   361-363 us, 16 splits 363-365 us, 33 splits 367 us; RESULTS.md),
-  never below 256 keys a chunk. With at most ``WALK_MAX_SEQS`` rows and ``WALK_MIN_SEQ_LEN`` keys or more,
-  the launch reads a *walk table*: each row's full blocks in ascending physical id, its last block kept
+  never below 256 keys a chunk; chunks of at most ``ONE_STAGE_MAX_KEYS`` keys run in one pipeline stage.
+  With at most ``WALK_MAX_SEQS`` rows and ``WALK_MIN_SEQ_LEN`` keys or more, the launch reads a *walk table*: each row's full blocks in ascending physical id, its last block kept
   last (:func:`physical_walk_table`, one small kernel a step, shared by the layers). A decode row's softmax does not depend on the order of its
   keys, and a program whose blocks are sorted changes 2 MB pages once per page instead of once per block
   (the cost that kept 8 x 32768 on shuffled blocks 1.5-2% behind SDPA; RESULTS.md). Not with a sliding
@@ -49,6 +49,12 @@ __all__ = ["Launch", "LaunchConfig", "TritonPlan", "WorkspacePool", "choose_conf
 
 MAX_SPLITS = 64
 MIN_SPLIT_TOKENS = 256
+# A split of at most this many keys (two 128-key tiles) runs in one stage: there is little to overlap, and the
+# smaller shared-memory footprint fits three programs an SM instead of one. H100 (RESULTS.md): 1 x 4096 20.2 ->
+# 18.7 us, 2 x 4096 28.0 -> 25.8 us; the decode graphs planned for 2048 tokens (8 splits of 256 keys) of
+# Qwen2.5-0.5B 736 -> 724 us and Llama-3-8B 5277 -> 5240 us. Splits of about 1000 keys lost in one stage
+# (4 x 8192: 76.4 -> 81.7 us). BLOCKS_ONE_STAGE_MAX_KEYS=0 turns it off.
+ONE_STAGE_MAX_KEYS = int(os.environ.get("BLOCKS_ONE_STAGE_MAX_KEYS", "256"))
 SPLIT_TOKENS = 4096
 WALK_MIN_SEQ_LEN = 8192
 WALK_CHUNK = 16  # walk-table entries a program places (H100 sweep: 16 x 256 keys, 2 warps; RESULTS.md)
@@ -106,6 +112,8 @@ def choose_config(
             # fill the SMs twice over, with programs of at most SPLIT_TOKENS keys
             num_splits = max(triton.cdiv(2 * num_sms, programs), triton.cdiv(max_seq_len, SPLIT_TOKENS))
             num_splits = max(1, min(num_splits, max_seq_len // MIN_SPLIT_TOKENS, MAX_SPLITS))
+            if big and num_splits > 1 and triton.cdiv(max_seq_len, num_splits) <= ONE_STAGE_MAX_KEYS:
+                stages = 1
         return LaunchConfig(block_q=1, block_m=block_m, block_n=block_n, num_splits=num_splits,
                             num_warps=4, num_stages=stages,
                             sorted_walk=SORTED_WALK and max_seq_len >= WALK_MIN_SEQ_LEN and num_seqs <= WALK_MAX_SEQS)

@@ -10,7 +10,13 @@ import torch
 
 from blocks.attention.backend import get_attention_backend
 from blocks.attention.triton_backend import TritonAttentionBackend
-from blocks.attention.triton_paged import MAX_SPLITS, MIN_SPLIT_TOKENS, _alignment, choose_config
+from blocks.attention.triton_paged import (
+    MAX_SPLITS,
+    MIN_SPLIT_TOKENS,
+    ONE_STAGE_MAX_KEYS,
+    _alignment,
+    choose_config,
+)
 from tests.attention.helpers import make_batch
 from tests.attention.test_triton_attention import DEVICE, run_and_check
 
@@ -31,6 +37,17 @@ def test_decode_split_heuristic_bounds(num_seqs, ctx):
         assert num_seqs * 8 < 2 * 132  # only when the programs would not fill the SMs twice
     if num_seqs * 8 >= 2 * 132:
         assert cfg.num_splits == 1
+
+
+def test_short_splits_run_in_one_stage():
+    """Splits of at most ONE_STAGE_MAX_KEYS keys (a few tiles) drop the pipeline's second stage; longer ones and
+    unsplit launches keep it."""
+    for num_seqs, ctx, stages in ((1, 4096, 1), (2, 4096, 1), (1, 2048, 1), (1, 32768, 2), (8, 32768, 2),
+                                  (64, 4096, 2)):
+        cfg = _cfg(num_seqs, 1, ctx)
+        assert cfg.num_stages == stages, (num_seqs, ctx, cfg)
+        if stages == 1:
+            assert cfg.num_splits > 1 and -(-ctx // cfg.num_splits) <= ONE_STAGE_MAX_KEYS
 
 
 def test_decode_tiles_follow_shared_memory():
