@@ -11,15 +11,16 @@ Kernel choice (host integers only):
 * ``max_query_len <= 1`` (decode-only batch): one query token per program (``BLOCK_Q = 1``), the
   ``GROUP`` query heads of a KV head padded to a 16-row tile, against 128-key tiles in 2 stages (64 keys
   in 3 stages when shared memory is short, 32 for fp32 or head_dim > 128). When ``num_seqs * num_kv_heads``
-  programs would not fill the multiprocessors twice, the KV range is split into ``num_splits``
-  chunks (merged by log-sum-exp): enough to fill them twice and to keep each chunk at most
-  ``SPLIT_TOKENS`` keys (8 x 32768 on an H100, once a decode program's start-up was cheap: 8 splits
-  361-363 us, 16 splits 363-365 us, 33 splits 367 us; RESULTS.md),
-  never below 256 keys a chunk; chunks of at most ``ONE_STAGE_MAX_KEYS`` keys run in one pipeline stage.
-  With at most ``WALK_MAX_SEQS`` rows and ``WALK_MIN_SEQ_LEN`` keys or more, the launch reads a *walk table*: each row's full blocks in ascending physical id, its last block kept
-  last (:func:`physical_walk_table`, one small kernel a step, shared by the layers). A decode row's softmax does not depend on the order of its
-  keys, and a program whose blocks are sorted changes 2 MB pages once per page instead of once per block
-  (the cost that kept 8 x 32768 on shuffled blocks 1.5-2% behind SDPA; RESULTS.md). Not with a sliding
+  programs would not fill the multiprocessors twice, the KV range is split into ``num_splits`` chunks
+  (merged by log-sum-exp): as many as fill them twice without starting a third wave, and enough to keep
+  each chunk at most ``SPLIT_TOKENS`` keys (8 x 32768 on an H100, once a decode program's start-up was
+  cheap: 8 splits 361-363 us, 16 splits 363-365 us, 33 splits 367 us; RESULTS.md), never below 256 keys a
+  chunk; chunks of at most ``ONE_STAGE_MAX_KEYS`` keys run in one pipeline stage. With at most
+  ``WALK_MAX_SEQS`` rows and ``WALK_MIN_SEQ_LEN`` keys or more, the launch reads a *walk table*: each row's
+  full blocks in ascending physical id, its last block kept last (:func:`physical_walk_table`, one small
+  kernel a step, shared by the layers). A decode row's softmax does not depend on the order of its keys,
+  and a program whose blocks are sorted changes 2 MB pages once per page instead of once per block (the
+  cost that kept 8 x 32768 on shuffled blocks 1.5-2% behind SDPA; RESULTS.md). Not with a sliding
   window (its mask needs logical positions).
 * a mixed batch whose first ``num_decode_tokens`` rows are decode rows (the engine's order): two
   launches, those rows as above (as a decode batch of that many sequences) and the prefill chunks as
@@ -109,8 +110,10 @@ def choose_config(
         programs = max(1, num_seqs * num_kv_heads)
         num_splits = 1
         if programs < 2 * num_sms:
-            # fill the SMs twice over, with programs of at most SPLIT_TOKENS keys
-            num_splits = max(triton.cdiv(2 * num_sms, programs), triton.cdiv(max_seq_len, SPLIT_TOKENS))
+            # fill the SMs twice over but not past it (rounding up started a third, mostly idle wave: 4 x 8192 on
+            # an H100 took 77.7 us with 9 splits, 64.2 us with 8; RESULTS.md), with programs of at most SPLIT_TOKENS
+            # keys
+            num_splits = max((2 * num_sms) // programs, triton.cdiv(max_seq_len, SPLIT_TOKENS), 1)
             num_splits = max(1, min(num_splits, max_seq_len // MIN_SPLIT_TOKENS, MAX_SPLITS))
             if big and num_splits > 1 and triton.cdiv(max_seq_len, num_splits) <= ONE_STAGE_MAX_KEYS:
                 stages = 1

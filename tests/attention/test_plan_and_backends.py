@@ -14,6 +14,7 @@ from blocks.attention.triton_paged import (
     MAX_SPLITS,
     MIN_SPLIT_TOKENS,
     ONE_STAGE_MAX_KEYS,
+    SPLIT_TOKENS,
     _alignment,
     choose_config,
 )
@@ -27,7 +28,7 @@ def _cfg(num_seqs, max_query_len, max_seq_len, heads=(32, 8), head_dim=128, dtyp
 
 
 @pytest.mark.parametrize("num_seqs,ctx", [(1, 300), (1, 4096), (1, 32768), (8, 32768), (16, 1000), (64, 4096),
-                                          (256, 1024), (3, 100000)])
+                                          (256, 1024), (3, 100000), (4, 8192), (5, 8192), (12, 8192)])
 def test_decode_split_heuristic_bounds(num_seqs, ctx):
     cfg = _cfg(num_seqs, 1, ctx)
     assert cfg.block_q == 1 and cfg.block_m >= 16
@@ -35,6 +36,8 @@ def test_decode_split_heuristic_bounds(num_seqs, ctx):
     if cfg.num_splits > 1:
         assert ctx // cfg.num_splits >= MIN_SPLIT_TOKENS  # no split shorter than 256 keys
         assert num_seqs * 8 < 2 * 132  # only when the programs would not fill the SMs twice
+        # no third wave started just to fill the SMs (only the SPLIT_TOKENS cap may need more programs)
+        assert num_seqs * 8 * cfg.num_splits <= 2 * 132 or cfg.num_splits == -(-ctx // SPLIT_TOKENS)
     if num_seqs * 8 >= 2 * 132:
         assert cfg.num_splits == 1
 
