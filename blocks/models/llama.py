@@ -103,11 +103,13 @@ class LlamaDecoderLayer(nn.Module):
         # In a decode graph, the weights after the attention stream into L2 while it runs (l2_prefetch).
         self.self_attn.prefetch_after_qkv = (self.self_attn.o_proj, self.mlp.gate_up_proj, self.mlp.down_proj)
 
-    def forward(self, positions, hidden, residual, kv_cache, metadata, rope=None, *, input_ids=None, embedding=None):
+    def forward(self, positions, hidden, residual, kv_cache, metadata, rope=None, *, fused=False, input_ids=None,
+                embedding=None):
         """``hidden [T, H]`` and ``residual`` (or ``None``) -> ``(hidden, residual)``. ``rope``: the forward's
-        ``(cos, sin)`` or a :class:`StepRope`. With ``hidden=None`` (the first layer of a fused decode step, see
-        :meth:`decode_fusable`) the kernel reads the rows of ``input_ids`` from the ``embedding`` table itself."""
-        if hidden is None or self.decode_fusable(hidden.shape[0], hidden.dtype, hidden.device, kv_cache):
+        ``(cos, sin)`` or a :class:`StepRope`. ``fused``: run the fused decode kernels (the caller checked
+        :meth:`decode_fusable`, the same for every layer of a model); then with ``hidden=None`` (the first
+        layer) the kernel reads the rows of ``input_ids`` from the ``embedding`` table itself."""
+        if fused:
             return self._forward_decode_fused(positions, hidden, residual, kv_cache, metadata, input_ids, embedding)
         if isinstance(rope, StepRope):
             rope = rope.get()
@@ -185,18 +187,19 @@ class LlamaModel(nn.Module):
 
     def forward(self, input_ids, positions, kv_caches, metadata) -> torch.Tensor:
         embed = self.embed_tokens
+        # every layer shares the fusion's conditions: decided once a forward
+        fused = bool(self.layers) and self.layers[0].decode_fusable(input_ids.shape[0], embed.weight.dtype,
+                                                                    input_ids.device, kv_caches[0])
         table = None
-        if (embed.tp.size == 1 and embed.weight.stride(1) == 1 and len(self.layers)
-                and self.layers[0].decode_fusable(input_ids.shape[0], embed.weight.dtype, input_ids.device,
-                                                  kv_caches[0])):
+        if fused and embed.tp.size == 1 and embed.weight.stride(1) == 1:
             hidden, table = None, embed.weight  # the first fused layer reads the token's embedding row itself
         else:
             hidden = embed(input_ids)
         residual = None
         rope = StepRope(self.rotary_emb, positions)  # once for all layers, if a layer needs it
         for layer, kv_cache in zip(self.layers, kv_caches):
-            hidden, residual = layer(positions, hidden, residual, kv_cache, metadata, rope, input_ids=input_ids,
-                                     embedding=table)
+            hidden, residual = layer(positions, hidden, residual, kv_cache, metadata, rope, fused=fused,
+                                     input_ids=input_ids, embedding=table)
         hidden, _ = self.norm(hidden, residual)
         return hidden
 
