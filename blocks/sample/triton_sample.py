@@ -19,8 +19,10 @@ Per row (one program walks whole rows):
   strictly above it is ``< top_p * Z`` (one pass computes ``Z`` and that mass). The kept set is
   ``{x >= t}`` for one ``t``, so a draw from the whole row that lands in it is a draw from the kept
   distribution; a rejected ``x_s`` is below every kept logit, so the next round races over ``x > x_s``
-  only (fresh noise) and accepts with probability at least ``top_p``. After ``max_rounds`` rejections
-  the exact top-p search runs (rare: top-p 0.9 falls through with probability 0.1 ** max_rounds at most).
+  only (fresh noise) and accepts with probability at least ``top_p``. Those later rounds run in a second
+  kernel spread over the GPU (``defer_rejections``, :mod:`blocks.sample.triton_reject`). After
+  ``max_rounds`` rejections the exact top-p search runs (rare: top-p 0.9 falls through with probability
+  0.1 ** max_rounds at most).
 
 So at vocabulary 128k a greedy or unfiltered row reads its logits once, a top-k or min-p row twice (the
 second pass only compares and rarely stores), and a top-p row twice with probability ``>= top_p``.
@@ -34,6 +36,16 @@ import torch
 import triton
 import triton.language as tl
 
+from blocks.sample.triton_penalties import penalize_row, penalty_launch_args
+from blocks.sample.triton_race import race, race_score, round_keys
+from blocks.sample.triton_reject import (
+    CHUNK,
+    launch_reject_tail,
+    mass_above,
+    min_p_floor,
+    reject_rounds,
+    reject_workspace,
+)
 from blocks.sample.triton_search import (
     check_rows,
     lane_bound,
@@ -43,88 +55,6 @@ from blocks.sample.triton_search import (
 )
 
 __all__ = ["triton_sample"]
-
-
-@triton.jit
-def _mix32(h):
-    """A 32-bit integer finaliser (two multiply-xorshift rounds): every input bit flips every output bit
-    with probability ~1/2."""
-    h ^= h >> 16
-    h *= 0x7FEB352D
-    h ^= h >> 15
-    h *= 0x846CA68B
-    h ^= h >> 16
-    return h
-
-
-@triton.jit
-def _log2(x, FAST: tl.constexpr):
-    """``log2(x)``; FAST (CUDA) uses the hardware approximation (one MUFU op; ``tl.log`` compiles to a
-    ~30-instruction libdevice routine, which made the race compute-bound)."""
-    if FAST:
-        return tl.inline_asm_elementwise("lg2.approx.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True,
-                                         pack=1)
-    else:
-        return tl.log2(x)
-
-
-@triton.jit
-def _exp2(x, FAST: tl.constexpr):
-    """``2 ** x``; FAST (CUDA) uses the hardware approximation."""
-    if FAST:
-        return tl.inline_asm_elementwise("ex2.approx.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True,
-                                         pack=1)
-    else:
-        return tl.exp2(x)
-
-
-@triton.jit
-def _score(x, cols, c, k1, k2, FAST: tl.constexpr):
-    """The race score of logits ``x`` with token ids ``cols``: ``x / T - log(E)`` in base 2 (``c`` =
-    ``log2(e) / T``; the constant ``log2(ln 2)`` is dropped): ``x * c - log2(-log2(U))``. ``U`` takes 23
-    hash bits as the mantissa of a float in [1, 2), minus 1, plus 2^-24: in (0, 1), never 0 or 1."""
-    h = _mix32(_mix32(cols.to(tl.uint32) ^ k1) + k2)
-    u = ((h >> 9) | 0x3F800000).to(tl.float32, bitcast=True) - (1.0 - 1.0 / 16777216.0)
-    return x * c - _log2(-_log2(u, FAST), FAST)
-
-
-@triton.jit
-def _race(src, ids, n, FROM_IDS: tl.constexpr, lo, strict, thr_min, c, k1, k2, offs, BIG, BLOCK: tl.constexpr,
-          FAST: tl.constexpr, STAGES: tl.constexpr = 1):
-    """Exponential race over the values of ``src[0:n)`` in ``(lo, inf)`` (``[lo, inf)`` when ``strict`` is
-    0) that are also ``>= thr_min``; token ids are ``ids[j]`` when FROM_IDS else ``j``. Returns
-    ``(token, its logit)``; token ``BIG`` when nothing qualifies."""
-    best = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
-    best_i = tl.full([BLOCK], BIG, dtype=tl.int32)
-    best_x = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
-    for start in tl.range(0, n, BLOCK, num_stages=STAGES):
-        j = start + offs
-        valid = j < n
-        x = tl.load(src + j, mask=valid, other=float("-inf"))
-        if FROM_IDS:
-            cols = tl.load(ids + j, mask=valid, other=0)
-        else:
-            cols = j
-        keep = valid & ((x > lo) | ((strict == 0) & (x >= lo))) & (x >= thr_min) & (x > float("-inf"))
-        score = tl.where(keep, _score(x, cols, c, k1, k2, FAST), float("-inf"))
-        upd = score > best
-        best = tl.where(upd, score, best)
-        best_i = tl.where(upd, cols, best_i)
-        best_x = tl.where(upd, x, best_x)
-    top = tl.max(best, axis=0)
-    tok = tl.min(tl.where(best == top, best_i, BIG), axis=0)
-    x_tok = tl.max(tl.where((best == top) & (best_i == tok), best_x, float("-inf")), axis=0)
-    return tok, x_tok
-
-
-@triton.jit
-def _round_keys(key, r):
-    """Two 32-bit words of the row's key for rejection round ``r``."""
-    lo32 = (key & 0xFFFFFFFF).to(tl.uint32)
-    hi32 = ((key >> 32) & 0xFFFFFFFF).to(tl.uint32)
-    k1 = _mix32(lo32 ^ (r.to(tl.uint32) * 0x632BE5AB))
-    k2 = _mix32(hi32 + (r.to(tl.uint32) * 0x9E3779B9))
-    return k1, k2
 
 
 @triton.jit
@@ -162,7 +92,9 @@ def _sorted_threshold(cval, n, m, inv_t, top_k, top_p, need_p, N: tl.constexpr):
     return thr
 
 
-@triton.jit(do_not_specialize=["num_rows"])  # the batch size changes every step
+# num_rows and the penalty lengths change every step; max_rounds = 1, specialised to a constant, crashes the
+# coalescing pass of Triton 3.6
+@triton.jit(do_not_specialize=["num_rows", "stride_ids", "max_len", "max_rounds"])
 def _sample_kernel(
     logits_ptr,
     stride_row,
@@ -177,7 +109,23 @@ def _sample_kernel(
     cand_val_ptr,
     cand_idx_ptr,
     counter_ptr,
+    pend_row_ptr,
+    pend_val_ptr,
+    pend_key_ptr,
+    count_ptr,
     max_rounds,
+    pen_ids_ptr,
+    stride_ids,
+    counts_ptr,
+    stride_c,
+    rep_ptr,
+    freq_ptr,
+    pres_ptr,
+    pen_scratch_ptr,
+    max_len,
+    DEFER: tl.constexpr,
+    PENALTY: tl.constexpr,
+    PEN_BLOCK: tl.constexpr,
     BLOCK: tl.constexpr,
     NUM_PIVOTS: tl.constexpr,
     MAX_PASSES: tl.constexpr,
@@ -195,13 +143,18 @@ def _sample_kernel(
     counter = counter_ptr + pid
     for row in range(pid, num_rows, nprog):
         row_ptr = logits_ptr + (tl.zeros([], dtype=tl.int64) + row) * stride_row
+        # the key first: it may come from pinned host memory (PCIe latency, overlapped with the penalties)
+        key = tl.load(key_ptr + row)
         temp, greedy, inv_t, top_k, top_p, min_p = row_params(row, temp_ptr, topk_ptr, topp_ptr, minp_ptr)
         c = inv_t * 1.4426950408889634  # log2(e) / T: scores and masses in base 2
-        key = tl.load(key_ptr + row)
+        if PENALTY:  # in place on the row, then a barrier before any thread reads it
+            penalize_row(row, logits_ptr, stride_row, pen_ids_ptr, stride_ids, counts_ptr, stride_c, rep_ptr, freq_ptr,
+                         pres_ptr, pen_scratch_ptr, max_len, PEN_BLOCK)
+            tl.debug_barrier()
         need_k = (greedy == 0) & (top_k > 0) & (top_k < vocab)
         need_p = (greedy == 0) & (top_p < 1.0)
         need_min = (greedy == 0) & (min_p > 0.0)
-        k1, k2 = _round_keys(key, tl.zeros([], dtype=tl.int32))
+        k1, k2 = round_keys(key, tl.zeros([], dtype=tl.int32))
 
         # Pass 1: max and first argmax; rows that race the whole row (top-p without top-k, or no filter)
         # also the race; the others the smallest finite logit and the number of finite logits.
@@ -231,7 +184,7 @@ def _sample_kernel(
                 upd = x > m_vec
                 m_vec = tl.where(upd, x, m_vec)
                 i_vec = tl.where(upd, cols, i_vec)
-                score = tl.where(x > float("-inf"), _score(x, cols, c, k1, k2, FAST), float("-inf"))
+                score = tl.where(x > float("-inf"), race_score(x, cols, c, k1, k2, FAST), float("-inf"))
                 win = score > best
                 best = tl.where(win, score, best)
                 best_i = tl.where(win, cols, best_i)
@@ -241,14 +194,14 @@ def _sample_kernel(
             x_tok = tl.max(tl.where((best == top) & (best_i == tok), best_x, float("-inf")), axis=0)
         m = tl.max(m_vec, axis=0)
         amax = tl.min(tl.where(m_vec == m, i_vec, vocab), axis=0)
-        thr_min = tl.where(need_min, m + tl.log(tl.maximum(min_p, 1e-30)) * temp, float("-inf"))
+        thr_min = min_p_floor(m, temp, min_p, greedy)
         hi_top = m + tl.maximum(tl.abs(m) * 1e-6, 1e-6)
         nfin = tl.sum(nfin_vec, axis=0)
         if need_k & (top_k >= nfin):  # top-k keeps every finite logit (the rest are banned)
             need_k = need_k & False
             # the draw over the whole row: the answer when no other filter is on, else the rejection route's
             # first candidate (a min-p row replaces it below)
-            tok, x_tok = _race(row_ptr, cidx, vocab, False, float("-inf"), 0, float("-inf"), c, k1, k2, offs,
+            tok, x_tok = race(row_ptr, cidx, vocab, False, float("-inf"), 0, float("-inf"), c, k1, k2, offs,
                                vocab, BLOCK, FAST)
 
         if need_k | (need_min & (need_p == 0)):
@@ -265,7 +218,7 @@ def _sample_kernel(
                         thr = _sorted_threshold(cval, n_cand, m, inv_t, top_k, top_p, need_p, SMALL)
                     else:
                         thr = _sorted_threshold(cval, n_cand, m, inv_t, top_k, top_p, need_p, CAP)
-                tok, x_tok = _race(cval, cidx, n_cand, True, thr, 0, thr_min, c, k1, k2, offs, vocab, BLOCK, FAST, STAGES)
+                tok, x_tok = race(cval, cidx, n_cand, True, thr, 0, thr_min, c, k1, k2, offs, vocab, BLOCK, FAST, STAGES)
             else:  # too many candidates: exact searches over the whole row (token order: reproducible)
                 if need_k:
                     thr, mass_k = threshold_search(row_ptr, vocab, m, inv_t, low, hi_top, top_k, MAX_PASSES,
@@ -273,48 +226,29 @@ def _sample_kernel(
                     if need_p:
                         thr, _ = threshold_search(row_ptr, vocab, m, inv_t, thr, hi_top, top_p * mass_k, MAX_PASSES,
                                                   piv_idx, offs, BLOCK, NUM_PIVOTS, True)
-                tok, x_tok = _race(row_ptr, cidx, vocab, False, thr, 0, thr_min, c, k1, k2, offs, vocab, BLOCK, FAST, STAGES)
+                tok, x_tok = race(row_ptr, cidx, vocab, False, thr, 0, thr_min, c, k1, k2, offs, vocab, BLOCK, FAST, STAGES)
         elif need_p:
-            # Rejection route: accept the race winner if it is in the kept set, else race above it.
+            # Rejection route: keep the race winner if it is in the kept set, else race above it, here or (DEFER)
+            # in the tail kernel, spread over the GPU (blocks.sample.triton_reject).
             z = tl.zeros([], dtype=tl.float32)
-            lo = tl.full([], float("-inf"), dtype=tl.float32)
-            accepted = tl.zeros([], dtype=tl.int32)
-            r = tl.zeros([], dtype=tl.int32)
-            while (accepted == 0) & (r < max_rounds):
-                ok = x_tok >= thr_min
-                if ok:  # one pass: Z and the mass strictly above the candidate
-                    z_vec = tl.zeros([BLOCK], dtype=tl.float32)
-                    above = tl.zeros([BLOCK], dtype=tl.float32)
-                    for start in tl.range(0, vocab, BLOCK, num_stages=STAGES):
-                        cols = start + offs
-                        x = tl.load(row_ptr + cols, mask=cols < vocab, other=float("-inf"))
-                        e = tl.where(x > float("-inf"), _exp2((x - m) * c, FAST), 0.0)
-                        z_vec += e
-                        above += tl.where(x > x_tok, e, 0.0)
-                    z = tl.sum(z_vec, axis=0)
-                    ok = tl.sum(above, axis=0) < top_p * z
-                if ok:
-                    accepted = accepted + 1
+            rejected = max_rounds <= 0  # no rounds at all: the exact search
+            if max_rounds > 0:
+                z, above = mass_above(row_ptr, vocab, m, c, x_tok, offs, BLOCK, FAST, STAGES)
+                rejected = (x_tok < thr_min) | (above >= top_p * z)
+            if rejected:
+                lo = tl.where(max_rounds > 0, x_tok, float("-inf"))
+                if (max_rounds > 1) & DEFER:
+                    slot = tl.atomic_add(count_ptr, 1, sem="relaxed")
+                    tl.store(pend_row_ptr + slot, row)
+                    tl.store(pend_key_ptr + slot, key)
+                    tl.store(pend_val_ptr + slot * 4, lo)
+                    tl.store(pend_val_ptr + slot * 4 + 1, m)
+                    tl.store(pend_val_ptr + slot * 4 + 2, z)
+                    tl.store(pend_val_ptr + slot * 4 + 3, amax.to(tl.float32))
                 else:
-                    lo = x_tok
-                    r += 1
-                    k1, k2 = _round_keys(key, r)
-                    tok, x_tok = _race(row_ptr, cidx, vocab, False, lo, 1, thr_min, c, k1, k2, offs, vocab,
-                                       BLOCK, FAST, STAGES)
-            if accepted == 0:  # exact fallback: the top-p threshold above the last rejected logit
-                z_vec = tl.zeros([BLOCK], dtype=tl.float32)
-                for start in range(0, vocab, BLOCK):
-                    cols = start + offs
-                    x = tl.load(row_ptr + cols, mask=cols < vocab, other=float("-inf"))
-                    fin = x > float("-inf")
-                    z_vec += tl.where(fin, tl.exp((x - m) * inv_t), 0.0)
-                    mn_vec = tl.minimum(mn_vec, tl.where(fin, x, float("inf")))
-                z = tl.sum(z_vec, axis=0)
-                lo = tl.maximum(lo, tl.min(mn_vec, axis=0))  # no rejection yet: start from the smallest logit
-                thr, _ = threshold_search(row_ptr, vocab, m, inv_t, lo, hi_top, top_p * z, MAX_PASSES, piv_idx, offs,
-                                          BLOCK, NUM_PIVOTS, True)
-                k1, k2 = _round_keys(key, r + 1)
-                tok, x_tok = _race(row_ptr, cidx, vocab, False, thr, 0, thr_min, c, k1, k2, offs, vocab, BLOCK, FAST, STAGES)
+                    tok = reject_rounds(row_ptr, cidx, vocab, m, z, lo, tl.minimum(max_rounds, 1), max_rounds, key,
+                                        temp, top_p, thr_min, c, inv_t, piv_idx, offs, BLOCK, NUM_PIVOTS, MAX_PASSES,
+                                        FAST, STAGES)
         token = tl.where(greedy | (tok >= vocab), amax, tok)  # a row with no finite logit: its argmax, in range
         tl.store(out_ptr + row, token.to(tl.int64))
 
@@ -335,11 +269,14 @@ def triton_sample(
     max_rounds: int = 6,
     maxnreg: int | None = 64,
     stages: int = 3,
+    defer_rejections: bool = True,
+    tail_chunk: int = CHUNK,
+    penalties: tuple[torch.Tensor, ...] | None = None,
 ) -> torch.Tensor:
     """Sample one token per row from the top-k / top-p / min-p filtered softmax of ``logits / T``.
 
     Args:
-        logits: ``[num_rows, vocab]`` float32, unit stride along the vocabulary (not modified).
+        logits: ``[num_rows, vocab]`` float32, unit stride along the vocabulary (modified only by ``penalties``).
         temperature: ``[num_rows]`` float32 (0 = greedy: the first argmax). top_k: ``[num_rows]`` int32/int64
             (0 = off). top_p, min_p: ``[num_rows]`` float32 (1 and 0 = off).
         keys: ``[num_rows]`` int64 random keys, one per row and step.
@@ -348,6 +285,15 @@ def triton_sample(
         candidates: scratch slots per program (rounded up to a power of two, at least 16) for the logits
             above a top-k or min-p row's bound, sorted in registers; a row with more takes the whole-row way.
         max_rounds: rejection rounds of a top-p row without top-k before the exact top-p search.
+        defer_rejections: run the rejection rounds after the first in a second kernel spread over the GPU
+            (:mod:`blocks.sample.triton_reject`) instead of one program a row; ``False`` saves its launch
+            when no row has top-p (the rounds then run in place, should one be needed). Same tokens either
+            way in distribution, not draw for draw.
+        tail_chunk: logits a program of that second kernel reads (a power of two, at least 16).
+        penalties: ``(token_ids, output_counts, repetition_penalty, frequency_penalty, presence_penalty)`` as
+            :func:`blocks.sample.triton_penalties.triton_apply_penalties` takes them: each program applies its
+            row's penalties to ``logits`` in place before sampling it (one launch fewer). ``None``: none, and
+            ``logits`` is not modified.
         maxnreg: cap on registers per thread on CUDA (None = the compiler's choice). 64 lets two 16-warp
             programs share an SM (H200 sweep: 188 us against 193 us uncapped at batch 256 x 128256).
         stages: software-pipelining depth of the whole-row loops (``tl.range(num_stages=...)``, cp.async into
@@ -364,12 +310,26 @@ def triton_sample(
     out = torch.empty(num_rows, dtype=torch.int64, device=logits.device)
     if num_rows == 0:
         return out
+    if tail_chunk < 16 or tail_chunk & (tail_chunk - 1):
+        raise ValueError(f"tail_chunk must be a power of two >= 16, got {tail_chunk}.")
     block, num_programs, cap, cand_val, cand_idx, counters = launch_layout(logits, block, num_programs,
                                                                            max(candidates, 16))
+    defer = defer_rejections and max_rounds > 1
+    ws = reject_workspace(num_rows, vocab, logits.device, tail_chunk)
+    fast = logits.is_cuda
+    use_penalties = penalties is not None and penalties[0].shape[1] > 0
+    if use_penalties:
+        pen_args, pen_block = penalty_launch_args(logits, *penalties)
+    else:  # placeholders the kernel never reads
+        pen_args, pen_block = (keys, 0, counters, 0, temperature, temperature, temperature, cand_val, 0), 16
     _sample_kernel[(num_programs,)](
         logits, logits.stride(0), vocab, num_rows, temperature, top_k, top_p, min_p, keys, out, cand_val, cand_idx,
-        counters, max_rounds, BLOCK=block, NUM_PIVOTS=num_pivots, MAX_PASSES=12, CAP=cap, SMALL=min(cap, 128),
-        FAST=logits.is_cuda, STAGES=stages, num_warps=num_warps,
-        **({"maxnreg": maxnreg} if maxnreg and logits.is_cuda else {}),
+        counters, ws["rows"], ws["values"], ws["keys"], ws["counters"], max_rounds, *pen_args, DEFER=defer,
+        PENALTY=use_penalties, PEN_BLOCK=pen_block, BLOCK=block,
+        NUM_PIVOTS=num_pivots, MAX_PASSES=12, CAP=cap, SMALL=min(cap, 128), FAST=fast, STAGES=stages,
+        num_warps=num_warps, **({"maxnreg": maxnreg} if maxnreg and fast else {}),
     )
+    if defer:
+        launch_reject_tail(logits, temperature, top_k, top_p, min_p, out, ws, cand_idx, max_rounds, block=block,
+                           num_pivots=num_pivots, fast=fast, stages=stages, chunk=tail_chunk)
     return out

@@ -139,6 +139,35 @@ def test_triton_penalties_equal_the_torch_reference(num_rows, vocab, max_len, bl
     assert not torch.equal(got, x)
 
 
+def test_sampling_kernel_applies_the_penalties_as_the_penalty_kernel_does():
+    """``triton_sample(..., penalties=...)`` penalises each row in place before sampling it: the logits after
+    the call and the tokens equal the separate penalty kernel followed by plain sampling, on every route
+    (greedy, top-k, top-p, min-p rows, with and without penalties)."""
+    from blocks.sample.triton_penalties import triton_apply_penalties
+
+    num_rows, vocab, max_len = 9, 300, 37
+    gen = torch.Generator().manual_seed(17)
+    x, temp, top_k, top_p, min_p = _random_rows(num_rows, vocab, seed=23)
+    ids = torch.randint(vocab, (num_rows, max_len), generator=gen)
+    counts = torch.zeros(num_rows, vocab, dtype=torch.int32)
+    counts.scatter_add_(1, ids[:, max_len // 2 :], torch.ones_like(ids[:, max_len // 2 :], dtype=torch.int32))
+    rep = torch.where(torch.arange(num_rows) % 3 == 0, 1.0, 1.5)
+    freq = torch.where(torch.arange(num_rows) % 3 == 1, 0.0, 2.0)
+    pres = torch.full((num_rows,), 1.0)
+    pres[::4] = 0.0
+    freq[::4], rep[::4] = 0.0, 1.0  # rows 0, 4, 8 without penalties
+    pen = tuple(t.to(DEV) for t in (ids, counts, rep, freq, pres))
+    args = tuple(t.to(DEV) for t in (temp, top_k, top_p, min_p))
+    keys = torch.arange(num_rows, dtype=torch.int64, device=DEV) * 7 + 3
+    want_x = triton_apply_penalties(x.clone().to(DEV), *pen[:2], repetition_penalty=pen[2], frequency_penalty=pen[3],
+                                    presence_penalty=pen[4])
+    want = triton_sample(want_x.clone(), *args, keys, block=64)
+    got_x = x.clone().to(DEV)
+    got = triton_sample(got_x, *args, keys, block=64, penalties=pen)
+    assert torch.equal(got_x, want_x) and not torch.equal(got_x.cpu(), x)
+    assert torch.equal(got, want)
+
+
 def test_top_k_above_the_finite_count_and_all_banned_rows_sample_in_range():
     """Rows whose top-k keeps every finite logit (the rest banned, e.g. ``allowed_token_ids``) draw among the
     finite ones on every route; a row with no finite logit still returns an id inside the vocabulary."""

@@ -1,0 +1,90 @@
+"""The rejection tail of the Triton sampler (``blocks.sample.triton_reject``): rows whose first top-p
+candidate is rejected finish in a second kernel, their rows cut into chunks. Small chunks here, so every row
+spans several programs (interpreter on CPU, fp32; compiled on CUDA)."""
+
+import pytest
+import torch
+
+from blocks.sample.ops import filter_threshold
+from blocks.sample.triton_reject import reject_workspace
+from blocks.sample.triton_sample import triton_sample
+from tests.sample.helpers import TRITON_DEVICE as DEV
+from tests.sample.test_distribution import chi2_quantile_9999
+
+
+def _same_row(num_rows, logits, temp, top_p, min_p):
+    x = logits[None].repeat(num_rows, 1)
+    full = lambda v: torch.full((num_rows,), v)  # noqa: E731
+    return x, full(temp), torch.zeros(num_rows, dtype=torch.int32), full(top_p), full(min_p)
+
+
+@pytest.mark.parametrize("temp,top_p,min_p", [(1.0, 0.5, 0.0), (0.8, 0.6, 0.1)], ids=["top_p", "top_p_min_p"])
+def test_deferred_rounds_draw_the_kept_distribution(temp, top_p, min_p):
+    """One row repeated with distinct keys (400 times in the interpreter, 20,000 on a GPU): the tokens follow
+    the filtered softmax (chi-square) and none is filtered out (a deferred row the tail did not finish
+    would keep its rejected candidate). In-place rounds (``defer_rejections=False``) agree on most rows: those
+    the first or second candidate settles."""
+    gen = torch.Generator().manual_seed(21)
+    vocab, rows = 61, (20_000 if DEV == "cuda" else 400)
+    logits = torch.randn(vocab, generator=gen) * 1.5
+    args = tuple(t.to(DEV) for t in _same_row(rows, logits, temp, top_p, min_p))
+    keys = torch.arange(rows, dtype=torch.int64, device=DEV) * 7919 + 11
+    tokens = triton_sample(*args, keys, block=64, tail_chunk=16).cpu()
+    x = args[0][:1].cpu()
+    thr = filter_threshold(x, *(a[:1].cpu() for a in args[1:]))
+    expected = torch.softmax(torch.where(x >= thr[:, None], x / temp, float("-inf")), dim=-1)[0].double()
+    counts = torch.bincount(tokens, minlength=vocab).double()
+    kept = expected > 0
+    assert counts[~kept].sum() == 0, "a filtered-out token was drawn"
+    want = expected[kept] * rows
+    stat = float(((counts[kept] - want) ** 2 / want).sum())
+    assert stat < chi2_quantile_9999(int(kept.sum()) - 1), stat
+    inline = triton_sample(*args, keys, block=64, defer_rejections=False).cpu()
+    assert (tokens == inline).float().mean() > 0.6
+    ws = reject_workspace(rows, vocab, torch.device(DEV), 16)
+    assert int(ws["counters"].abs().sum()) == 0 and int(ws["arrive"].abs().sum()) == 0  # left reset
+
+
+@pytest.mark.parametrize("max_rounds", [2, 3])
+def test_few_rounds_fall_back_to_the_exact_search_inside_the_tail(max_rounds):
+    """With 2 or 3 rounds a small ``top_p`` often exhausts them in the tail, which then runs the exact top-p
+    search; every token stays in the kept set and a fixed key gives a fixed token."""
+    gen = torch.Generator().manual_seed(5)
+    rows, vocab = 24, 150
+    x = torch.randn(rows, vocab, generator=gen) * 2
+    temp = torch.full((rows,), 1.0)
+    top_k = torch.zeros(rows, dtype=torch.int32)
+    top_p = torch.tensor([0.05, 0.2, 0.5] * 8)
+    min_p = torch.tensor([0.0] * 12 + [0.2] * 12)
+    kept = x >= filter_threshold(x, temp, top_k, top_p, min_p)[:, None]
+    args = tuple(t.to(DEV) for t in (x, temp, top_k, top_p, min_p))
+    for step in range(3):
+        keys = torch.arange(rows, dtype=torch.int64, device=DEV) + 1000 * step
+        tokens = triton_sample(*args, keys, block=32, tail_chunk=32, max_rounds=max_rounds).cpu()
+        assert bool(kept.gather(1, tokens[:, None]).all()), step
+        assert torch.equal(tokens, triton_sample(*args, keys, block=32, tail_chunk=32, max_rounds=max_rounds).cpu())
+
+
+def test_a_deferred_row_gets_the_same_token_alone_and_in_a_batch():
+    gen = torch.Generator().manual_seed(9)
+    rows, vocab = 10, 300
+    x = (torch.randn(rows, vocab, generator=gen) * 2).to(DEV)
+    temp = torch.full((rows,), 0.9, device=DEV)
+    top_k = torch.zeros(rows, dtype=torch.int32, device=DEV)
+    top_p = torch.full((rows,), 0.3, device=DEV)
+    min_p = torch.zeros(rows, device=DEV)
+    keys = torch.arange(rows, dtype=torch.int64, device=DEV) * 31337
+    whole = triton_sample(x, temp, top_k, top_p, min_p, keys, block=32, tail_chunk=64)
+    for lo, hi in ((0, 1), (4, 9)):
+        part = triton_sample(x[lo:hi], temp[lo:hi], top_k[lo:hi], top_p[lo:hi], min_p[lo:hi], keys[lo:hi], block=32,
+                             tail_chunk=64)
+        assert torch.equal(part, whole[lo:hi]), (lo, hi)
+
+
+def test_bad_tail_chunk_is_refused():
+    x = torch.randn(2, 40, device=DEV)
+    one = torch.ones(2, device=DEV)
+    args = (x, one, torch.zeros(2, dtype=torch.int32, device=DEV), one * 0.5, one * 0)
+    for chunk in (8, 48):
+        with pytest.raises(ValueError, match="tail_chunk"):
+            triton_sample(*args, torch.zeros(2, dtype=torch.int64, device=DEV), tail_chunk=chunk)
