@@ -9,12 +9,15 @@ presence on half the rows, over 512 prompt + 64 generated tokens) and 16 seeded 
   torch backend on the same card (peer), and with ``BENCH_SAMPLE_SWEEP=1`` a few kernel
   configurations. Times are medians of ``triton.testing.do_bench``; ``extra_info`` has microseconds
   and the effective GB/s of reading the logits once. ``BENCH_SAMPLE_OUT=path`` appends JSON rows.
+  A step is also timed with the host ahead of the GPU (``gpu_us_host_ahead``) beside the host's own time
+  a call (``host_us_per_call``): ``do_bench`` times whichever side is slower.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import time
 
 import pytest
 import torch
@@ -106,6 +109,26 @@ def _do_bench(fn) -> float:
     return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median") * 1e-3
 
 
+def _device_and_host_time(fn, calls: int = 6, reps: int = 15) -> tuple[float, float]:
+    """``(GPU seconds, host seconds)`` per call of ``fn``, medians. The GPU first sleeps (~10 ms) while the host
+    enqueues ``calls`` calls, so the events around them time the GPU work alone even when the host is the
+    slower side (``do_bench`` then times the host); the host time is taken over the same calls."""
+    gpu, host = [], []
+    for _ in range(reps):
+        torch.cuda.synchronize()
+        torch.cuda._sleep(20_000_000)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        t0 = time.perf_counter()
+        start.record()
+        for _ in range(calls):
+            fn()
+        end.record()
+        host.append((time.perf_counter() - t0) / calls)
+        end.synchronize()
+        gpu.append(start.elapsed_time(end) * 1e-3 / calls)
+    return sorted(gpu)[reps // 2], sorted(host)[reps // 2]
+
+
 @cuda
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 def test_bench_sampler_step_cuda(benchmark, backend):
@@ -122,8 +145,11 @@ def test_bench_sampler_step_cuda(benchmark, backend):
     copy = _do_bench(lambda: work.copy_(logits))
     seconds = _do_bench(step) - copy
     benchmark.pedantic(step, rounds=5, iterations=1, warmup_rounds=1)
+    gpu_step, host_step = _device_and_host_time(step)
+    gpu_copy, _ = _device_and_host_time(lambda: work.copy_(logits))
     _record(benchmark, f"sampler step {backend} cuda", seconds, num_rows, vocab, target_us=150.0,
-            logits_copy_us_subtracted=copy * 1e6)
+            logits_copy_us_subtracted=copy * 1e6, gpu_us_host_ahead=(gpu_step - gpu_copy) * 1e6,
+            host_us_per_call=host_step * 1e6)
     if backend == "triton":
         bt = batch.prepare()
         processing = _do_bench(lambda: sampler.process_logits(work.copy_(logits), bt)) - copy

@@ -51,7 +51,7 @@ class BatchTensors:
     ``[num_rows, max_bias]`` when some row has a logit bias. ``min_tokens_rows`` / ``min_tokens_ids``:
     rows still under ``min_tokens`` and the stop ids to mask there (padded by repetition).
     ``dynamic_ban_rows`` / ``dynamic_ban_ids``: multi-token bad words whose prefix just matched.
-    Host flags: ``any_random``, ``any_penalty``, ``any_top_k_or_p``, ``max_num_logprobs`` (-1 = none),
+    Host flags: ``any_random``, ``any_penalty``, ``any_top_k_or_p``, ``any_top_p``, ``max_num_logprobs`` (-1 = none),
     and ``sort_plan`` (which rows the torch reference filter must ``topk`` or fully sort).
     """
 
@@ -77,6 +77,7 @@ class BatchTensors:
     any_top_k_or_p: bool
     max_num_logprobs: int
     sort_plan: SortPlan | None = None
+    any_top_p: bool = True  # some row has top-p (True when unknown)
 
 
 _FLOAT_FIELDS = ("temperature", "top_p", "min_p", "repetition_penalty", "frequency_penalty", "presence_penalty")
@@ -121,10 +122,11 @@ class SamplingBatch:
         self._host = {f: np.zeros(max_num_rows, dtype=np.float32) for f in _FLOAT_FIELDS}
         self._host_top_k = np.zeros(max_num_rows, dtype=np.int32)
         self._dev: dict[str, torch.Tensor] = {}
+        self._views: dict[str, torch.Tensor | None] | None = None  # prepare()'s views of the first rows
         self.seeded_rows: list[int] = []  # rows with their own RequestRng (refreshed by ``prepare``)
         self._min_token_candidates: list[int] = []
         self._bad_rows: list[int] = []
-        self._any_penalty = self._any_random = self._any_top_k_or_p = self._any_banned = False
+        self._any_penalty = self._any_random = self._any_top_k_or_p = self._any_top_p = self._any_banned = False
         self._max_logprobs = -1
         self._sort_plan: SortPlan | None = None
         self._dirty = True
@@ -295,19 +297,24 @@ class SamplingBatch:
         mt_rows, mt_ids = self._min_token_rows()
         db_rows, db_ids = self._dynamic_bans()
         bias = self._bias_tensors
-        d = self._dev
+        if self._views is None:  # the per-row views change only with membership (after an upload)
+            d = self._dev
+            self._views = {f: d[f][:n] for f in (*_FLOAT_FIELDS, "top_k")}
+            self._views["output_counts"] = self.output_counts[:n] if self.output_counts is not None else None
+            self._views["banned"] = self.banned[:n] if self.banned is not None else None
+        v = self._views
         return BatchTensors(
             num_rows=n,
-            temperature=d["temperature"][:n],
-            top_k=d["top_k"][:n],
-            top_p=d["top_p"][:n],
-            min_p=d["min_p"][:n],
-            repetition_penalty=d["repetition_penalty"][:n],
-            frequency_penalty=d["frequency_penalty"][:n],
-            presence_penalty=d["presence_penalty"][:n],
+            temperature=v["temperature"],
+            top_k=v["top_k"],
+            top_p=v["top_p"],
+            min_p=v["min_p"],
+            repetition_penalty=v["repetition_penalty"],
+            frequency_penalty=v["frequency_penalty"],
+            presence_penalty=v["presence_penalty"],
             token_ids=self.token_ids[:n, :max_len_now] if any_penalty else None,
-            output_counts=self.output_counts[:n] if (any_penalty and self.output_counts is not None) else None,
-            banned=self.banned[:n] if self._any_banned else None,
+            output_counts=v["output_counts"] if any_penalty else None,
+            banned=v["banned"] if self._any_banned else None,
             bias_ids=bias[0] if bias is not None else None,
             bias_values=bias[1] if bias is not None else None,
             min_tokens_rows=mt_rows,
@@ -317,6 +324,7 @@ class SamplingBatch:
             any_random=self._any_random,
             any_penalty=any_penalty,
             any_top_k_or_p=self._any_top_k_or_p,
+            any_top_p=self._any_top_p,
             max_num_logprobs=self._max_logprobs,
             sort_plan=self._sort_plan,
         )
@@ -373,7 +381,8 @@ class SamplingBatch:
             max_top_k=max((self.params[r].top_k for r in k_rows), default=1),
             full_sort_rows=as_dev(p_rows),
         )
-        self._any_top_k_or_p = bool(n) and bool((self._host_top_k[:n] > 0).any() or (self._host["top_p"][:n] < 1).any())
+        self._any_top_p = bool(n) and bool((self._host["top_p"][:n] < 1).any())
+        self._any_top_k_or_p = self._any_top_p or (bool(n) and bool((self._host_top_k[:n] > 0).any()))
         self._any_banned = self.banned is not None and any(
             p.allowed_token_ids is not None or any(len(s) == 1 for s in (p.bad_words_token_ids or []))
             for p in self.params
@@ -392,6 +401,7 @@ class SamplingBatch:
                     ids[r, j], vals[r, j] = t, v
             self._bias_tensors = (self._to_dev(ids, pin), self._to_dev(vals, pin))
         self._dirty = False
+        self._views = None
 
     def _to_dev(self, arr: np.ndarray, pin: bool) -> torch.Tensor:
         t = torch.from_numpy(np.ascontiguousarray(arr))

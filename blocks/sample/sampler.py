@@ -11,10 +11,12 @@ whatever else is in the batch; the others from the sampler's generator. The ``"t
 draws the unseeded rows' noise with one ``exponential_`` and each seeded row's with a device
 generator seeded by its key; the ``"triton"`` backend hashes the key, the round and the token id into the
 noise inside the sampling kernel (no noise tensor). Both are reproducible per request; they do not produce
-the same streams as each other. Drawing keys is host work only: the step has no host sync. The Triton
+the same streams as each other. Drawing keys is host work only: the step has no host sync. On CUDA the Triton
+kernels read the keys straight from pinned host slots (``KeyRing``: no copy). The Triton
 backend samples without computing the top-p threshold (``triton_sample``: rejection, see its module);
 thresholds are computed (``triton_thresholds``) only when processed logprobs or logits are asked for;
-its penalties are one kernel (``triton_apply_penalties``).
+its penalties are applied by the sampling kernel itself (one kernel, ``triton_apply_penalties``, for an
+all-greedy batch).
 
 The backend is chosen once: ``"auto"`` = Triton on CUDA, torch elsewhere.
 
@@ -33,6 +35,7 @@ from dataclasses import dataclass
 import torch
 
 from blocks.sample.batch import BatchTensors, SamplingBatch
+from blocks.sample.key_ring import KeyRing
 from blocks.sample.logprobs import LogprobsTensors, compute_logprobs
 from blocks.sample.ops import NEG_INF, apply_penalties, filter_threshold
 from blocks.sample.rng import KEY_RANGE
@@ -105,6 +108,7 @@ class Sampler:
         else:
             self._generator.manual_seed(seed)
         self._device_generators: dict[torch.device, torch.Generator] = {}
+        self._ring: KeyRing | None = None
         self._apply_penalties = apply_penalties
         self._argmax = _torch_argmax
         if backend == "triton":
@@ -135,16 +139,26 @@ class Sampler:
         raw = logits
         if not inplace or (want_lp and self.logprobs_mode == "raw_logprobs"):
             logits = logits.clone()
-        x = self.process_logits(logits, bt)
-        keys, seeded = self._row_keys(batch) if bt.any_random else (None, [])
+        ring = self._key_ring(logits, bt.num_rows) if bt.any_random else None
+        keys, seeded = self._row_keys(batch, None if ring is None else ring.acquire(bt.num_rows)) if bt.any_random \
+            else (None, [])
+        # The Triton sampling kernel applies the penalties itself, in place, before reading each row.
+        fused_penalties = self.backend == "triton" and keys is not None and self._has_penalties(bt)
+        x = self.process_logits(logits, bt, penalties=not fused_penalties)
         written = False
         if keys is None:  # an all-greedy batch: exact argmax (first index of the maximum), on either backend
             thr = None
             ids, written = self._argmax(x, tuple(id_sinks))
         elif self.backend == "triton":
             thr = None  # computed below only if processed logprobs need it
-            dev_keys = self._to_device(keys, x.device, bt.num_rows)
-            ids = self._triton_sample(x, bt.temperature, bt.top_k, bt.top_p, bt.min_p, dev_keys, **self.triton_options)
+            dev_keys = keys if ring is not None else self._to_device(keys, x.device, bt.num_rows)
+            pen = None
+            if fused_penalties:
+                pen = (bt.token_ids, bt.output_counts, bt.repetition_penalty, bt.frequency_penalty, bt.presence_penalty)
+            opts = {"defer_rejections": bt.any_top_p, **self.triton_options}
+            ids = self._triton_sample(x, bt.temperature, bt.top_k, bt.top_p, bt.min_p, dev_keys, penalties=pen, **opts)
+            if ring is not None:
+                ring.release()
         else:
             thr, ids = self._torch_sample(x, bt, keys, seeded)
         lp = None
@@ -158,9 +172,13 @@ class Sampler:
             lp = compute_logprobs(source, ids, bt.max_num_logprobs)
         return SamplerOutput(sampled_token_ids=ids, logprobs=lp, sinks_written=written)
 
-    def process_logits(self, logits: torch.Tensor, bt: BatchTensors) -> torch.Tensor:
-        """Min-tokens masking, logit bias, allowed/banned tokens and penalties, in place on ``logits``
-        ``[num_rows, vocab]`` float32 (returned)."""
+    @staticmethod
+    def _has_penalties(bt: BatchTensors) -> bool:
+        return bt.any_penalty and bt.token_ids is not None and bt.output_counts is not None
+
+    def process_logits(self, logits: torch.Tensor, bt: BatchTensors, *, penalties: bool = True) -> torch.Tensor:
+        """Min-tokens masking, logit bias, allowed/banned tokens and (unless ``penalties=False``) penalties, in
+        place on ``logits`` ``[num_rows, vocab]`` float32 (returned)."""
         x = logits
         if bt.min_tokens_rows is not None:
             x[bt.min_tokens_rows[:, None], bt.min_tokens_ids] = NEG_INF
@@ -170,7 +188,7 @@ class Sampler:
             x.masked_fill_(bt.banned, NEG_INF)
         if bt.dynamic_ban_rows is not None:
             x[bt.dynamic_ban_rows[:, None], bt.dynamic_ban_ids] = NEG_INF
-        if bt.any_penalty and bt.token_ids is not None and bt.output_counts is not None:
+        if penalties and self._has_penalties(bt):
             self._apply_penalties(
                 x,
                 bt.token_ids,
@@ -215,17 +233,28 @@ class Sampler:
         scaled = torch.where(x >= thr[:, None], x / temp, NEG_INF)
         return torch.where(greedy, x, scaled)
 
-    def _row_keys(self, batch: SamplingBatch) -> tuple[torch.Tensor, list[int]]:
-        """One key per row for this step, ``[num_rows]`` int64 on the host, and the seeded rows.
+    def _row_keys(self, batch: SamplingBatch, out: torch.Tensor | None = None) -> tuple[torch.Tensor, list[int]]:
+        """One key per row for this step, ``[num_rows]`` int64 on the host (written into ``out`` when given),
+        and the seeded rows.
 
         Seeded rows take the next key of their own ``RequestRng``, the others draw from the
         sampler's generator (host work only, no device sync)."""
-        keys = torch.randint(0, KEY_RANGE, (batch.num_rows,), generator=self._generator, dtype=torch.int64)
+        keys = torch.empty(batch.num_rows, dtype=torch.int64) if out is None else out
+        keys.random_(0, KEY_RANGE, generator=self._generator)
         seeded = batch.seeded_rows
         if seeded:
-            own = torch.tensor([batch.rngs[r].next_key() for r in seeded], dtype=torch.int64)
-            keys[torch.tensor(seeded, dtype=torch.int64)] = own
+            keys.numpy()[seeded] = [batch.rngs[r].next_key() for r in seeded]
         return keys, seeded
+
+    def _key_ring(self, logits: torch.Tensor, num_rows: int) -> KeyRing | None:
+        """The pinned slots the Triton kernels read keys from (CUDA only; grown to the batch)."""
+        if self.backend != "triton" or not logits.is_cuda:
+            return None
+        if self._ring is None or self._ring.capacity < num_rows:
+            if self._ring is not None:
+                self._ring.wait_all()  # kernels may still read the old slots
+            self._ring = KeyRing(max(num_rows, 256))
+        return self._ring
 
     @staticmethod
     def _to_device(keys: torch.Tensor | None, device: torch.device, num_rows: int) -> torch.Tensor:
