@@ -16,14 +16,14 @@ rm -f "$OUT/bench.jsonl"
 BENCH_SAMPLE_SWEEP=${BENCH_SAMPLE_SWEEP:-1} BENCH_SAMPLE_OUT="$OUT/bench.jsonl" timeout "${BENCH_TIMEOUT:-200}" \
   python3 -m pytest -q -p no:cacheprovider -s benchmarks/test_bench_sample.py --benchmark-only -k cuda \
   > "$OUT/bench.log" 2>&1
-echo "bench exit $?"; grep -E "sweep|failed|Error|passed" "$OUT/bench.log" | tail -40
+echo "bench exit $?"; grep -E "sweep|kind|kernel GPU|random keys|failed|Error|passed" "$OUT/bench.log" | tail -40
 python3 - "$OUT/bench.jsonl" <<'PY'
 import json, os, sys
 path = sys.argv[1]
 rows = [json.loads(l) for l in open(path)] if os.path.exists(path) else []
 print(f"{'benchmark':44s} {'batch x vocab':>14s} {'us':>9s} {'GB/s (1 read)':>14s}  extra")
 for r in rows:
-    extra = {k: round(r[k], 1) if isinstance(r[k], float) else r[k] for k in ("target_us", "gpu_us_host_ahead",
+    extra = {k: round(r[k], 1) if isinstance(r[k], float) else r[k] for k in ("target_us", "gpu_us_host_ahead", "gpu_us_random_keys_median",
              "host_us_per_call", "sweep_best_us", "sweep_best") if k in r}
     print(f"{r['name']:44s} {str(r['batch']) + 'x' + str(r['vocab']):>14s} {r['us']:9.1f} "
           f"{r['logits_read_once_GBps']:14.0f}  {extra}")

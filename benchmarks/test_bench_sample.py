@@ -187,11 +187,19 @@ def test_bench_triton_kernel_cuda(benchmark):
     for kind in KINDS:  # where the time goes: a batch of one row kind at a time (default configuration)
         bk = mixed_batch(num_rows, vocab, "cuda", kinds=[kind]).prepare()
         one = (logits, bk.temperature, bk.top_k, bk.top_p, bk.min_p)
-        print(f"kind {kind}: {_do_bench(lambda one=one: triton_sample(*one, keys)) * 1e6:.1f} us")
+        gpu, host = _device_and_host_time(lambda one=one: triton_sample(*one, keys))
+        print(f"kind {kind}: GPU {gpu * 1e6:.1f} us (host ahead), do_bench "
+              f"{_do_bench(lambda one=one: triton_sample(*one, keys)) * 1e6:.1f} us, host {host * 1e6:.1f} us")
     # random 62-bit keys (as the sampler draws them) instead of 0..255: other rejection draws
     rand_keys = torch.randint(0, 2**62, (num_rows,), device="cuda", generator=torch.Generator("cuda").manual_seed(3))
     print(f"random keys: {_do_bench(lambda: triton_sample(*args, rand_keys)) * 1e6:.1f} us")
     default_s = _do_bench(lambda: triton_sample(*args, keys))
+    gpu_s, host_s = _device_and_host_time(lambda: triton_sample(*args, keys))
+    spread = sorted(_device_and_host_time(lambda k=k: triton_sample(*args, k), calls=4, reps=5)[0] for k in (
+        torch.randint(0, 2**62, (num_rows,), device="cuda", generator=torch.Generator("cuda").manual_seed(s))
+        for s in range(20)))
+    print(f"kernel GPU time over 20 random key sets (us): median {spread[10] * 1e6:.1f}, "
+          f"min {spread[0] * 1e6:.1f}, max {spread[-1] * 1e6:.1f}")
     benchmark.pedantic(lambda: triton_sample(*args, keys), rounds=5, iterations=1)
     _record(
         benchmark,
@@ -201,6 +209,9 @@ def test_bench_triton_kernel_cuda(benchmark):
         vocab,
         sweep_best_us=best[0] * 1e6,
         sweep_best=str(best[1]),
+        gpu_us_host_ahead=gpu_s * 1e6,
+        host_us_per_call=host_s * 1e6,
+        gpu_us_random_keys_median=spread[10] * 1e6,
     )
     _record(benchmark, "triton threshold kernel cuda (processed logprobs only)",
             _do_bench(lambda: triton_thresholds(*args)), num_rows, vocab)

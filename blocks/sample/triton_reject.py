@@ -1,21 +1,21 @@
 """Triton: the rejection rounds of top-p rows without top-k, and a second kernel that runs them spread over
 the GPU.
 
-A top-p row of the sampling kernel (:mod:`blocks.sample.triton_sample`) draws a candidate from its whole row
-and checks it with one more pass (:func:`mass_above`). About ``1 - top_p`` of such rows reject it. Each later
-round is a race over the values above the last rejected one plus a mass pass, two more passes over the
-512 KB row for one program; at batch 256 x 128256 on an H100 those rounds ran nearly alone at the end of
-the kernel and made a quarter of its time.
+A top-p row of the sampling kernel (:mod:`blocks.sample.triton_sample`) draws two candidates (rounds 0 and 1)
+from its whole row and checks them with one more pass (:func:`mass_above_two`). About ``(1 - top_p)^2`` of
+such rows reject both. Each later round is a race over the values above the largest rejected logit plus a
+mass pass, two more passes over the 512 KB row for one program; at batch 256 x 128256 on an H100 such
+rounds ran nearly alone at the end of the kernel and made a quarter of its time.
 
 So the sampling kernel defers a rejected row: it appends ``(row, rejected logit, max, Z, argmax)`` to a list and
-moves on. :func:`launch_reject_tail` then runs rounds 1 and 2 of every listed row at once, in chunks of
+moves on. :func:`launch_reject_tail` then runs rounds 2 and 3 of every listed row at once, in chunks of
 ``CHUNK`` logits, one chunk a program: each chunk runs both rounds' races (independent noise) over its values
 above the rejected logit and sums the probability mass above ``NUM_CUTS`` cut points spread between the
 rejected logit and the row max. The last chunk of a row to finish (an acquire-release counter) merges them:
 the two winners, and the cut points the top-p rule keeps or rejects. A winner at or above a kept cut point
-is kept, one at or below a rejected cut point is rejected, without another pass; round 2's winner counts
-only if round 1's is rejected. Only a winner between the two neighbouring cut points needs its exact mass
-(one pass), and only when both are rejected (about 1% of listed rows at top-p 0.9) does that program run
+is kept, one at or below a rejected cut point is rejected, without another pass; round 3's winner counts
+only if round 2's is rejected. Only a winner between the two neighbouring cut points needs its exact mass
+(one pass), and only when both are rejected (a few % of listed rows at top-p 0.9) does that program run
 more rounds over the whole row (:func:`reject_rounds`, the rounds the sampling kernel runs when nothing is
 deferred).
 
@@ -39,6 +39,7 @@ __all__ = ["mass_above", "reject_rounds", "min_p_floor", "launch_reject_tail", "
            "NUM_CUTS"]
 
 CHUNK = 4096  # logits a tail program reads: 32 chunks for a 128k row
+TAIL_FIRST_ROUND = tl.constexpr(2)  # the sampling kernel checks rounds 0 and 1; the tail draws rounds 2 and 3
 NUM_CUTS = 16  # cut points between a rejected logit and the row max
 ROW_STAGES = 6  # pipelining depth of the tail's rare whole-row passes: one program alone, latency-bound
 TAIL_LAUNCH = {"num_warps": 8}  # launch options of the tail kernel on CUDA (``maxnreg`` may be added)
@@ -63,6 +64,23 @@ def mass_above(row_ptr, vocab, m, c, cut, offs, BLOCK: tl.constexpr, FAST: tl.co
         z_vec += e
         above += tl.where(x > cut, e, 0.0)
     return tl.sum(z_vec, axis=0), tl.sum(above, axis=0)
+
+
+@triton.jit
+def mass_above_two(row_ptr, vocab, m, c, cut, cut_b, offs, BLOCK: tl.constexpr, FAST: tl.constexpr,
+                   STAGES: tl.constexpr):
+    """One pass: ``(Z, mass strictly above cut, mass strictly above cut_b)``, masses ``2 ** ((x - m) * c)``."""
+    z_vec = tl.zeros([BLOCK], dtype=tl.float32)
+    above = tl.zeros([BLOCK], dtype=tl.float32)
+    above_b = tl.zeros([BLOCK], dtype=tl.float32)
+    for start in tl.range(0, vocab, BLOCK, num_stages=STAGES):
+        cols = start + offs
+        x = tl.load(row_ptr + cols, mask=cols < vocab, other=float("-inf"))
+        e = tl.where(x > float("-inf"), exp2((x - m) * c, FAST), 0.0)
+        z_vec += e
+        above += tl.where(x > cut, e, 0.0)
+        above_b += tl.where(x > cut_b, e, 0.0)
+    return tl.sum(z_vec, axis=0), tl.sum(above, axis=0), tl.sum(above_b, axis=0)
 
 
 @triton.jit
@@ -165,8 +183,8 @@ def _reject_tail_kernel(logits_ptr, stride_row, vocab, temp_ptr, topk_ptr, topp_
         c = inv_t * 1.4426950408889634
         key = tl.load(pend_key_ptr + slot)  # copied by the sampling kernel (keys may live in host memory)
         thr_min = min_p_floor(m, temp, min_p, greedy)
-        k1a, k2a = round_keys(key, tl.full([], 1, dtype=tl.int32))
-        k1b, k2b = round_keys(key, tl.full([], 2, dtype=tl.int32))
+        k1a, k2a = round_keys(key, tl.full([], TAIL_FIRST_ROUND, dtype=tl.int32))
+        k1b, k2b = round_keys(key, tl.full([], TAIL_FIRST_ROUND + 1, dtype=tl.int32))
         cuts = lo + (m - lo) * ((cut_idx + 1).to(tl.float32) / (NUM_CUTS + 1))
         row_ptr = logits_ptr + row.to(tl.int64) * stride_row
         best1 = tl.full([TILE], float("-inf"), dtype=tl.float32)
@@ -208,8 +226,8 @@ def _reject_tail_kernel(logits_ptr, stride_row, vocab, temp_ptr, topk_ptr, topp_
             tok, w = _merged_candidate(parts, toks, valid, 0, vocab)
             if _kept(w, kept_lo, rejected_hi, row_ptr, vocab, m, c, top_p, z, BLOCK, FAST, ROW_STAGES) == 0:
                 lo2 = tl.maximum(rejected_hi, w)
-                r = tl.full([], 2, dtype=tl.int32)
-                if max_rounds > 2:  # round 2's candidate, drawn in the same pass
+                r = tl.full([], TAIL_FIRST_ROUND + 1, dtype=tl.int32)
+                if max_rounds > TAIL_FIRST_ROUND + 1:  # the second candidate, drawn in the same pass
                     tok, w = _merged_candidate(parts, toks, valid, 1, vocab)
                     if _kept(w, kept_lo, rejected_hi, row_ptr, vocab, m, c, top_p, z, BLOCK, FAST, ROW_STAGES) == 1:
                         r = max_rounds + 1  # settled

@@ -15,17 +15,22 @@ Per row (one program walks whole rows):
   than ``candidates`` searches and races over the whole row instead: same answer);
 * **min-p-only rows**: the threshold ``max + T log(min_p)`` is known after pass 1; the logits above it
   are gathered the same way and raced in the scratch;
-* **top-p rows without top-k**: rejection. ``s`` is kept iff ``x_s >= max + T log(min_p)`` and (top-p) the mass
-  strictly above it is ``< top_p * Z`` (one pass computes ``Z`` and that mass). The kept set is
-  ``{x >= t}`` for one ``t``, so a draw from the whole row that lands in it is a draw from the kept
-  distribution; a rejected ``x_s`` is below every kept logit, so the next round races over ``x > x_s``
-  only (fresh noise) and accepts with probability at least ``top_p``. Those later rounds run in a second
-  kernel spread over the GPU (``defer_rejections``, :mod:`blocks.sample.triton_reject`). After
-  ``max_rounds`` rejections the exact top-p search runs (rare: top-p 0.9 falls through with probability
-  0.1 ** max_rounds at most).
+* **top-p rows without top-k**: rejection. Pass 1 races twice (rounds 0 and 1, independent noise), so it
+  draws two candidates from the whole row. A candidate ``s`` is kept iff ``x_s >= max + T log(min_p)`` and
+  (top-p) the mass strictly above it is ``< top_p * Z``; one pass computes ``Z`` and both masses, and the
+  first kept candidate in round order is the draw. The kept set is ``{x >= t}`` for one ``t``, so a draw from
+  the whole row that lands in it is a draw from the kept distribution. A rejected ``x_s`` is below every
+  kept logit, so later rounds race over ``x > x_s`` only (fresh noise), each accepting with probability at
+  least ``top_p``. Those later rounds run in a second kernel spread over the GPU (``defer_rejections``,
+  :mod:`blocks.sample.triton_reject`). After ``max_rounds`` rounds the exact top-p search runs (rare: top-p
+  0.9 falls through with probability 0.1 ** max_rounds at most).
 
 So at vocabulary 128k a greedy or unfiltered row reads its logits once, a top-k or min-p row twice (the
-second pass only compares and rarely stores), and a top-p row twice with probability ``>= top_p``.
+second pass only compares and rarely stores), and a top-p row twice with probability ``>= 1 - (1 - top_p)^2``.
+
+The second candidate costs top-p rows a second race in pass 1. H100, batch 256 x 128256: a batch of top-p rows
+alone took 208 us of GPU time against 244 us with one candidate (a tenth of the rows reach the second
+kernel instead of a hundredth); the benchmark's mixed batch took 180 against 173 us (random keys, median).
 
 Runs under ``TRITON_INTERPRET=1`` on CPU tensors (fp32) and compiled on CUDA.
 """
@@ -40,8 +45,9 @@ from blocks.sample.triton_penalties import penalize_row, penalty_launch_args
 from blocks.sample.triton_race import race, race_score, round_keys
 from blocks.sample.triton_reject import (
     CHUNK,
+    TAIL_FIRST_ROUND,
     launch_reject_tail,
-    mass_above,
+    mass_above_two,
     min_p_floor,
     reject_rounds,
     reject_workspace,
@@ -55,6 +61,40 @@ from blocks.sample.triton_search import (
 )
 
 __all__ = ["triton_sample"]
+
+
+@triton.jit
+def _race_pass(row_ptr, vocab, c, key, offs, BLOCK: tl.constexpr, FAST: tl.constexpr, STAGES: tl.constexpr,
+               TWO: tl.constexpr):
+    """Pass 1 of a race row: ``(lane maxima, their columns, round 0's winner, round 1's winner)`` (round 1's
+    only when TWO, else ``vocab``). Winners are tokens; their logits are read back after the pass."""
+    k1, k2 = round_keys(key, tl.zeros([], dtype=tl.int32))
+    k1b, k2b = round_keys(key, tl.full([], 1, dtype=tl.int32))
+    m_vec = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
+    i_vec = tl.zeros([BLOCK], dtype=tl.int32)
+    best = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
+    best_i = tl.full([BLOCK], vocab, dtype=tl.int32)
+    best_b = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
+    best_b_i = tl.full([BLOCK], vocab, dtype=tl.int32)
+    for start in tl.range(0, vocab, BLOCK, num_stages=STAGES):
+        cols = start + offs
+        x = tl.load(row_ptr + cols, mask=cols < vocab, other=float("-inf"))
+        upd = x > m_vec
+        m_vec = tl.where(upd, x, m_vec)
+        i_vec = tl.where(upd, cols, i_vec)
+        fin = x > float("-inf")
+        score = tl.where(fin, race_score(x, cols, c, k1, k2, FAST), float("-inf"))
+        win = score > best
+        best = tl.where(win, score, best)
+        best_i = tl.where(win, cols, best_i)
+        if TWO:
+            score = tl.where(fin, race_score(x, cols, c, k1b, k2b, FAST), float("-inf"))
+            win = score > best_b
+            best_b = tl.where(win, score, best_b)
+            best_b_i = tl.where(win, cols, best_b_i)
+    tok = tl.min(tl.where(best == tl.max(best, axis=0), best_i, vocab), axis=0)
+    tok_b = tl.min(tl.where(best_b == tl.max(best_b, axis=0), best_b_i, vocab), axis=0)
+    return m_vec, i_vec, tok, tok_b
 
 
 @triton.jit
@@ -164,6 +204,8 @@ def _sample_kernel(
         nfin_vec = tl.zeros([BLOCK], dtype=tl.int32)
         tok = vocab + tl.zeros([], dtype=tl.int32)
         x_tok = tl.full([], float("-inf"), dtype=tl.float32)
+        tok_b = tok
+        x_b = x_tok
         if greedy | need_k | (need_min & (need_p == 0)):
             for start in tl.range(0, vocab, BLOCK, num_stages=STAGES):
                 cols = start + offs
@@ -174,24 +216,13 @@ def _sample_kernel(
                 i_vec = tl.where(upd, cols, i_vec)
                 mn_vec = tl.minimum(mn_vec, tl.where(fin, x, float("inf")))
                 nfin_vec += fin.to(tl.int32)
-        else:
-            best = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
-            best_i = tl.full([BLOCK], vocab, dtype=tl.int32)
-            best_x = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
-            for start in tl.range(0, vocab, BLOCK, num_stages=STAGES):
-                cols = start + offs
-                x = tl.load(row_ptr + cols, mask=cols < vocab, other=float("-inf"))
-                upd = x > m_vec
-                m_vec = tl.where(upd, x, m_vec)
-                i_vec = tl.where(upd, cols, i_vec)
-                score = tl.where(x > float("-inf"), race_score(x, cols, c, k1, k2, FAST), float("-inf"))
-                win = score > best
-                best = tl.where(win, score, best)
-                best_i = tl.where(win, cols, best_i)
-                best_x = tl.where(win, x, best_x)
-            top = tl.max(best, axis=0)
-            tok = tl.min(tl.where(best == top, best_i, vocab), axis=0)
-            x_tok = tl.max(tl.where((best == top) & (best_i == tok), best_x, float("-inf")), axis=0)
+        else:  # race rows; top-p rows also draw round 1's candidate in the same pass (checked if round 0's fails)
+            if need_p:
+                m_vec, i_vec, tok, tok_b = _race_pass(row_ptr, vocab, c, key, offs, BLOCK, FAST, STAGES, True)
+            else:
+                m_vec, i_vec, tok, tok_b = _race_pass(row_ptr, vocab, c, key, offs, BLOCK, FAST, STAGES, False)
+            x_tok = tl.load(row_ptr + tok, mask=tok < vocab, other=float("-inf"))
+            x_b = tl.load(row_ptr + tok_b, mask=tok_b < vocab, other=float("-inf"))
         m = tl.max(m_vec, axis=0)
         amax = tl.min(tl.where(m_vec == m, i_vec, vocab), axis=0)
         thr_min = min_p_floor(m, temp, min_p, greedy)
@@ -232,12 +263,16 @@ def _sample_kernel(
             # in the tail kernel, spread over the GPU (blocks.sample.triton_reject).
             z = tl.zeros([], dtype=tl.float32)
             rejected = max_rounds <= 0  # no rounds at all: the exact search
-            if max_rounds > 0:
-                z, above = mass_above(row_ptr, vocab, m, c, x_tok, offs, BLOCK, FAST, STAGES)
-                rejected = (x_tok < thr_min) | (above >= top_p * z)
+            lo = tl.full([], float("-inf"), dtype=tl.float32)
+            if max_rounds > 0:  # one pass: Z and the masses above both candidates
+                z, above, above_b = mass_above_two(row_ptr, vocab, m, c, x_tok, x_b, offs, BLOCK, FAST, STAGES)
+                ok_a = (x_tok >= thr_min) & (above < top_p * z)
+                ok_b = (max_rounds > 1) & (x_b >= thr_min) & (above_b < top_p * z)
+                rejected = (ok_a == 0) & (ok_b == 0)
+                tok = tl.where(ok_a, tok, tok_b)
+                lo = tl.where(max_rounds > 1, tl.maximum(x_tok, x_b), x_tok)
             if rejected:
-                lo = tl.where(max_rounds > 0, x_tok, float("-inf"))
-                if (max_rounds > 1) & DEFER:
+                if (max_rounds > TAIL_FIRST_ROUND) & DEFER:
                     slot = tl.atomic_add(count_ptr, 1, sem="relaxed")
                     tl.store(pend_row_ptr + slot, row)
                     tl.store(pend_key_ptr + slot, key)
@@ -246,9 +281,9 @@ def _sample_kernel(
                     tl.store(pend_val_ptr + slot * 4 + 2, z)
                     tl.store(pend_val_ptr + slot * 4 + 3, amax.to(tl.float32))
                 else:
-                    tok = reject_rounds(row_ptr, cidx, vocab, m, z, lo, tl.minimum(max_rounds, 1), max_rounds, key,
-                                        temp, top_p, thr_min, c, inv_t, piv_idx, offs, BLOCK, NUM_PIVOTS, MAX_PASSES,
-                                        FAST, STAGES)
+                    tok = reject_rounds(row_ptr, cidx, vocab, m, z, lo, tl.minimum(max_rounds, TAIL_FIRST_ROUND),
+                                        max_rounds, key, temp, top_p, thr_min, c, inv_t, piv_idx, offs, BLOCK,
+                                        NUM_PIVOTS, MAX_PASSES, FAST, STAGES)
         token = tl.where(greedy | (tok >= vocab), amax, tok)  # a row with no finite logit: its argmax, in range
         tl.store(out_ptr + row, token.to(tl.int64))
 
