@@ -18,7 +18,8 @@ thresholds are computed (``triton_thresholds``) only when processed logprobs or 
 its penalties are applied by the sampling kernel itself (one kernel, ``triton_apply_penalties``, for an
 all-greedy batch).
 
-The backend is chosen once: ``"auto"`` = Triton on CUDA, torch elsewhere.
+The backend is chosen once: ``"auto"`` = Triton when CUDA is available, torch elsewhere (logits on the CPU of
+a machine with a GPU need ``"torch"``; the engine picks by its own device).
 
 Example::
 
