@@ -2,7 +2,7 @@
 the GPU.
 
 A top-p row of the sampling kernel (:mod:`blocks.sample.triton_sample`) draws two candidates (rounds 0 and 1)
-from its whole row and checks them with one more pass (:func:`mass_above_two`). About ``(1 - top_p)^2`` of
+from its whole row and checks them with one more pass (:func:`mass_above`). About ``(1 - top_p)^2`` of
 such rows reject both. Each later round is a race over the values above the largest rejected logit plus a
 mass pass, two more passes over the 512 KB row for one program; at batch 256 x 128256 on an H100 such
 rounds ran nearly alone at the end of the kernel and made a quarter of its time.
@@ -53,23 +53,10 @@ def min_p_floor(m, temp, min_p, greedy):
 
 
 @triton.jit
-def mass_above(row_ptr, vocab, m, c, cut, offs, BLOCK: tl.constexpr, FAST: tl.constexpr, STAGES: tl.constexpr):
-    """One pass: ``(Z, mass of the logits strictly above cut)``, masses ``2 ** ((x - m) * c)``."""
-    z_vec = tl.zeros([BLOCK], dtype=tl.float32)
-    above = tl.zeros([BLOCK], dtype=tl.float32)
-    for start in tl.range(0, vocab, BLOCK, num_stages=STAGES):
-        cols = start + offs
-        x = tl.load(row_ptr + cols, mask=cols < vocab, other=float("-inf"))
-        e = tl.where(x > float("-inf"), exp2((x - m) * c, FAST), 0.0)
-        z_vec += e
-        above += tl.where(x > cut, e, 0.0)
-    return tl.sum(z_vec, axis=0), tl.sum(above, axis=0)
-
-
-@triton.jit
-def mass_above_two(row_ptr, vocab, m, c, cut, cut_b, offs, BLOCK: tl.constexpr, FAST: tl.constexpr,
-                   STAGES: tl.constexpr):
-    """One pass: ``(Z, mass strictly above cut, mass strictly above cut_b)``, masses ``2 ** ((x - m) * c)``."""
+def mass_above(row_ptr, vocab, m, c, cut, cut_b, offs, BLOCK: tl.constexpr, FAST: tl.constexpr,
+               STAGES: tl.constexpr, TWO: tl.constexpr = False):
+    """One pass: ``(Z, mass strictly above cut, mass strictly above cut_b)`` (the last 0 unless TWO), masses
+    ``2 ** ((x - m) * c)``."""
     z_vec = tl.zeros([BLOCK], dtype=tl.float32)
     above = tl.zeros([BLOCK], dtype=tl.float32)
     above_b = tl.zeros([BLOCK], dtype=tl.float32)
@@ -79,7 +66,8 @@ def mass_above_two(row_ptr, vocab, m, c, cut, cut_b, offs, BLOCK: tl.constexpr, 
         e = tl.where(x > float("-inf"), exp2((x - m) * c, FAST), 0.0)
         z_vec += e
         above += tl.where(x > cut, e, 0.0)
-        above_b += tl.where(x > cut_b, e, 0.0)
+        if TWO:
+            above_b += tl.where(x > cut_b, e, 0.0)
     return tl.sum(z_vec, axis=0), tl.sum(above, axis=0), tl.sum(above_b, axis=0)
 
 
@@ -96,7 +84,7 @@ def reject_rounds(row_ptr, ids, vocab, m, z, lo, r, max_rounds, key, temp, top_p
     while (accepted == 0) & (r < max_rounds):
         k1, k2 = round_keys(key, r)
         tok, x_tok = race(row_ptr, ids, vocab, False, lo, 1, thr_min, c, k1, k2, offs, vocab, BLOCK, FAST, STAGES)
-        _, above = mass_above(row_ptr, vocab, m, c, x_tok, offs, BLOCK, FAST, 1)
+        _z, above, _b = mass_above(row_ptr, vocab, m, c, x_tok, x_tok, offs, BLOCK, FAST, 1)
         if (x_tok >= thr_min) & (above < top_p * z):
             accepted = accepted + 1
         else:
@@ -152,7 +140,7 @@ def _kept(w, kept_lo, rejected_hi, row_ptr, vocab, m, c, top_p, z, BLOCK: tl.con
     or at or below a rejected one, else from one pass for its exact mass."""
     ok = (w >= kept_lo).to(tl.int32)
     if (w < kept_lo) & (w > rejected_hi):
-        _z, w_above = mass_above(row_ptr, vocab, m, c, w, tl.arange(0, BLOCK), BLOCK, FAST, STAGES)
+        _z, w_above, _b = mass_above(row_ptr, vocab, m, c, w, w, tl.arange(0, BLOCK), BLOCK, FAST, STAGES)
         ok = (w_above < top_p * z).to(tl.int32)
     return ok
 

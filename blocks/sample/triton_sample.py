@@ -28,9 +28,10 @@ Per row (one program walks whole rows):
 So at vocabulary 128k a greedy or unfiltered row reads its logits once, a top-k or min-p row twice (the
 second pass only compares and rarely stores), and a top-p row twice with probability ``>= 1 - (1 - top_p)^2``.
 
-The second candidate costs top-p rows a second race in pass 1. H100, batch 256 x 128256: a batch of top-p rows
-alone took 208 us of GPU time against 244 us with one candidate (a tenth of the rows reach the second
-kernel instead of a hundredth); the benchmark's mixed batch took 180 against 173 us (random keys, median).
+The second candidate costs top-p rows a second race in pass 1, which shares the first's inner hash round
+(``race_score_pair``). H100, batch 256 x 128256, random keys (median GPU time): a batch of top-p rows alone
+took 195 us, against 282-285 us with one candidate (a tenth of the rows reached the second kernel instead of
+a hundredth); the benchmark's mixed batch took 167 us against 173-174 (benchmarks/RESULTS.md, session 9).
 
 Runs under ``TRITON_INTERPRET=1`` on CPU tensors (fp32) and compiled on CUDA.
 """
@@ -42,12 +43,12 @@ import triton
 import triton.language as tl
 
 from blocks.sample.triton_penalties import penalize_row, penalty_launch_args
-from blocks.sample.triton_race import race, race_score, round_keys
+from blocks.sample.triton_race import race, race_score, race_score_pair, round_keys
 from blocks.sample.triton_reject import (
     CHUNK,
     TAIL_FIRST_ROUND,
     launch_reject_tail,
-    mass_above_two,
+    mass_above,
     min_p_floor,
     reject_rounds,
     reject_workspace,
@@ -69,7 +70,7 @@ def _race_pass(row_ptr, vocab, c, key, offs, BLOCK: tl.constexpr, FAST: tl.const
     """Pass 1 of a race row: ``(lane maxima, their columns, round 0's winner, round 1's winner)`` (round 1's
     only when TWO, else ``vocab``). Winners are tokens; their logits are read back after the pass."""
     k1, k2 = round_keys(key, tl.zeros([], dtype=tl.int32))
-    k1b, k2b = round_keys(key, tl.full([], 1, dtype=tl.int32))
+    _k1b, k2b = round_keys(key, tl.full([], 1, dtype=tl.int32))  # round 1 shares round 0's inner hash round
     m_vec = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
     i_vec = tl.zeros([BLOCK], dtype=tl.int32)
     best = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
@@ -83,12 +84,17 @@ def _race_pass(row_ptr, vocab, c, key, offs, BLOCK: tl.constexpr, FAST: tl.const
         m_vec = tl.where(upd, x, m_vec)
         i_vec = tl.where(upd, cols, i_vec)
         fin = x > float("-inf")
-        score = tl.where(fin, race_score(x, cols, c, k1, k2, FAST), float("-inf"))
+        if TWO:
+            score, score_b = race_score_pair(x, cols, c, k1, k2, k2b, FAST)
+        else:
+            score = race_score(x, cols, c, k1, k2, FAST)
+            score_b = score
+        score = tl.where(fin, score, float("-inf"))
         win = score > best
         best = tl.where(win, score, best)
         best_i = tl.where(win, cols, best_i)
         if TWO:
-            score = tl.where(fin, race_score(x, cols, c, k1b, k2b, FAST), float("-inf"))
+            score = tl.where(fin, score_b, float("-inf"))
             win = score > best_b
             best_b = tl.where(win, score, best_b)
             best_b_i = tl.where(win, cols, best_b_i)
@@ -265,7 +271,7 @@ def _sample_kernel(
             rejected = max_rounds <= 0  # no rounds at all: the exact search
             lo = tl.full([], float("-inf"), dtype=tl.float32)
             if max_rounds > 0:  # one pass: Z and the masses above both candidates
-                z, above, above_b = mass_above_two(row_ptr, vocab, m, c, x_tok, x_b, offs, BLOCK, FAST, STAGES)
+                z, above, above_b = mass_above(row_ptr, vocab, m, c, x_tok, x_b, offs, BLOCK, FAST, STAGES, True)
                 ok_a = (x_tok >= thr_min) & (above < top_p * z)
                 ok_b = (max_rounds > 1) & (x_b >= thr_min) & (above_b < top_p * z)
                 rejected = (ok_a == 0) & (ok_b == 0)
