@@ -11,7 +11,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-__all__ = ["mix32", "log2", "exp2", "race_score", "race_score_pair", "race", "round_keys"]
+__all__ = ["mix32", "log2", "exp2", "race_score", "race", "round_keys"]
 
 
 @triton.jit
@@ -59,15 +59,6 @@ def race_score(x, cols, c, k1, k2, FAST: tl.constexpr):
 def _score_of_hash(x, c, h, FAST: tl.constexpr):
     u = ((h >> 9) | 0x3F800000).to(tl.float32, bitcast=True) - (1.0 - 1.0 / 16777216.0)
     return x * c - log2(-log2(u, FAST), FAST)
-
-
-@triton.jit
-def race_score_pair(x, cols, c, k1, k2, k2b, FAST: tl.constexpr):
-    """Two independent race scores a logit from one inner hash round: ``race_score(.., k1, k2)`` and the same
-    with ``k2b`` in the outer round (one ``mix32`` fewer than two full scores; the outer round's inputs
-    differ by the key difference, and its avalanche makes the two uniforms independent in practice)."""
-    inner = mix32(cols.to(tl.uint32) ^ k1)
-    return _score_of_hash(x, c, mix32(inner + k2), FAST), _score_of_hash(x, c, mix32(inner + k2b), FAST)
 
 
 @triton.jit

@@ -1,9 +1,9 @@
 """Triton: the rejection rounds of top-p rows without top-k, and a second kernel that runs them spread over
 the GPU.
 
-A top-p row of the sampling kernel (:mod:`blocks.sample.triton_sample`) draws two candidates (rounds 0 and 1)
-from its whole row and checks them with one more pass (:func:`mass_above`). About ``(1 - top_p)^2`` of
-such rows reject both. Each later round is a race over the values above the largest rejected logit plus a
+A top-p row of the sampling kernel (:mod:`blocks.sample.triton_sample`) draws two candidates from its whole
+row (its race's winner and runner-up; they count as rounds 0 and 1) and checks them with one more pass
+(:func:`mass_above`). About ``(1 - top_p)^2`` of such rows reject both. Each later round is a race over the values above the largest rejected logit plus a
 mass pass, two more passes over the 512 KB row for one program; at batch 256 x 128256 on an H100 such
 rounds ran nearly alone at the end of the kernel and made a quarter of its time.
 
@@ -39,7 +39,7 @@ __all__ = ["mass_above", "reject_rounds", "min_p_floor", "launch_reject_tail", "
            "NUM_CUTS"]
 
 CHUNK = 4096  # logits a tail program reads: 32 chunks for a 128k row
-TAIL_FIRST_ROUND = tl.constexpr(2)  # the sampling kernel checks rounds 0 and 1; the tail draws rounds 2 and 3
+TAIL_FIRST_ROUND = tl.constexpr(2)  # the sampling kernel checks two candidates; the tail draws rounds 2 and 3
 NUM_CUTS = 16  # cut points between a rejected logit and the row max
 ROW_STAGES = 6  # pipelining depth of the tail's rare whole-row passes: one program alone, latency-bound
 TAIL_LAUNCH = {"num_warps": 8}  # launch options of the tail kernel on CUDA (``maxnreg`` may be added)

@@ -15,23 +15,25 @@ Per row (one program walks whole rows):
   than ``candidates`` searches and races over the whole row instead: same answer);
 * **min-p-only rows**: the threshold ``max + T log(min_p)`` is known after pass 1; the logits above it
   are gathered the same way and raced in the scratch;
-* **top-p rows without top-k**: rejection. Pass 1 races twice (rounds 0 and 1, independent noise), so it
-  draws two candidates from the whole row. A candidate ``s`` is kept iff ``x_s >= max + T log(min_p)`` and
-  (top-p) the mass strictly above it is ``< top_p * Z``; one pass computes ``Z`` and both masses, and the
-  first kept candidate in round order is the draw. The kept set is ``{x >= t}`` for one ``t``, so a draw from
-  the whole row that lands in it is a draw from the kept distribution. A rejected ``x_s`` is below every
-  kept logit, so later rounds race over ``x > x_s`` only (fresh noise), each accepting with probability at
-  least ``top_p``. Those later rounds run in a second kernel spread over the GPU (``defer_rejections``,
-  :mod:`blocks.sample.triton_reject`). After ``max_rounds`` rounds the exact top-p search runs (rare: top-p
-  0.9 falls through with probability 0.1 ** max_rounds at most).
+* **top-p rows without top-k**: rejection. Pass 1 keeps the race's winner and its runner-up: the order of an
+  exponential race is a sample without replacement, so the runner-up is a draw from the distribution
+  without the winner. A candidate ``s`` is kept iff ``x_s >= max + T log(min_p)`` and (top-p) the mass
+  strictly above it is ``< top_p * Z``; one pass computes ``Z`` and both masses. The winner is the draw if
+  kept, else the runner-up if kept (a draw from a superset of the kept set, checked against it: rejection).
+  The kept set is ``{x >= t}`` for one ``t``, so a rejected ``x_s`` is below every kept logit, and later
+  rounds race over ``x > x_s`` only (fresh noise), each accepting with probability at least ``top_p``.
+  Those later rounds run in a second kernel spread over the GPU (``defer_rejections``,
+  :mod:`blocks.sample.triton_reject`). After ``max_rounds`` candidates the exact top-p search runs (rare:
+  top-p 0.9 falls through with probability 0.1 ** max_rounds at most).
 
 So at vocabulary 128k a greedy or unfiltered row reads its logits once, a top-k or min-p row twice (the
-second pass only compares and rarely stores), and a top-p row twice with probability ``>= 1 - (1 - top_p)^2``.
+second pass only compares and rarely stores), and a top-p row twice with probability about ``1 - (1 - top_p)^2``.
 
-The second candidate costs top-p rows a second race in pass 1, which shares the first's inner hash round
-(``race_score_pair``). H100, batch 256 x 128256, random keys (median GPU time): a batch of top-p rows alone
-took 195 us, against 282-285 us with one candidate (a tenth of the rows reached the second kernel instead of
-a hundredth); the benchmark's mixed batch took 167 us against 173-174 (benchmarks/RESULTS.md, session 9).
+The runner-up costs a lane-wise top-2 in pass 1. H100, batch 256 x 128256, random keys (median GPU time,
+benchmarks/RESULTS.md, session 9): the benchmark's mixed batch 144 us, a batch of top-p rows alone 170 us;
+with one candidate they took 173 and 282 us (a tenth of the top-p rows reached the second kernel instead of
+about a hundredth), with a second race (sharing the first's inner hash round) in place of the runner-up
+167 and 195 us.
 
 Runs under ``TRITON_INTERPRET=1`` on CPU tensors (fp32) and compiled on CUDA.
 """
@@ -43,7 +45,7 @@ import triton
 import triton.language as tl
 
 from blocks.sample.triton_penalties import penalize_row, penalty_launch_args
-from blocks.sample.triton_race import race, race_score, race_score_pair, round_keys
+from blocks.sample.triton_race import race, race_score, round_keys
 from blocks.sample.triton_reject import (
     CHUNK,
     TAIL_FIRST_ROUND,
@@ -67,39 +69,39 @@ __all__ = ["triton_sample"]
 @triton.jit
 def _race_pass(row_ptr, vocab, c, key, offs, BLOCK: tl.constexpr, FAST: tl.constexpr, STAGES: tl.constexpr,
                TWO: tl.constexpr):
-    """Pass 1 of a race row: ``(lane maxima, their columns, round 0's winner, round 1's winner)`` (round 1's
-    only when TWO, else ``vocab``). Winners are tokens; their logits are read back after the pass."""
+    """Pass 1 of a race row: ``(lane maxima, their columns, the race's winner, its runner-up)`` (the runner-up
+    only when TWO, else ``vocab``). Tokens; their logits are read back after the pass.
+
+    The runner-up of an exponential race is a draw from the distribution without the winner (the race's
+    order is a sample without replacement), so when the winner is rejected it is the next round's candidate
+    at the cost of a lane-wise top-2, not of a second race."""
     k1, k2 = round_keys(key, tl.zeros([], dtype=tl.int32))
-    _k1b, k2b = round_keys(key, tl.full([], 1, dtype=tl.int32))  # round 1 shares round 0's inner hash round
     m_vec = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
     i_vec = tl.zeros([BLOCK], dtype=tl.int32)
     best = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
     best_i = tl.full([BLOCK], vocab, dtype=tl.int32)
-    best_b = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
-    best_b_i = tl.full([BLOCK], vocab, dtype=tl.int32)
+    second = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
+    second_i = tl.full([BLOCK], vocab, dtype=tl.int32)
     for start in tl.range(0, vocab, BLOCK, num_stages=STAGES):
         cols = start + offs
         x = tl.load(row_ptr + cols, mask=cols < vocab, other=float("-inf"))
         upd = x > m_vec
         m_vec = tl.where(upd, x, m_vec)
         i_vec = tl.where(upd, cols, i_vec)
-        fin = x > float("-inf")
-        if TWO:
-            score, score_b = race_score_pair(x, cols, c, k1, k2, k2b, FAST)
-        else:
-            score = race_score(x, cols, c, k1, k2, FAST)
-            score_b = score
-        score = tl.where(fin, score, float("-inf"))
+        score = tl.where(x > float("-inf"), race_score(x, cols, c, k1, k2, FAST), float("-inf"))
         win = score > best
+        if TWO:
+            runner_up = (score > second) & (win == 0)
+            second = tl.where(win, best, tl.where(runner_up, score, second))
+            second_i = tl.where(win, best_i, tl.where(runner_up, cols, second_i))
         best = tl.where(win, score, best)
         best_i = tl.where(win, cols, best_i)
-        if TWO:
-            score = tl.where(fin, score_b, float("-inf"))
-            win = score > best_b
-            best_b = tl.where(win, score, best_b)
-            best_b_i = tl.where(win, cols, best_b_i)
-    tok = tl.min(tl.where(best == tl.max(best, axis=0), best_i, vocab), axis=0)
-    tok_b = tl.min(tl.where(best_b == tl.max(best_b, axis=0), best_b_i, vocab), axis=0)
+    top = tl.max(best, axis=0)
+    tok = tl.min(tl.where(best == top, best_i, vocab), axis=0)
+    winner_lane = (best == top) & (best_i == tok)
+    rest = tl.where(winner_lane, second, best)  # the winner's lane offers its second, the others their best
+    rest_i = tl.where(winner_lane, second_i, best_i)
+    tok_b = tl.min(tl.where(rest == tl.max(rest, axis=0), rest_i, vocab), axis=0)
     return m_vec, i_vec, tok, tok_b
 
 
@@ -222,7 +224,7 @@ def _sample_kernel(
                 i_vec = tl.where(upd, cols, i_vec)
                 mn_vec = tl.minimum(mn_vec, tl.where(fin, x, float("inf")))
                 nfin_vec += fin.to(tl.int32)
-        else:  # race rows; top-p rows also draw round 1's candidate in the same pass (checked if round 0's fails)
+        else:  # race rows; top-p rows also keep the race's runner-up (the candidate if the winner is rejected)
             if need_p:
                 m_vec, i_vec, tok, tok_b = _race_pass(row_ptr, vocab, c, key, offs, BLOCK, FAST, STAGES, True)
             else:
