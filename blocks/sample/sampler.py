@@ -140,12 +140,12 @@ class Sampler:
         raw = logits
         if not inplace or (want_lp and self.logprobs_mode == "raw_logprobs"):
             logits = logits.clone()
+        # The Triton sampling kernel applies the penalties itself, in place, before reading each row.
+        fused_penalties = self.backend == "triton" and bt.any_random and self._has_penalties(bt)
+        x = self.process_logits(logits, bt, penalties=not fused_penalties)
         ring = self._key_ring(logits, bt.num_rows) if bt.any_random else None
         keys, seeded = self._row_keys(batch, None if ring is None else ring.acquire(bt.num_rows)) if bt.any_random \
             else (None, [])
-        # The Triton sampling kernel applies the penalties itself, in place, before reading each row.
-        fused_penalties = self.backend == "triton" and keys is not None and self._has_penalties(bt)
-        x = self.process_logits(logits, bt, penalties=not fused_penalties)
         written = False
         if keys is None:  # an all-greedy batch: exact argmax (first index of the maximum), on either backend
             thr = None
@@ -157,9 +157,12 @@ class Sampler:
             if fused_penalties:
                 pen = (bt.token_ids, bt.output_counts, bt.repetition_penalty, bt.frequency_penalty, bt.presence_penalty)
             opts = {"defer_rejections": bt.any_top_p, **self.triton_options}
-            ids = self._triton_sample(x, bt.temperature, bt.top_k, bt.top_p, bt.min_p, dev_keys, penalties=pen, **opts)
-            if ring is not None:
-                ring.release()
+            try:
+                ids = self._triton_sample(x, bt.temperature, bt.top_k, bt.top_p, bt.min_p, dev_keys, penalties=pen,
+                                          **opts)
+            finally:  # also after a refused launch: the next step must get its slot
+                if ring is not None:
+                    ring.release()
         else:
             thr, ids = self._torch_sample(x, bt, keys, seeded)
         lp = None

@@ -28,3 +28,20 @@ def test_slots_rotate_and_a_reused_slot_waits_for_its_kernels():
         ring.acquire(17)
     with pytest.raises(RuntimeError, match="without acquire"):
         ring.release()
+
+
+@cuda
+@pytest.mark.gpu
+def test_a_refused_launch_leaves_the_sampler_usable():
+    """A step whose kernel launch is refused (a bad option) releases its key slot: the next step samples."""
+    from blocks.sample.sampler import Sampler
+    from tests.sample.helpers import mixed_batch
+
+    batch, _, _ = mixed_batch(6, 100, seed=3, device="cuda", allow_greedy=False)
+    logits = torch.randn(6, 100, device="cuda")
+    sampler = Sampler(backend="triton", seed=0, triton_options={"max_rounds": -1})
+    with pytest.raises(ValueError, match="max_rounds"):
+        sampler(logits, batch)
+    sampler.triton_options = {}
+    ids = sampler(logits, batch).sampled_token_ids
+    assert ids.shape == (6,) and bool(((ids >= 0) & (ids < 100)).all())
