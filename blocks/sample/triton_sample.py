@@ -267,8 +267,8 @@ def _sample_kernel(
                                                   piv_idx, offs, BLOCK, NUM_PIVOTS, True)
                 tok, x_tok = race(row_ptr, cidx, vocab, False, thr, 0, thr_min, c, k1, k2, offs, vocab, BLOCK, FAST, STAGES)
         elif need_p:
-            # Rejection route: keep the race winner if it is in the kept set, else race above it, here or (DEFER)
-            # in the tail kernel, spread over the GPU (blocks.sample.triton_reject).
+            # Rejection route: the race's winner if it is in the kept set, else its runner-up if that is; else
+            # more rounds above both, here or (DEFER) in the tail kernel (blocks.sample.triton_reject).
             z = tl.zeros([], dtype=tl.float32)
             rejected = max_rounds <= 0  # no rounds at all: the exact search
             lo = tl.full([], float("-inf"), dtype=tl.float32)
