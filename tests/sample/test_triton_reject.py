@@ -4,10 +4,12 @@ spans several programs (interpreter on CPU, fp32; compiled on CUDA)."""
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from blocks.sample.ops import filter_threshold
 from blocks.sample.triton_reject import reject_workspace
-from blocks.sample.triton_sample import triton_sample
+from blocks.sample.triton_sample import _race_pass, triton_sample
 from tests.sample.helpers import TRITON_DEVICE as DEV
 from tests.sample.test_distribution import chi2_quantile_9999
 
@@ -88,3 +90,48 @@ def test_bad_tail_chunk_is_refused():
     for chunk in (8, 48):
         with pytest.raises(ValueError, match="tail_chunk"):
             triton_sample(*args, torch.zeros(2, dtype=torch.int64, device=DEV), tail_chunk=chunk)
+
+
+@triton.jit
+def _race_pass_probe(x_ptr, out_ptr, vocab, c, key, BLOCK: tl.constexpr):
+    _, _, tok, tok_b = _race_pass(x_ptr, vocab, c, key, tl.arange(0, BLOCK), BLOCK, False, 1, True)
+    tl.store(out_ptr, tok)
+    tl.store(out_ptr + 1, tok_b)
+
+
+def _mix32(h):
+    h = h ^ (h >> 16)
+    h = (h * 0x7FEB352D) & 0xFFFFFFFF
+    h = h ^ (h >> 15)
+    h = (h * 0x846CA68B) & 0xFFFFFFFF
+    return h ^ (h >> 16)
+
+
+def _race_scores(x, key, temp):
+    """The kernel's race scores of row ``x`` for ``key`` in round 0, in torch (``blocks.sample.triton_race``)."""
+    k1 = _mix32(torch.tensor(key & 0xFFFFFFFF))
+    k2 = _mix32(torch.tensor((key >> 32) & 0xFFFFFFFF))
+    h = _mix32((_mix32(torch.arange(x.numel(), dtype=torch.int64) ^ k1) + k2) & 0xFFFFFFFF)
+    u = ((h >> 9) | 0x3F800000).to(torch.int32).view(torch.float32) - (1.0 - 1.0 / 16777216.0)
+    return x * (1.4426950408889634 / temp) - torch.log2(-torch.log2(u))
+
+
+@pytest.mark.parametrize("block", [16, 64])
+def test_pass_one_keeps_the_race_winner_and_runner_up(block):
+    """The top-p rows' pass 1 returns the two best race scores' tokens, whichever lanes and tiles they sit in
+    (the runner-up is the second candidate), checked against the scores recomputed in torch."""
+    gen = torch.Generator().manual_seed(block)
+    checked = 0
+    for trial in range(12):
+        vocab = 37 + 23 * trial
+        x = torch.randn(vocab, generator=gen) * 2
+        key, temp = int(torch.randint(0, 2**62, (1,), generator=gen)), 0.8
+        scores = _race_scores(x, key, temp)
+        top = torch.topk(scores, 3)
+        if float(top.values[1] - top.values[2]) < 1e-3 or float(top.values[0] - top.values[1]) < 1e-3:
+            continue  # a near tie: libm rounding could swap the order
+        out = torch.zeros(2, dtype=torch.int32, device=DEV)
+        _race_pass_probe[(1,)](x.to(DEV), out, vocab, 1.4426950408889634 / temp, key, BLOCK=block)
+        assert out.tolist() == top.indices[:2].tolist(), (trial, out.tolist(), top.indices.tolist())
+        checked += 1
+    assert checked >= 8
