@@ -3,9 +3,10 @@ the GPU.
 
 A top-p row of the sampling kernel (:mod:`blocks.sample.triton_sample`) draws two candidates from its whole
 row (its race's winner and runner-up; they count as rounds 0 and 1) and checks them with one more pass
-(:func:`mass_above`). About ``(1 - top_p)^2`` of such rows reject both. Each later round is a race over the values above the largest rejected logit plus a
-mass pass, two more passes over the 512 KB row for one program; at batch 256 x 128256 on an H100 such
-rounds ran nearly alone at the end of the kernel and made a quarter of its time.
+(:func:`mass_above`). About ``(1 - top_p)^2`` of such rows reject both. Each later round is a race over the
+values above the largest rejected logit plus a mass pass, two more passes over the 512 KB row for one
+program; at batch 256 x 128256 on an H100 such rounds ran nearly alone at the end of the kernel and made a
+quarter of its time.
 
 So the sampling kernel defers a rejected row: it appends ``(row, rejected logit, max, Z, argmax)`` to a list and
 moves on. :func:`launch_reject_tail` then runs rounds 2 and 3 of every listed row at once, in chunks of
