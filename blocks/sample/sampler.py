@@ -152,7 +152,7 @@ class Sampler:
             ids, written = self._argmax(x, tuple(id_sinks))
         elif self.backend == "triton":
             thr = None  # computed below only if processed logprobs need it
-            dev_keys = keys if ring is not None else self._to_device(keys, x.device, bt.num_rows)
+            dev_keys = keys if ring is not None else keys.to(x.device)  # pinned slots on CUDA
             pen = None
             if fused_penalties:
                 pen = (bt.token_ids, bt.output_counts, bt.repetition_penalty, bt.frequency_penalty, bt.presence_penalty)
@@ -259,14 +259,6 @@ class Sampler:
                 self._ring.wait_all()  # kernels may still read the old slots
             self._ring = KeyRing(max(num_rows, 256))
         return self._ring
-
-    @staticmethod
-    def _to_device(keys: torch.Tensor | None, device: torch.device, num_rows: int) -> torch.Tensor:
-        if keys is None:
-            return torch.zeros(num_rows, dtype=torch.int64, device=device)
-        if device.type == "cuda":
-            keys = keys.pin_memory()
-        return keys.to(device, non_blocking=True)
 
     def _device_generator(self, device: torch.device) -> torch.Generator:
         gen = self._device_generators.get(device)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-__all__ = ["mix32", "log2", "exp2", "race_score", "race", "round_keys"]
+__all__ = ["mix32", "log2", "exp2", "race_score", "race_step", "race_result", "race", "round_keys"]
 
 
 @triton.jit
@@ -27,24 +27,21 @@ def mix32(h):
 
 
 @triton.jit
+def _mufu(x, ASM: tl.constexpr):
+    return tl.inline_asm_elementwise(ASM, "=r,r", [x], dtype=tl.float32, is_pure=True, pack=1)
+
+
+@triton.jit
 def log2(x, FAST: tl.constexpr):
     """``log2(x)``; FAST (CUDA) uses the hardware approximation (one MUFU op; ``tl.log`` compiles to a
     ~30-instruction libdevice routine, which made the race compute-bound)."""
-    if FAST:
-        return tl.inline_asm_elementwise("lg2.approx.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True,
-                                         pack=1)
-    else:
-        return tl.log2(x)
+    return _mufu(x, "lg2.approx.f32 $0, $1;") if FAST else tl.log2(x)
 
 
 @triton.jit
 def exp2(x, FAST: tl.constexpr):
     """``2 ** x``; FAST (CUDA) uses the hardware approximation."""
-    if FAST:
-        return tl.inline_asm_elementwise("ex2.approx.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True,
-                                         pack=1)
-    else:
-        return tl.exp2(x)
+    return _mufu(x, "ex2.approx.f32 $0, $1;") if FAST else tl.exp2(x)
 
 
 @triton.jit
@@ -52,18 +49,31 @@ def race_score(x, cols, c, k1, k2, FAST: tl.constexpr):
     """The race score of logits ``x`` with token ids ``cols``: ``x / T - log(E)`` in base 2 (``c`` =
     ``log2(e) / T``; the constant ``log2(ln 2)`` is dropped): ``x * c - log2(-log2(U))``. ``U`` takes 23
     hash bits as the mantissa of a float in [1, 2), minus 1, plus 2^-24: in (0, 1), never 0 or 1."""
-    return _score_of_hash(x, c, mix32(mix32(cols.to(tl.uint32) ^ k1) + k2), FAST)
-
-
-@triton.jit
-def _score_of_hash(x, c, h, FAST: tl.constexpr):
+    h = mix32(mix32(cols.to(tl.uint32) ^ k1) + k2)
     u = ((h >> 9) | 0x3F800000).to(tl.float32, bitcast=True) - (1.0 - 1.0 / 16777216.0)
     return x * c - log2(-log2(u, FAST), FAST)
 
 
 @triton.jit
+def race_step(best, best_i, best_x, x, cols, keep, c, k1, k2, FAST: tl.constexpr):
+    """One tile of a race: the lane-wise best score, its token and its logit, over the ``keep`` entries."""
+    score = tl.where(keep, race_score(x, cols, c, k1, k2, FAST), float("-inf"))
+    win = score > best
+    return tl.where(win, score, best), tl.where(win, cols, best_i), tl.where(win, x, best_x)
+
+
+@triton.jit
+def race_result(best, best_i, best_x, BIG):
+    """``(score, token, logit)`` of a lane-wise race state: the best score, the lowest token among ties
+    (``BIG`` when no lane has a finite score)."""
+    top = tl.max(best, axis=0)
+    tok = tl.min(tl.where(best == top, best_i, BIG), axis=0)
+    return top, tok, tl.max(tl.where((best == top) & (best_i == tok), best_x, float("-inf")), axis=0)
+
+
+@triton.jit
 def race(src, ids, n, FROM_IDS: tl.constexpr, lo, strict, thr_min, c, k1, k2, offs, BIG, BLOCK: tl.constexpr,
-          FAST: tl.constexpr, STAGES: tl.constexpr = 1):
+         FAST: tl.constexpr, STAGES: tl.constexpr = 1):
     """Exponential race over the values of ``src[0:n)`` in ``(lo, inf)`` (``[lo, inf)`` when ``strict`` is
     0) that are also ``>= thr_min``; token ids are ``ids[j]`` when FROM_IDS else ``j``. Returns
     ``(token, its logit)``; token ``BIG`` when nothing qualifies."""
@@ -79,14 +89,8 @@ def race(src, ids, n, FROM_IDS: tl.constexpr, lo, strict, thr_min, c, k1, k2, of
         else:
             cols = j
         keep = valid & ((x > lo) | ((strict == 0) & (x >= lo))) & (x >= thr_min) & (x > float("-inf"))
-        score = tl.where(keep, race_score(x, cols, c, k1, k2, FAST), float("-inf"))
-        upd = score > best
-        best = tl.where(upd, score, best)
-        best_i = tl.where(upd, cols, best_i)
-        best_x = tl.where(upd, x, best_x)
-    top = tl.max(best, axis=0)
-    tok = tl.min(tl.where(best == top, best_i, BIG), axis=0)
-    x_tok = tl.max(tl.where((best == top) & (best_i == tok), best_x, float("-inf")), axis=0)
+        best, best_i, best_x = race_step(best, best_i, best_x, x, cols, keep, c, k1, k2, FAST)
+    _, tok, x_tok = race_result(best, best_i, best_x, BIG)
     return tok, x_tok
 
 

@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from blocks.sample.triton_race import exp2, race, race_score, round_keys
+from blocks.sample.triton_race import exp2, race, race_result, race_step, round_keys
 from blocks.sample.triton_search import max_programs, row_params, stream_key, threshold_search
 
 __all__ = ["mass_above", "reject_rounds", "min_p_floor", "launch_reject_tail", "reject_workspace", "CHUNK",
@@ -43,7 +43,6 @@ CHUNK = 4096  # logits a tail program reads: 32 chunks for a 128k row
 TAIL_FIRST_ROUND = tl.constexpr(2)  # the sampling kernel checks two candidates; the tail draws rounds 2 and 3
 NUM_CUTS = 16  # cut points between a rejected logit and the row max
 ROW_STAGES = 6  # pipelining depth of the tail's rare whole-row passes: one program alone, latency-bound
-TAIL_LAUNCH = {"num_warps": 8}  # launch options of the tail kernel on CUDA (``maxnreg`` may be added)
 
 
 @triton.jit
@@ -111,26 +110,11 @@ def reject_rounds(row_ptr, ids, vocab, m, z, lo, r, max_rounds, key, temp, top_p
 
 
 @triton.jit
-def _chunk_race(best, best_i, best_x, x, cols, keep, c, k1, k2, FAST: tl.constexpr):
-    score = tl.where(keep, race_score(x, cols, c, k1, k2, FAST), float("-inf"))
-    win = score > best
-    return tl.where(win, score, best), tl.where(win, cols, best_i), tl.where(win, x, best_x)
-
-
-@triton.jit
-def _race_result(best, best_i, best_x, BIG):
-    """``(score, token, logit)`` of the lane-wise race state: the best score, lowest token among ties."""
-    top = tl.max(best, axis=0)
-    tok = tl.min(tl.where(best == top, best_i, BIG), axis=0)
-    return top, tok, tl.max(tl.where((best == top) & (best_i == tok), best_x, float("-inf")), axis=0)
-
-
-@triton.jit
 def _merged_candidate(parts, toks, valid, j: tl.constexpr, BIG):
     """Candidate ``j`` of a row from its chunks' partials: ``(token, logit)``."""
-    scores = tl.load(parts + 3 * j, mask=valid, other=float("-inf"), volatile=True)
-    xs = tl.load(parts + 3 * j + 1, mask=valid, other=float("-inf"), volatile=True)
-    _, tok, w = _race_result(scores, tl.load(toks + j, mask=valid, other=BIG, volatile=True), xs, BIG)
+    scores = tl.load(parts + 2 * j, mask=valid, other=float("-inf"), volatile=True)
+    xs = tl.load(parts + 2 * j + 1, mask=valid, other=float("-inf"), volatile=True)
+    _, tok, w = race_result(scores, tl.load(toks + j, mask=valid, other=BIG, volatile=True), xs, BIG)
     return tok, w
 
 
@@ -159,7 +143,7 @@ def _reject_tail_kernel(logits_ptr, stride_row, vocab, temp_ptr, topk_ptr, topp_
     offs = tl.arange(0, TILE)
     cut_idx = tl.arange(0, NUM_CUTS)
     ch_idx = tl.arange(0, NCH)
-    width = 6 + NUM_CUTS  # a chunk's partial: (best score, its logit, its token) of rounds 1 and 2, cut masses
+    width = 4 + NUM_CUTS  # a chunk's partial: (best score, its logit) of both rounds, the cut masses (tokens apart)
     count = tl.load(count_ptr)
     for item in range(pid, count * n_chunks, nprog):
         slot = item // n_chunks
@@ -188,18 +172,18 @@ def _reject_tail_kernel(logits_ptr, stride_row, vocab, temp_ptr, topk_ptr, topp_
             cols = start + offs
             x = tl.load(row_ptr + cols, mask=cols < end, other=float("-inf"))
             keep = (x > lo) & (x >= thr_min)
-            best1, best1_i, best1_x = _chunk_race(best1, best1_i, best1_x, x, cols, keep, c, k1a, k2a, FAST)
-            best2, best2_i, best2_x = _chunk_race(best2, best2_i, best2_x, x, cols, keep, c, k1b, k2b, FAST)
+            best1, best1_i, best1_x = race_step(best1, best1_i, best1_x, x, cols, keep, c, k1a, k2a, FAST)
+            best2, best2_i, best2_x = race_step(best2, best2_i, best2_x, x, cols, keep, c, k1b, k2b, FAST)
             e = tl.where(x > lo, exp2((x - m) * c, FAST), 0.0)
             acc += tl.where(x[:, None] > cuts[None, :], e[:, None], 0.0)
         part = part_val_ptr + (slot * NCH + ch) * width
-        s1, t1, x1 = _race_result(best1, best1_i, best1_x, vocab)
-        s2, t2, x2 = _race_result(best2, best2_i, best2_x, vocab)
+        s1, t1, x1 = race_result(best1, best1_i, best1_x, vocab)
+        s2, t2, x2 = race_result(best2, best2_i, best2_x, vocab)
         tl.store(part, s1)
         tl.store(part + 1, x1)
-        tl.store(part + 3, s2)
-        tl.store(part + 4, x2)
-        tl.store(part + 6 + cut_idx, tl.sum(acc, axis=0))
+        tl.store(part + 2, s2)
+        tl.store(part + 3, x2)
+        tl.store(part + 4 + cut_idx, tl.sum(acc, axis=0))
         tl.store(part_tok_ptr + (slot * NCH + ch) * 2, t1)
         tl.store(part_tok_ptr + (slot * NCH + ch) * 2 + 1, t2)
         tl.debug_barrier()  # every thread's stores before the release below
@@ -208,7 +192,7 @@ def _reject_tail_kernel(logits_ptr, stride_row, vocab, temp_ptr, topk_ptr, topp_
             valid = ch_idx < n_chunks
             parts = part_val_ptr + (slot * NCH + ch_idx) * width
             toks = part_tok_ptr + (slot * NCH + ch_idx) * 2
-            masses = tl.load(parts[:, None] + 6 + cut_idx[None, :], mask=valid[:, None], other=0.0, volatile=True)
+            masses = tl.load(parts[:, None] + 4 + cut_idx[None, :], mask=valid[:, None], other=0.0, volatile=True)
             kept = tl.sum(masses, axis=0) < top_p * z  # per cut point; the masses fall as the cuts rise
             kept_lo = tl.min(tl.where(kept, cuts, m), axis=0)  # the row max is always kept
             rejected_hi = tl.max(tl.where(kept, lo, cuts), axis=0)
@@ -239,12 +223,15 @@ _WORKSPACES: dict[tuple, dict[str, torch.Tensor]] = {}
 
 
 def reject_workspace(num_rows: int, vocab: int, device: torch.device, chunk: int = CHUNK) -> dict[str, torch.Tensor]:
-    """The deferred-row list and the tail's partial results for up to ``num_rows`` rows: ``rows`` int32
-    ``[num_rows]``, ``values`` float32 ``[num_rows, 4]`` (rejected logit, max, Z, argmax), ``keys`` int64 ``[num_rows]``,
-    ``counters`` int32 ``[2]``
-    (listed rows, finished tail programs), ``arrive`` int32 ``[num_rows]``, ``parts`` float32
-    ``[num_rows, NCH, 6 + NUM_CUTS]``, ``part_tokens`` int32 ``[num_rows, NCH, 2]``. Counters start at zero and
-    the tail kernel leaves them at zero; kept per (device, stream) and grown when a call needs more rows."""
+    """The deferred-row list and the tail's partial results for up to ``num_rows`` rows:
+
+    * ``rows`` int32 ``[num_rows]``, ``values`` float32 ``[num_rows, 4]`` (rejected logit, max, Z, argmax),
+      ``keys`` int64 ``[num_rows]``: the list the sampling kernel appends to;
+    * ``counters`` int32 ``[2]`` (listed rows, finished tail programs), ``arrive`` int32 ``[num_rows]``;
+    * ``parts`` float32 ``[num_rows, NCH, 4 + NUM_CUTS]`` and ``part_tokens`` int32 ``[num_rows, NCH, 2]``.
+
+    Counters start at zero and the tail kernel leaves them at zero; kept per (device, stream) and grown when
+    a call needs more rows."""
     nch = triton.next_power_of_2(triton.cdiv(vocab, chunk))
     key = (device, stream_key(device))
     ws = _WORKSPACES.get(key)
@@ -258,7 +245,7 @@ def reject_workspace(num_rows: int, vocab: int, device: torch.device, chunk: int
             "keys": torch.zeros(n, dtype=torch.int64, device=device),
             "counters": torch.zeros(2, dtype=torch.int32, device=device),
             "arrive": torch.zeros(n, dtype=torch.int32, device=device),
-            "parts": torch.zeros(n, nch, 6 + NUM_CUTS, dtype=torch.float32, device=device),
+            "parts": torch.zeros(n, nch, 4 + NUM_CUTS, dtype=torch.float32, device=device),
             "part_tokens": torch.zeros(n, nch, 2, dtype=torch.int32, device=device),
         }
         _WORKSPACES[key] = ws
@@ -278,5 +265,5 @@ def launch_reject_tail(logits, temperature, top_k, top_p, min_p, out, ws, ids, m
         logits, logits.stride(0), vocab, temperature, top_k, top_p, min_p, out, ws["rows"], ws["values"], ws["keys"],
         ws["counters"], ws["counters"][1:], ws["arrive"], ws["parts"], ws["part_tokens"], ids, max_rounds,
         CHUNK=chunk, NCH=ws["nch"], NUM_CUTS=NUM_CUTS, TILE=tile, BLOCK=block, NUM_PIVOTS=num_pivots, MAX_PASSES=12,
-        FAST=fast, STAGES=stages, ROW_STAGES=max(stages, ROW_STAGES), **(TAIL_LAUNCH if fast else {"num_warps": 8}),
+        FAST=fast, STAGES=stages, ROW_STAGES=max(stages, ROW_STAGES), num_warps=8,
     )

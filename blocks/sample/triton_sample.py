@@ -67,15 +67,14 @@ __all__ = ["triton_sample"]
 
 
 @triton.jit
-def _race_pass(row_ptr, vocab, c, key, offs, BLOCK: tl.constexpr, FAST: tl.constexpr, STAGES: tl.constexpr,
+def _race_pass(row_ptr, vocab, c, k1, k2, offs, BLOCK: tl.constexpr, FAST: tl.constexpr, STAGES: tl.constexpr,
                TWO: tl.constexpr):
     """Pass 1 of a race row: ``(lane maxima, their columns, the race's winner, its runner-up)`` (the runner-up
     only when TWO, else ``vocab``). Tokens; their logits are read back after the pass.
 
     The runner-up of an exponential race is a draw from the distribution without the winner (the race's
     order is a sample without replacement), so when the winner is rejected it is the next round's candidate
-    at the cost of a lane-wise top-2, not of a second race."""
-    k1, k2 = round_keys(key, tl.zeros([], dtype=tl.int32))
+    at the cost of a lane-wise top-2, not of a second race. ``k1, k2``: round 0's keys."""
     m_vec = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
     i_vec = tl.zeros([BLOCK], dtype=tl.int32)
     best = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
@@ -226,9 +225,9 @@ def _sample_kernel(
                 nfin_vec += fin.to(tl.int32)
         else:  # race rows; top-p rows also keep the race's runner-up (the candidate if the winner is rejected)
             if need_p:
-                m_vec, i_vec, tok, tok_b = _race_pass(row_ptr, vocab, c, key, offs, BLOCK, FAST, STAGES, True)
+                m_vec, i_vec, tok, tok_b = _race_pass(row_ptr, vocab, c, k1, k2, offs, BLOCK, FAST, STAGES, True)
             else:
-                m_vec, i_vec, tok, tok_b = _race_pass(row_ptr, vocab, c, key, offs, BLOCK, FAST, STAGES, False)
+                m_vec, i_vec, tok, tok_b = _race_pass(row_ptr, vocab, c, k1, k2, offs, BLOCK, FAST, STAGES, False)
             x_tok = tl.load(row_ptr + tok, mask=tok < vocab, other=float("-inf"))
             x_b = tl.load(row_ptr + tok_b, mask=tok_b < vocab, other=float("-inf"))
         m = tl.max(m_vec, axis=0)
@@ -328,10 +327,10 @@ def triton_sample(
         candidates: scratch slots per program (rounded up to a power of two, at least 16) for the logits
             above a top-k or min-p row's bound, sorted in registers; a row with more takes the whole-row way.
         max_rounds: rejection rounds of a top-p row without top-k before the exact top-p search.
-        defer_rejections: run the rejection rounds after the first in a second kernel spread over the GPU
-            (:mod:`blocks.sample.triton_reject`) instead of one program a row; ``False`` saves its launch
-            when no row has top-p (the rounds then run in place, should one be needed). Same tokens either
-            way in distribution, not draw for draw.
+        defer_rejections: run the rejection rounds after a top-p row's two candidates in a second kernel
+            spread over the GPU (:mod:`blocks.sample.triton_reject`) instead of one program a row; ``False``
+            saves its launch when no row has top-p (the rounds then run in place, should one be needed). Same
+            tokens either way in distribution, not draw for draw.
         tail_chunk: logits a program of that second kernel reads (a power of two, at least 16).
         penalties: ``(token_ids, output_counts, repetition_penalty, frequency_penalty, presence_penalty)`` as
             :func:`blocks.sample.triton_penalties.triton_apply_penalties` takes them: each program applies its

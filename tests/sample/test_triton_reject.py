@@ -8,6 +8,7 @@ import triton
 import triton.language as tl
 
 from blocks.sample.ops import filter_threshold
+from blocks.sample.triton_race import round_keys
 from blocks.sample.triton_reject import reject_workspace
 from blocks.sample.triton_sample import _race_pass, triton_sample
 from tests.sample.helpers import TRITON_DEVICE as DEV
@@ -94,7 +95,8 @@ def test_bad_tail_chunk_is_refused():
 
 @triton.jit
 def _race_pass_probe(x_ptr, out_ptr, vocab, c, key, BLOCK: tl.constexpr):
-    _, _, tok, tok_b = _race_pass(x_ptr, vocab, c, key, tl.arange(0, BLOCK), BLOCK, False, 1, True)
+    k1, k2 = round_keys(key, tl.zeros([], dtype=tl.int32))
+    _, _, tok, tok_b = _race_pass(x_ptr, vocab, c, k1, k2, tl.arange(0, BLOCK), BLOCK, False, 1, True)
     tl.store(out_ptr, tok)
     tl.store(out_ptr + 1, tok_b)
 
