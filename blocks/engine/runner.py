@@ -137,10 +137,7 @@ class ModelRunner:
         )
         self.kv_caches = layer_views(self.kv_cache)
         self.stager = InputStager(self.device)
-        backend = config.sampler_backend
-        if backend == "auto":  # by the engine's device: a CPU engine on a machine with a GPU samples with torch
-            backend = "triton" if self.device.type == "cuda" else "torch"
-        self.sampler = Sampler(backend=backend, seed=config.seed)
+        self.sampler = Sampler(backend=config.sampler_backend, seed=config.seed, device=self.device)
         self.batch = SamplingBatch(
             max_num_rows=config.max_num_seqs, vocab_size=mc.vocab_size, max_len=self.max_model_len,
             device=self.device, max_num_logprobs=config.max_logprobs,

@@ -18,8 +18,8 @@ thresholds are computed (``triton_thresholds``) only when processed logprobs or 
 its penalties are applied by the sampling kernel itself (one kernel, ``triton_apply_penalties``, for an
 all-greedy batch).
 
-The backend is chosen once: ``"auto"`` = Triton when CUDA is available, torch elsewhere (logits on the CPU of
-a machine with a GPU need ``"torch"``; the engine picks by its own device).
+The backend is chosen once: ``"auto"`` = Triton for logits on a CUDA ``device`` (default: when CUDA is
+available), torch elsewhere.
 
 Example::
 
@@ -77,7 +77,8 @@ class Sampler:
 
     Args:
         backend: ``"torch"`` (sort-based reference, any device), ``"triton"`` (fused kernel) or
-            ``"auto"`` (Triton on CUDA, else torch).
+            ``"auto"`` (Triton for a CUDA ``device``, else torch).
+        device: where the logits will live; ``None`` = CUDA if it is available (for ``"auto"`` only).
         logprobs_mode: ``"raw_logprobs"`` (vLLM's default: logprobs of the model's logits before any
             processing) or ``"processed_logprobs"`` (after penalties, temperature and filters).
         seed: seed of the generator used by unseeded rows (None = nondeterministic).
@@ -93,13 +94,15 @@ class Sampler:
         logprobs_mode: str = "raw_logprobs",
         seed: int | None = None,
         triton_options: dict | None = None,
+        device: torch.device | str | None = None,
     ) -> None:
         if backend not in SAMPLER_BACKENDS:
             raise ValueError(f"backend must be one of {SAMPLER_BACKENDS}, got {backend!r}.")
         if logprobs_mode not in LOGPROBS_MODES:
             raise ValueError(f"logprobs_mode must be one of {LOGPROBS_MODES}, got {logprobs_mode!r}.")
         if backend == "auto":
-            backend = "triton" if torch.cuda.is_available() else "torch"
+            on_cuda = torch.device(device).type == "cuda" if device is not None else torch.cuda.is_available()
+            backend = "triton" if on_cuda else "torch"
         self.backend = backend
         self.logprobs_mode = logprobs_mode
         self.triton_options = dict(triton_options or {})

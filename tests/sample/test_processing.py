@@ -184,3 +184,11 @@ def test_exponential_race_is_argmax_of_probs_over_noise():
     noise = torch.empty(7, V).exponential_(generator=gen)
     ids = exponential_race(logits, noise)
     assert torch.equal(ids, (torch.softmax(logits, 1) / noise).argmax(1)) and bool((ids >= 10).all())
+
+
+def test_auto_backend_follows_the_logits_device():
+    """``"auto"`` picks Triton for a CUDA device and torch for the CPU, whatever the machine has (a CPU engine on
+    a machine with a GPU once sampled with Triton kernels on CPU tensors)."""
+    assert Sampler(backend="auto", device="cpu").backend == "torch"
+    assert Sampler(backend="auto", device="cuda").backend == "triton"
+    assert Sampler(backend="auto").backend == ("triton" if torch.cuda.is_available() else "torch")
