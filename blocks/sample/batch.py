@@ -51,7 +51,8 @@ class BatchTensors:
     ``[num_rows, max_bias]`` when some row has a logit bias. ``min_tokens_rows`` / ``min_tokens_ids``:
     rows still under ``min_tokens`` and the stop ids to mask there (padded by repetition).
     ``dynamic_ban_rows`` / ``dynamic_ban_ids``: multi-token bad words whose prefix just matched.
-    Host flags: ``any_random``, ``any_penalty``, ``any_top_k_or_p``, ``any_top_p``, ``max_num_logprobs`` (-1 = none),
+    Host flags: ``any_random``, ``any_penalty``, ``any_top_k_or_p``, ``max_num_logprobs`` (-1 = none),
+    ``top_p_only`` (the ``top_p`` of the random rows without top-k, a host float32 array; ``None`` = unknown),
     and ``sort_plan`` (which rows the torch reference filter must ``topk`` or fully sort).
     """
 
@@ -77,7 +78,7 @@ class BatchTensors:
     any_top_k_or_p: bool
     max_num_logprobs: int
     sort_plan: SortPlan | None = None
-    any_top_p: bool = True  # some row has top-p (True when unknown)
+    top_p_only: np.ndarray | None = None
 
 
 _FLOAT_FIELDS = ("temperature", "top_p", "min_p", "repetition_penalty", "frequency_penalty", "presence_penalty")
@@ -126,7 +127,8 @@ class SamplingBatch:
         self.seeded_rows: list[int] = []  # rows with their own RequestRng (refreshed by ``prepare``)
         self._min_token_candidates: list[int] = []
         self._bad_rows: list[int] = []
-        self._any_penalty = self._any_random = self._any_top_k_or_p = self._any_top_p = self._any_banned = False
+        self._any_penalty = self._any_random = self._any_top_k_or_p = self._any_banned = False
+        self._top_p_only = np.zeros(0, dtype=np.float32)
         self._max_logprobs = -1
         self._sort_plan: SortPlan | None = None
         self._dirty = True
@@ -324,7 +326,7 @@ class SamplingBatch:
             any_random=self._any_random,
             any_penalty=any_penalty,
             any_top_k_or_p=self._any_top_k_or_p,
-            any_top_p=self._any_top_p,
+            top_p_only=self._top_p_only,
             max_num_logprobs=self._max_logprobs,
             sort_plan=self._sort_plan,
         )
@@ -381,8 +383,8 @@ class SamplingBatch:
             max_top_k=max((self.params[r].top_k for r in k_rows), default=1),
             full_sort_rows=as_dev(p_rows),
         )
-        self._any_top_p = bool(n) and bool((self._host["top_p"][:n] < 1).any())
-        self._any_top_k_or_p = self._any_top_p or (bool(n) and bool((self._host_top_k[:n] > 0).any()))
+        self._top_p_only = self._host["top_p"][p_rows]  # a new array each upload (callers may cache by identity)
+        self._any_top_k_or_p = bool(n) and bool((self._host["top_p"][:n] < 1).any() or (self._host_top_k[:n] > 0).any())
         self._any_banned = self.banned is not None and any(
             p.allowed_token_ids is not None or any(len(s) == 1 for s in (p.bad_words_token_ids or []))
             for p in self.params

@@ -11,9 +11,11 @@ whatever else is in the batch; the others from the sampler's generator. The ``"t
 draws the unseeded rows' noise with one ``exponential_`` and each seeded row's with a device
 generator seeded by its key; the ``"triton"`` backend hashes the key, the round and the token id into the
 noise inside the sampling kernel (no noise tensor). Both are reproducible per request; they do not produce
-the same streams as each other. Drawing keys is host work only: the step has no host sync. On CUDA the Triton
+the same streams as each other (the Triton backend's top-p rows draw by inverse CDF from uniforms hashed the
+same way). Drawing keys is host work only: the step has no host sync. On CUDA the Triton
 kernels read the keys straight from pinned host slots (``KeyRing``: no copy). The Triton
-backend samples without computing the top-p threshold (``triton_sample``: rejection, see its module);
+backend samples without computing the top-p threshold (``triton_sample``: rejection, see its module; its
+second kernel is launched only when some row is likely to need it, ``should_defer``);
 thresholds are computed (``triton_thresholds``) only when processed logprobs or logits are asked for;
 its penalties are applied by the sampling kernel itself (one kernel, ``triton_apply_penalties``, for an
 all-greedy batch).
@@ -113,15 +115,18 @@ class Sampler:
             self._generator.manual_seed(seed)
         self._device_generators: dict[torch.device, torch.Generator] = {}
         self._ring: KeyRing | None = None
+        self._defer_for: object = None
+        self._defer_value = True
         self._apply_penalties = apply_penalties
         self._argmax = _torch_argmax
         if backend == "triton":
             from blocks.sample.triton_argmax import argmax_rows
             from blocks.sample.triton_penalties import triton_apply_penalties
-            from blocks.sample.triton_sample import triton_sample
+            from blocks.sample.triton_sample import should_defer, triton_sample
             from blocks.sample.triton_topk_topp import triton_thresholds
 
             self._triton_sample, self._triton_thresholds = triton_sample, triton_thresholds
+            self._should_defer = should_defer
             self._apply_penalties = triton_apply_penalties
             self._argmax = functools.partial(_few_rows_argmax, argmax_rows)
 
@@ -159,7 +164,7 @@ class Sampler:
             pen = None
             if fused_penalties:
                 pen = (bt.token_ids, bt.output_counts, bt.repetition_penalty, bt.frequency_penalty, bt.presence_penalty)
-            opts = {"defer_rejections": bt.any_top_p, **self.triton_options}
+            opts = {"defer_rejections": self._defer(bt), **self.triton_options}
             try:
                 ids = self._triton_sample(x, bt.temperature, bt.top_k, bt.top_p, bt.min_p, dev_keys, penalties=pen,
                                           **opts)
@@ -178,6 +183,15 @@ class Sampler:
                 source = self._scaled(x, bt, thr)
             lp = compute_logprobs(source, ids, bt.max_num_logprobs)
         return SamplerOutput(sampled_token_ids=ids, logprobs=lp, sinks_written=written)
+
+    def _defer(self, bt: BatchTensors) -> bool:
+        """``triton_sample``'s ``defer_rejections`` for this batch (cached per membership: ``top_p_only`` is a new
+        array at each upload)."""
+        if bt.top_p_only is None:
+            return True
+        if bt.top_p_only is not self._defer_for:
+            self._defer_for, self._defer_value = bt.top_p_only, self._should_defer(bt.top_p_only)
+        return self._defer_value
 
     @staticmethod
     def _has_penalties(bt: BatchTensors) -> bool:

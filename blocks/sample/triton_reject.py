@@ -1,24 +1,22 @@
 """Triton: the rejection rounds of top-p rows without top-k, and a second kernel that runs them spread over
 the GPU.
 
-A top-p row of the sampling kernel (:mod:`blocks.sample.triton_sample`) draws two candidates from its whole
-row (its race's winner and runner-up; they count as rounds 0 and 1) and checks them with one more pass
-(:func:`mass_above`). About ``(1 - top_p)^2`` of such rows reject both. Each later round is a race over the
-values above the largest rejected logit plus a mass pass, two more passes over the 512 KB row for one
-program; at batch 256 x 128256 on an H100 such rounds ran nearly alone at the end of the kernel and made a
-quarter of its time.
+A top-p row of the sampling kernel (:mod:`blocks.sample.triton_sample`) checks ``NUM_DRAWS`` draws from its whole
+row (rounds 0 to 3) with one more pass. About ``(1 - top_p)^4`` of such rows reject them all. Each later round is
+a race over the values above the largest rejected logit plus a mass pass (:func:`mass_above`), two more passes over
+the 512 KB row for one program; at batch 256 x 128256 on an H100 such rounds run nearly alone at the end of the
+kernel.
 
-So the sampling kernel defers a rejected row: it appends ``(row, rejected logit, max, Z, argmax)`` to a list and
-moves on. :func:`launch_reject_tail` then runs rounds 2 and 3 of every listed row at once, in chunks of
+So the sampling kernel may defer a rejected row: it appends ``(row, rejected logit, max, Z, argmax)`` to a list and
+moves on. :func:`launch_reject_tail` then runs the next two rounds of every listed row at once, in chunks of
 ``CHUNK`` logits, one chunk a program: each chunk runs both rounds' races (independent noise) over its values
 above the rejected logit and sums the probability mass above ``NUM_CUTS`` cut points spread between the
 rejected logit and the row max. The last chunk of a row to finish (an acquire-release counter) merges them:
 the two winners, and the cut points the top-p rule keeps or rejects. A winner at or above a kept cut point
-is kept, one at or below a rejected cut point is rejected, without another pass; round 3's winner counts
-only if round 2's is rejected. Only a winner between the two neighbouring cut points needs its exact mass
-(one pass), and only when both are rejected (a few % of listed rows at top-p 0.9) does that program run
-more rounds over the whole row (:func:`reject_rounds`, the rounds the sampling kernel runs when nothing is
-deferred).
+is kept, one at or below a rejected cut point is rejected, without another pass; the second round's winner counts
+only if the first's is rejected. Only a winner between the two neighbouring cut points needs its exact mass
+(one pass), and only when both are rejected does that program run more rounds over the whole row
+(:func:`reject_rounds`, the rounds the sampling kernel runs when nothing is deferred).
 
 A round may race over any superset of the kept set, as long as its noise is fresh; a rejected cut point
 bounds the kept set as a rejected logit does. So the draws keep the distribution exact.
@@ -33,6 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
+from blocks.sample.triton_inverse_cdf import NUM_DRAWS, masses_above
 from blocks.sample.triton_race import exp2, race, race_result, race_step, round_keys
 from blocks.sample.triton_search import max_programs, row_params, stream_key, threshold_search
 
@@ -40,7 +39,7 @@ __all__ = ["mass_above", "reject_rounds", "min_p_floor", "launch_reject_tail", "
            "NUM_CUTS"]
 
 CHUNK = 4096  # logits a tail program reads: 32 chunks for a 128k row
-TAIL_FIRST_ROUND = tl.constexpr(2)  # the sampling kernel checks two candidates; the tail draws rounds 2 and 3
+TAIL_FIRST_ROUND = NUM_DRAWS  # the sampling kernel checks NUM_DRAWS draws; the tail draws the next two rounds
 NUM_CUTS = 16  # cut points between a rejected logit and the row max
 ROW_STAGES = 6  # pipelining depth of the tail's rare whole-row passes: one program alone, latency-bound
 
@@ -53,22 +52,9 @@ def min_p_floor(m, temp, min_p, greedy):
 
 
 @triton.jit
-def mass_above(row_ptr, vocab, m, c, cut, cut_b, offs, BLOCK: tl.constexpr, FAST: tl.constexpr,
-               STAGES: tl.constexpr, TWO: tl.constexpr = False):
-    """One pass: ``(Z, mass strictly above cut, mass strictly above cut_b)`` (the last 0 unless TWO), masses
-    ``2 ** ((x - m) * c)``."""
-    z_vec = tl.zeros([BLOCK], dtype=tl.float32)
-    above = tl.zeros([BLOCK], dtype=tl.float32)
-    above_b = tl.zeros([BLOCK], dtype=tl.float32)
-    for start in tl.range(0, vocab, BLOCK, num_stages=STAGES):
-        cols = start + offs
-        x = tl.load(row_ptr + cols, mask=cols < vocab, other=float("-inf"))
-        e = tl.where(x > float("-inf"), exp2((x - m) * c, FAST), 0.0)
-        z_vec += e
-        above += tl.where(x > cut, e, 0.0)
-        if TWO:
-            above_b += tl.where(x > cut_b, e, 0.0)
-    return tl.sum(z_vec, axis=0), tl.sum(above, axis=0), tl.sum(above_b, axis=0)
+def mass_above(row_ptr, vocab, m, c, cut, offs, BLOCK: tl.constexpr, FAST: tl.constexpr, STAGES: tl.constexpr):
+    """One pass: the mass strictly above the logit ``cut`` (masses ``2 ** ((x - m) * c)``)."""
+    return masses_above(row_ptr, vocab, m, c, cut, cut, cut, cut, offs, BLOCK, 1, FAST, STAGES)[1]
 
 
 @triton.jit
@@ -84,7 +70,7 @@ def reject_rounds(row_ptr, ids, vocab, m, z, lo, r, max_rounds, key, temp, top_p
     while (accepted == 0) & (r < max_rounds):
         k1, k2 = round_keys(key, r)
         tok, x_tok = race(row_ptr, ids, vocab, False, lo, 1, thr_min, c, k1, k2, offs, vocab, BLOCK, FAST, STAGES)
-        _z, above, _b = mass_above(row_ptr, vocab, m, c, x_tok, x_tok, offs, BLOCK, FAST, 1)
+        above = mass_above(row_ptr, vocab, m, c, x_tok, offs, BLOCK, FAST, 1)
         if (x_tok >= thr_min) & (above < top_p * z):
             accepted = accepted + 1
         else:
@@ -125,7 +111,7 @@ def _kept(w, kept_lo, rejected_hi, row_ptr, vocab, m, c, top_p, z, BLOCK: tl.con
     or at or below a rejected one, else from one pass for its exact mass."""
     ok = (w >= kept_lo).to(tl.int32)
     if (w < kept_lo) & (w > rejected_hi):
-        _z, w_above, _b = mass_above(row_ptr, vocab, m, c, w, w, tl.arange(0, BLOCK), BLOCK, FAST, STAGES)
+        w_above = mass_above(row_ptr, vocab, m, c, w, tl.arange(0, BLOCK), BLOCK, FAST, STAGES)
         ok = (w_above < top_p * z).to(tl.int32)
     return ok
 
@@ -200,7 +186,7 @@ def _reject_tail_kernel(logits_ptr, stride_row, vocab, temp_ptr, topk_ptr, topp_
             if _kept(w, kept_lo, rejected_hi, row_ptr, vocab, m, c, top_p, z, BLOCK, FAST, ROW_STAGES) == 0:
                 lo2 = tl.maximum(rejected_hi, w)
                 r = tl.full([], TAIL_FIRST_ROUND + 1, dtype=tl.int32)
-                if max_rounds > TAIL_FIRST_ROUND + 1:  # the second candidate, drawn in the same pass
+                if max_rounds > TAIL_FIRST_ROUND + 1:  # the second round's winner, drawn in the same pass
                     tok, w = _merged_candidate(parts, toks, valid, 1, vocab)
                     if _kept(w, kept_lo, rejected_hi, row_ptr, vocab, m, c, top_p, z, BLOCK, FAST, ROW_STAGES) == 1:
                         r = max_rounds + 1  # settled

@@ -1,56 +1,61 @@
-"""Triton kernel: top-k / top-p / min-p sampling by the exponential race, without computing the top-p
-threshold (rejection), reading most rows once or twice.
+"""Triton kernel: top-k / top-p / min-p sampling, without computing the top-p threshold (rejection), reading
+most rows twice.
 
-The race: the sampled token is ``argmax(x / T - log(E))`` over the kept logits, ``E = -log(U)``, with
-``U`` a uniform from a counter-based hash of the row's 64-bit key (drawn on the host from the request's
-own generator, so a seeded request is reproducible whatever the batch), the round and the token id.
-Per row (one program walks whole rows):
+Each row draws from its own 64-bit key (drawn on the host from the request's own generator, so a seeded request
+is reproducible whatever the batch). One program walks whole rows:
 
-* **pass 1** reads the row once: its max and first argmax (the greedy answer), and, for random rows
-  without top-k, the race winner ``s`` over the WHOLE row (a draw from the unfiltered distribution);
+* **pass 1** reads the row once: its max and first argmax (the greedy answer); for **top-p rows without top-k**
+  and rows with no filter, also its softmax's mass per lane, from which ``NUM_DRAWS`` inverse-CDF draws from the
+  unfiltered distribution follow (:mod:`blocks.sample.triton_inverse_cdf`; a row with no filter is done);
 * **top-k rows** (with or without top-p / min-p): a lower bound of the top-k threshold from the per-lane
   maxima of pass 1, one pass gathering the logits above it into the program's scratch (usually a few
   more than ``k``; gathered by atomics, so in no particular order), then an in-register sort of those
-  values gives the exact top-k and top-p thresholds, and the race runs over the scratch (a row with more
-  than ``candidates`` searches and races over the whole row instead: same answer);
+  values gives the exact top-k and top-p thresholds, and an exponential race (``argmax(x / T - log(E))``, ``E``
+  from a counter-based hash of the key, the round and the token id; :mod:`blocks.sample.triton_race`) runs over
+  the scratch (a row with more than ``candidates`` searches and races over the whole row instead: same answer);
 * **min-p-only rows**: the threshold ``max + T log(min_p)`` is known after pass 1; the logits above it
   are gathered the same way and raced in the scratch;
-* **top-p rows without top-k**: rejection. Pass 1 keeps the race's winner and its runner-up: the order of an
-  exponential race is a sample without replacement, so the runner-up is a draw from the distribution
-  without the winner. A candidate ``s`` is kept iff ``x_s >= max + T log(min_p)`` and (top-p) the mass
-  strictly above it is ``< top_p * Z``; one pass computes ``Z`` and both masses. The winner is the draw if
-  kept, else the runner-up if kept (a draw from a superset of the kept set, checked against it: rejection).
-  The kept set is ``{x >= t}`` for one ``t``, so a rejected ``x_s`` is below every kept logit, and later
-  rounds race over ``x > x_s`` only (fresh noise), each accepting with probability at least ``top_p``.
-  Those later rounds run in a second kernel spread over the GPU (``defer_rejections``,
-  :mod:`blocks.sample.triton_reject`). After ``max_rounds`` candidates the exact top-p search runs (rare:
-  top-p 0.9 falls through with probability 0.1 ** max_rounds at most).
+* **top-p rows without top-k**: rejection. A draw ``s`` is kept iff ``x_s >= max + T log(min_p)`` and (top-p) the
+  mass strictly above it is ``< top_p * Z``; one pass computes ``Z`` and the masses above all draws, and the first
+  kept draw is the token (each is kept with probability at least ``top_p``). The kept set is ``{x >= t}`` for one
+  ``t``, so a rejected ``x_s`` is below every kept logit, and later rounds race over ``x > max rejected x_s`` only
+  (fresh noise). Those rounds (all draws rejected: probability ``(1 - top_p) ** 4`` at most) run in place or, with
+  ``defer_rejections``, in a second kernel spread over the GPU (:mod:`blocks.sample.triton_reject`); after
+  ``max_rounds`` in all, the exact top-p search runs.
 
-So at vocabulary 128k a greedy or unfiltered row reads its logits once, a top-k or min-p row twice (the
-second pass only compares and rarely stores), and a top-p row twice with probability about ``1 - (1 - top_p)^2``.
+So at vocabulary 128k a greedy row reads its logits once, a top-k, min-p or top-p row twice (the second pass only
+compares, and adds or rarely stores), and a row with no filter once.
 
-The runner-up costs a lane-wise top-2 in pass 1. H100, batch 256 x 128256, random keys (median GPU time,
-benchmarks/RESULTS.md, session 9): the benchmark's mixed batch 144 us, a batch of top-p rows alone 170 us;
-with one candidate they took 173 and 282 us (a tenth of the top-p rows reached the second kernel instead of
-about a hundredth), with a second race (sharing the first's inner hash round) in place of the runner-up
-167 and 195 us.
+The draws of a top-p row depend on ``block`` (the column order of the inverse CDF), not on the rows beside it.
+
+H100, batch 256 x 128256 (benchmarks/RESULTS.md, sessions 9 and 10; GPU time, random keys): with the race in pass
+1 (its winner and runner-up as the two draws; about 30 instructions a logit) the benchmark's mixed batch took 144 us
+and a batch of top-p rows 169 us; with inverse-CDF draws 139 and 126 us (134 and 121 without the tail's launch).
 
 Runs under ``TRITON_INTERPRET=1`` on CPU tensors (fp32) and compiled on CUDA.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
 
+from blocks.sample.triton_inverse_cdf import (
+    DRAWS,
+    NUM_DRAWS,
+    draw_uniforms,
+    inverse_cdf_draws,
+    masses_above,
+    pick,
+    softmax_pass,
+)
 from blocks.sample.triton_penalties import penalize_row, penalty_launch_args
-from blocks.sample.triton_race import race, race_score, round_keys
+from blocks.sample.triton_race import race, round_keys
 from blocks.sample.triton_reject import (
     CHUNK,
-    TAIL_FIRST_ROUND,
     launch_reject_tail,
-    mass_above,
     min_p_floor,
     reject_rounds,
     reject_workspace,
@@ -63,45 +68,7 @@ from blocks.sample.triton_search import (
     threshold_search,
 )
 
-__all__ = ["triton_sample"]
-
-
-@triton.jit
-def _race_pass(row_ptr, vocab, c, k1, k2, offs, BLOCK: tl.constexpr, FAST: tl.constexpr, STAGES: tl.constexpr,
-               TWO: tl.constexpr):
-    """Pass 1 of a race row: ``(lane maxima, their columns, the race's winner, its runner-up)`` (the runner-up
-    only when TWO, else ``vocab``). Tokens; their logits are read back after the pass.
-
-    The runner-up of an exponential race is a draw from the distribution without the winner (the race's
-    order is a sample without replacement), so when the winner is rejected it is the next round's candidate
-    at the cost of a lane-wise top-2, not of a second race. ``k1, k2``: round 0's keys."""
-    m_vec = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
-    i_vec = tl.zeros([BLOCK], dtype=tl.int32)
-    best = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
-    best_i = tl.full([BLOCK], vocab, dtype=tl.int32)
-    second = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
-    second_i = tl.full([BLOCK], vocab, dtype=tl.int32)
-    for start in tl.range(0, vocab, BLOCK, num_stages=STAGES):
-        cols = start + offs
-        x = tl.load(row_ptr + cols, mask=cols < vocab, other=float("-inf"))
-        upd = x > m_vec
-        m_vec = tl.where(upd, x, m_vec)
-        i_vec = tl.where(upd, cols, i_vec)
-        score = tl.where(x > float("-inf"), race_score(x, cols, c, k1, k2, FAST), float("-inf"))
-        win = score > best
-        if TWO:
-            runner_up = (score > second) & (win == 0)
-            second = tl.where(win, best, tl.where(runner_up, score, second))
-            second_i = tl.where(win, best_i, tl.where(runner_up, cols, second_i))
-        best = tl.where(win, score, best)
-        best_i = tl.where(win, cols, best_i)
-    top = tl.max(best, axis=0)
-    tok = tl.min(tl.where(best == top, best_i, vocab), axis=0)
-    winner_lane = (best == top) & (best_i == tok)
-    rest = tl.where(winner_lane, second, best)  # the winner's lane offers its second, the others their best
-    rest_i = tl.where(winner_lane, second_i, best_i)
-    tok_b = tl.min(tl.where(rest == tl.max(rest, axis=0), rest_i, vocab), axis=0)
-    return m_vec, i_vec, tok, tok_b
+__all__ = ["triton_sample", "should_defer"]
 
 
 @triton.jit
@@ -174,6 +141,7 @@ def _sample_kernel(
     PENALTY: tl.constexpr,
     PEN_BLOCK: tl.constexpr,
     BLOCK: tl.constexpr,
+    NJ: tl.constexpr,
     NUM_PIVOTS: tl.constexpr,
     MAX_PASSES: tl.constexpr,
     CAP: tl.constexpr,
@@ -185,6 +153,7 @@ def _sample_kernel(
     nprog = tl.num_programs(0)
     offs = tl.arange(0, BLOCK)
     piv_idx = tl.arange(0, NUM_PIVOTS)
+    draw_idx = tl.arange(0, NUM_DRAWS)
     cval = cand_val_ptr + pid * CAP
     cidx = cand_idx_ptr + pid * CAP
     counter = counter_ptr + pid
@@ -203,16 +172,15 @@ def _sample_kernel(
         need_min = (greedy == 0) & (min_p > 0.0)
         k1, k2 = round_keys(key, tl.zeros([], dtype=tl.int32))
 
-        # Pass 1: max and first argmax; rows that race the whole row (top-p without top-k, or no filter)
-        # also the race; the others the smallest finite logit and the number of finite logits.
+        # Pass 1: max and first argmax; rows that draw from the whole row (top-p without top-k, or no filter)
+        # also their draws; the others the smallest finite logit and the number of finite logits.
         m_vec = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
         i_vec = tl.zeros([BLOCK], dtype=tl.int32)
         mn_vec = tl.full([BLOCK], float("inf"), dtype=tl.float32)
         nfin_vec = tl.zeros([BLOCK], dtype=tl.int32)
         tok = vocab + tl.zeros([], dtype=tl.int32)
-        x_tok = tl.full([], float("-inf"), dtype=tl.float32)
-        tok_b = tok
-        x_b = x_tok
+        toks = tl.full([NUM_DRAWS], vocab, dtype=tl.int32)
+        xs = tl.full([NUM_DRAWS], float("-inf"), dtype=tl.float32)
         if greedy | need_k | (need_min & (need_p == 0)):
             for start in tl.range(0, vocab, BLOCK, num_stages=STAGES):
                 cols = start + offs
@@ -223,13 +191,11 @@ def _sample_kernel(
                 i_vec = tl.where(upd, cols, i_vec)
                 mn_vec = tl.minimum(mn_vec, tl.where(fin, x, float("inf")))
                 nfin_vec += fin.to(tl.int32)
-        else:  # race rows; top-p rows also keep the race's runner-up (the candidate if the winner is rejected)
-            if need_p:
-                m_vec, i_vec, tok, tok_b = _race_pass(row_ptr, vocab, c, k1, k2, offs, BLOCK, FAST, STAGES, True)
-            else:
-                m_vec, i_vec, tok, tok_b = _race_pass(row_ptr, vocab, c, k1, k2, offs, BLOCK, FAST, STAGES, False)
-            x_tok = tl.load(row_ptr + tok, mask=tok < vocab, other=float("-inf"))
-            x_b = tl.load(row_ptr + tok_b, mask=tok_b < vocab, other=float("-inf"))
+        else:  # top-p rows without top-k, and rows with no filter: NUM_DRAWS draws by inverse CDF
+            m_vec, i_vec, s_vec = softmax_pass(row_ptr, vocab, c, offs, BLOCK, FAST, STAGES)
+            toks, xs = inverse_cdf_draws(row_ptr, vocab, m_vec, s_vec, tl.max(m_vec, axis=0), c,
+                                         draw_uniforms(k1, k2, NUM_DRAWS), offs, BLOCK, NJ, FAST)
+            tok = pick(toks, draw_idx, 0)  # the answer of a row with no filter
         m = tl.max(m_vec, axis=0)
         amax = tl.min(tl.where(m_vec == m, i_vec, vocab), axis=0)
         thr_min = min_p_floor(m, temp, min_p, greedy)
@@ -238,9 +204,11 @@ def _sample_kernel(
         if need_k & (top_k >= nfin):  # top-k keeps every finite logit (the rest are banned)
             need_k = need_k & False
             # the draw over the whole row: the answer when no other filter is on, else the rejection route's
-            # first candidate (a min-p row replaces it below)
+            # only draw (a min-p row replaces it below)
             tok, x_tok = race(row_ptr, cidx, vocab, False, float("-inf"), 0, float("-inf"), c, k1, k2, offs,
                                vocab, BLOCK, FAST)
+            toks = tl.where(draw_idx == 0, tok, vocab)
+            xs = tl.where(draw_idx == 0, x_tok, float("-inf"))
 
         if need_k | (need_min & (need_p == 0)):
             # Known threshold (min-p) or a lower bound of it (top-k, from the lane maxima): gather the logits
@@ -256,7 +224,7 @@ def _sample_kernel(
                         thr = _sorted_threshold(cval, n_cand, m, inv_t, top_k, top_p, need_p, SMALL)
                     else:
                         thr = _sorted_threshold(cval, n_cand, m, inv_t, top_k, top_p, need_p, CAP)
-                tok, x_tok = race(cval, cidx, n_cand, True, thr, 0, thr_min, c, k1, k2, offs, vocab, BLOCK, FAST, STAGES)
+                tok, _ = race(cval, cidx, n_cand, True, thr, 0, thr_min, c, k1, k2, offs, vocab, BLOCK, FAST, STAGES)
             else:  # too many candidates: exact searches over the whole row (token order: reproducible)
                 if need_k:
                     thr, mass_k = threshold_search(row_ptr, vocab, m, inv_t, low, hi_top, top_k, MAX_PASSES,
@@ -264,22 +232,26 @@ def _sample_kernel(
                     if need_p:
                         thr, _ = threshold_search(row_ptr, vocab, m, inv_t, thr, hi_top, top_p * mass_k, MAX_PASSES,
                                                   piv_idx, offs, BLOCK, NUM_PIVOTS, True)
-                tok, x_tok = race(row_ptr, cidx, vocab, False, thr, 0, thr_min, c, k1, k2, offs, vocab, BLOCK, FAST, STAGES)
+                tok, _ = race(row_ptr, cidx, vocab, False, thr, 0, thr_min, c, k1, k2, offs, vocab, BLOCK, FAST, STAGES)
         elif need_p:
-            # Rejection route: the race's winner if it is in the kept set, else its runner-up if that is; else
-            # more rounds above both, here or (DEFER) in the tail kernel (blocks.sample.triton_reject).
+            # Rejection route: the first of the draws in the kept set; if none is, more rounds above them all,
+            # here or (DEFER) in the tail kernel (blocks.sample.triton_reject).
             z = tl.zeros([], dtype=tl.float32)
             rejected = max_rounds <= 0  # no rounds at all: the exact search
             lo = tl.full([], float("-inf"), dtype=tl.float32)
-            if max_rounds > 0:  # one pass: Z and the masses above both candidates
-                z, above, above_b = mass_above(row_ptr, vocab, m, c, x_tok, x_b, offs, BLOCK, FAST, STAGES, True)
-                ok_a = (x_tok >= thr_min) & (above < top_p * z)
-                ok_b = (max_rounds > 1) & (x_b >= thr_min) & (above_b < top_p * z)
-                rejected = (ok_a == 0) & (ok_b == 0)
-                tok = tl.where(ok_a, tok, tok_b)
-                lo = tl.where(max_rounds > 1, tl.maximum(x_tok, x_b), x_tok)
+            if max_rounds > 0:  # one pass: Z and the masses above every draw
+                z, a0, a1, a2, a3 = masses_above(row_ptr, vocab, m, c, pick(xs, draw_idx, 0), pick(xs, draw_idx, 1),
+                                                 pick(xs, draw_idx, 2), pick(xs, draw_idx, 3), offs, BLOCK, NUM_DRAWS,
+                                                 FAST, STAGES)
+                above = tl.where(draw_idx == 0, a0, tl.where(draw_idx == 1, a1, tl.where(draw_idx == 2, a2, a3)))
+                counted = draw_idx < max_rounds
+                ok = counted & (toks < vocab) & (xs >= thr_min) & (above < top_p * z)
+                first = tl.min(tl.where(ok, draw_idx, NUM_DRAWS), axis=0)
+                rejected = first >= NUM_DRAWS
+                tok = tl.where(rejected, vocab, pick(toks, draw_idx, first))
+                lo = tl.max(tl.where(counted, xs, float("-inf")), axis=0)  # every rejected draw is below the kept set
             if rejected:
-                if (max_rounds > TAIL_FIRST_ROUND) & DEFER:
+                if (max_rounds > NUM_DRAWS) & DEFER:
                     slot = tl.atomic_add(count_ptr, 1, sem="relaxed")
                     tl.store(pend_row_ptr + slot, row)
                     tl.store(pend_key_ptr + slot, key)
@@ -288,11 +260,23 @@ def _sample_kernel(
                     tl.store(pend_val_ptr + slot * 4 + 2, z)
                     tl.store(pend_val_ptr + slot * 4 + 3, amax.to(tl.float32))
                 else:
-                    tok = reject_rounds(row_ptr, cidx, vocab, m, z, lo, tl.minimum(max_rounds, TAIL_FIRST_ROUND),
-                                        max_rounds, key, temp, top_p, thr_min, c, inv_t, piv_idx, offs, BLOCK,
-                                        NUM_PIVOTS, MAX_PASSES, FAST, STAGES)
+                    tok = reject_rounds(row_ptr, cidx, vocab, m, z, lo, tl.minimum(max_rounds, NUM_DRAWS), max_rounds,
+                                        key, temp, top_p, thr_min, c, inv_t, piv_idx, offs, BLOCK, NUM_PIVOTS,
+                                        MAX_PASSES, FAST, STAGES)
         token = tl.where(greedy | (tok >= vocab), amax, tok)  # a row with no finite logit: its argmax, in range
         tl.store(out_ptr + row, token.to(tl.int64))
+
+
+# Defer when more than this many rows are expected to reject all their draws: in-place rounds cost one program
+# two more passes over its row (tens of microseconds), the tail kernel a launch (a few).
+DEFER_ABOVE_EXPECTED_REJECTIONS = 0.1
+
+
+def should_defer(top_p_only: np.ndarray) -> bool:
+    """Whether a batch whose top-p rows without top-k have these ``top_p`` values should run rejection rounds in the
+    tail kernel (``defer_rejections``): all ``NUM_DRAWS`` draws of a row are rejected with probability at most
+    ``(1 - top_p) ** NUM_DRAWS``."""
+    return float(((1.0 - top_p_only.astype(np.float64)) ** DRAWS).sum()) > DEFER_ABOVE_EXPECTED_REJECTIONS
 
 
 def triton_sample(
@@ -326,11 +310,12 @@ def triton_sample(
             two), pivots per search pass, persistent programs (default one per row, at most 4 per SM), warps.
         candidates: scratch slots per program (rounded up to a power of two, at least 16) for the logits
             above a top-k or min-p row's bound, sorted in registers; a row with more takes the whole-row way.
-        max_rounds: rejection rounds of a top-p row without top-k before the exact top-p search.
-        defer_rejections: run the rejection rounds after a top-p row's two candidates in a second kernel
+        max_rounds: rejection rounds (draws checked) of a top-p row without top-k before the exact top-p search;
+            the first ``NUM_DRAWS`` (4) are pass 1's draws.
+        defer_rejections: run the rounds after a top-p row's ``NUM_DRAWS`` rejected draws in a second kernel
             spread over the GPU (:mod:`blocks.sample.triton_reject`) instead of one program a row; ``False``
-            saves its launch when no row has top-p (the rounds then run in place, should one be needed). Same
-            tokens either way in distribution, not draw for draw.
+            saves its launch (the rounds then run in place, should one be needed; :func:`should_defer` says when
+            that is likely). Same tokens either way in distribution, not draw for draw.
         tail_chunk: logits a program of that second kernel reads (a power of two, at least 16).
         penalties: ``(token_ids, output_counts, repetition_penalty, frequency_penalty, presence_penalty)`` as
             :func:`blocks.sample.triton_penalties.triton_apply_penalties` takes them: each program applies its
@@ -367,7 +352,7 @@ def triton_sample(
     _sample_kernel[(num_programs,)](
         logits, logits.stride(0), vocab, num_rows, temperature, top_k, top_p, min_p, keys, out, cand_val, cand_idx,
         counters, ws["rows"], ws["values"], ws["keys"], ws["counters"], max_rounds, *pen_args, DEFER=defer,
-        PENALTY=use_penalties, PEN_BLOCK=pen_block, BLOCK=block,
+        PENALTY=use_penalties, PEN_BLOCK=pen_block, BLOCK=block, NJ=triton.next_power_of_2(triton.cdiv(vocab, block)),
         NUM_PIVOTS=num_pivots, MAX_PASSES=12, CAP=cap, SMALL=min(cap, 128), FAST=fast, STAGES=stages,
         num_warps=num_warps, **({"maxnreg": maxnreg} if maxnreg and fast else {}),
     )

@@ -12,14 +12,15 @@ from tests.sample.helpers import TRITON_DEVICE
 
 
 def _draw(
-    backend: str, params: SamplingParams, logits_row: torch.Tensor, num_draws: int, rows_per_call: int, device="cpu"
+    backend: str, params: SamplingParams, logits_row: torch.Tensor, num_draws: int, rows_per_call: int, device="cpu",
+    triton_options: dict | None = None,
 ):
     vocab = logits_row.numel()
     logits_row = logits_row.to(device)
     batch = SamplingBatch(max_num_rows=rows_per_call, vocab_size=vocab, max_len=8, device=device)
     for r in range(rows_per_call):
         batch.add_request(f"r{r}", params, [r % vocab])
-    sampler = Sampler(backend=backend, seed=1234)
+    sampler = Sampler(backend=backend, seed=1234, triton_options=triton_options)
     counts = torch.zeros(vocab, dtype=torch.float64)
     logits = logits_row[None].repeat(rows_per_call, 1)
     for _ in range(num_draws // rows_per_call):

@@ -48,6 +48,18 @@ def test_triton_distribution_on_cuda(params):
     assert _check(counts, expected) > 1
 
 
+@pytest.mark.parametrize("params", [SamplingParams(temperature=0.7, top_p=0.9), SamplingParams(temperature=1.0)],
+                         ids=["top_p", "no_filter"])
+def test_triton_inverse_cdf_distribution_on_cuda(params):
+    """Top-p rows without top-k and rows with no filter draw by inverse CDF: 200,000 draws over 600 tokens in lanes
+    of 10 columns (tiles of 64) follow the filtered softmax."""
+    gen = torch.Generator().manual_seed(12)
+    logits = torch.randn(600, generator=gen) * 0.7
+    counts, expected = _draw("triton", params, logits, num_draws=200_000, rows_per_call=20_000, device="cuda",
+                             triton_options={"block": 64})
+    assert _check(counts, expected) > 100
+
+
 def test_seeded_request_reproducible_on_cuda():
     alone = _run("triton", others=0, sampler_seed=1, target_position=0)
     crowded = _run("triton", others=63, sampler_seed=5, target_position=20, drop_every=2)

@@ -192,3 +192,32 @@ def test_auto_backend_follows_the_logits_device():
     assert Sampler(backend="auto", device="cpu").backend == "torch"
     assert Sampler(backend="auto", device="cuda").backend == "triton"
     assert Sampler(backend="auto").backend == ("triton" if torch.cuda.is_available() else "torch")
+
+
+def test_triton_path_defers_rejection_rounds_only_when_rows_are_likely_to_need_them():
+    """The tail kernel is launched (``defer_rejections``) only when more than 0.1 rows are expected to reject all 4
+    draws: 256 rows at top-p 0.9 expect 0.026 (rounds in place), 8 rows at top-p 0.5 expect 0.5; top-k rows do not
+    count; a change of membership is seen."""
+    import numpy as np
+
+    from blocks.sample.triton_sample import should_defer
+
+    assert not should_defer(np.full(256, 0.9, dtype=np.float32))
+    assert should_defer(np.full(8, 0.5, dtype=np.float32))
+    assert not should_defer(np.zeros(0, dtype=np.float32))
+    seen = []
+    sampler = Sampler(backend="triton", seed=0)
+    sampler._triton_sample = lambda x, *args, **kw: seen.append(kw["defer_rejections"]) or torch.zeros(
+        x.shape[0], dtype=torch.int64)
+    batch = SamplingBatch(max_num_rows=300, vocab_size=50, max_len=4)
+    for r in range(256):
+        batch.add_request(f"p{r}", SamplingParams(temperature=0.7, top_p=0.9), [1])
+    for r in range(30):
+        batch.add_request(f"k{r}", SamplingParams(temperature=0.7, top_k=5, top_p=0.2), [1])
+    logits = torch.randn(batch.num_rows, 50)
+    sampler(logits, batch)
+    batch.add_request("low", SamplingParams(temperature=0.7, top_p=0.3), [1])
+    sampler(torch.randn(batch.num_rows, 50), batch)
+    batch.remove_request("low")
+    sampler(logits, batch)
+    assert seen == [False, True, False]

@@ -8,9 +8,9 @@ import triton
 import triton.language as tl
 
 from blocks.sample.ops import filter_threshold
-from blocks.sample.triton_race import round_keys
+from blocks.sample.triton_inverse_cdf import inverse_cdf_draws, softmax_pass
 from blocks.sample.triton_reject import reject_workspace
-from blocks.sample.triton_sample import _race_pass, triton_sample
+from blocks.sample.triton_sample import triton_sample
 from tests.sample.helpers import TRITON_DEVICE as DEV
 from tests.sample.test_distribution import chi2_quantile_9999
 
@@ -26,7 +26,7 @@ def test_deferred_rounds_draw_the_kept_distribution(temp, top_p, min_p):
     """One row repeated with distinct keys (400 times in the interpreter, 20,000 on a GPU): the tokens follow
     the filtered softmax (chi-square) and none is filtered out (a deferred row the tail did not finish
     would keep its rejected candidate). In-place rounds (``defer_rejections=False``) agree on most rows: those
-    the first or second candidate settles."""
+    one of the kernel's draws settles."""
     gen = torch.Generator().manual_seed(21)
     vocab, rows = 61, (20_000 if DEV == "cuda" else 400)
     logits = torch.randn(vocab, generator=gen) * 1.5
@@ -42,16 +42,16 @@ def test_deferred_rounds_draw_the_kept_distribution(temp, top_p, min_p):
     want = expected[kept] * rows
     stat = float(((counts[kept] - want) ** 2 / want).sum())
     assert stat < chi2_quantile_9999(int(kept.sum()) - 1), stat
-    inline = triton_sample(*args, keys, block=64, defer_rejections=False).cpu()
+    inline = triton_sample(*args, keys, block=16, defer_rejections=False).cpu()
     assert (tokens == inline).float().mean() > 0.6
     ws = reject_workspace(rows, vocab, torch.device(DEV), 16)
     assert int(ws["counters"].abs().sum()) == 0 and int(ws["arrive"].abs().sum()) == 0  # left reset
 
 
-@pytest.mark.parametrize("max_rounds", [3, 4])
+@pytest.mark.parametrize("max_rounds", [5, 6])
 def test_few_rounds_fall_back_to_the_exact_search_inside_the_tail(max_rounds):
-    """With 3 or 4 rounds a small ``top_p`` often exhausts them in the tail, which then runs the exact top-p
-    search; every token stays in the kept set and a fixed key gives a fixed token."""
+    """With 5 or 6 rounds (4 draws in the sampling kernel) a small ``top_p`` often exhausts them in the tail,
+    which then runs the exact top-p search; every token stays in the kept set and a fixed key gives a fixed token."""
     gen = torch.Generator().manual_seed(5)
     rows, vocab = 24, 150
     x = torch.randn(rows, vocab, generator=gen) * 2
@@ -94,46 +94,49 @@ def test_bad_tail_chunk_is_refused():
 
 
 @triton.jit
-def _race_pass_probe(x_ptr, out_ptr, vocab, c, key, BLOCK: tl.constexpr):
-    k1, k2 = round_keys(key, tl.zeros([], dtype=tl.int32))
-    _, _, tok, tok_b = _race_pass(x_ptr, vocab, c, k1, k2, tl.arange(0, BLOCK), BLOCK, False, 1, True)
-    tl.store(out_ptr, tok)
-    tl.store(out_ptr + 1, tok_b)
+def _draws_probe(x_ptr, u_ptr, out_ptr, vocab, c, BLOCK: tl.constexpr, NJ: tl.constexpr, K: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    m_vec, _, s_vec = softmax_pass(x_ptr, vocab, c, offs, BLOCK, False, 1)
+    u = tl.load(u_ptr + tl.arange(0, K))
+    toks, xs = inverse_cdf_draws(x_ptr, vocab, m_vec, s_vec, tl.max(m_vec, axis=0), c, u, offs, BLOCK, NJ, False)
+    tl.store(out_ptr + tl.arange(0, K), toks)
+    tl.store(out_ptr + K + tl.arange(0, K), xs.to(tl.int32, bitcast=True))
 
 
-def _mix32(h):
-    h = h ^ (h >> 16)
-    h = (h * 0x7FEB352D) & 0xFFFFFFFF
-    h = h ^ (h >> 15)
-    h = (h * 0x846CA68B) & 0xFFFFFFFF
-    return h ^ (h >> 16)
-
-
-def _race_scores(x, key, temp):
-    """The kernel's race scores of row ``x`` for ``key`` in round 0, in torch (``blocks.sample.triton_race``)."""
-    k1 = _mix32(torch.tensor(key & 0xFFFFFFFF))
-    k2 = _mix32(torch.tensor((key >> 32) & 0xFFFFFFFF))
-    h = _mix32((_mix32(torch.arange(x.numel(), dtype=torch.int64) ^ k1) + k2) & 0xFFFFFFFF)
-    u = ((h >> 9) | 0x3F800000).to(torch.int32).view(torch.float32) - (1.0 - 1.0 / 16777216.0)
-    return x * (1.4426950408889634 / temp) - torch.log2(-torch.log2(u))
+def _lane_major(vocab, block):
+    """Column order of the inverse-CDF draws: lane ``l`` owns ``l, l + block, ...``, lanes in turn."""
+    return torch.tensor([c for lane in range(block) for c in range(lane, vocab, block)])
 
 
 @pytest.mark.parametrize("block", [16, 64])
-def test_pass_one_keeps_the_race_winner_and_runner_up(block):
-    """The top-p rows' pass 1 returns the two best race scores' tokens, whichever lanes and tiles they sit in
-    (the runner-up is the second candidate), checked against the scores recomputed in torch."""
+def test_inverse_cdf_draws_follow_the_lane_major_cumulative_mass(block):
+    """Each draw is the column where the softmax's cumulative mass, in lane-major order, first passes ``u``
+    (recomputed in float64 in torch), banned (-inf) columns and an all-banned lane are never drawn, the logit
+    returned is the column's, and a row with no finite logit gives the sentinel ``vocab``."""
     gen = torch.Generator().manual_seed(block)
     checked = 0
-    for trial in range(12):
-        vocab = 37 + 23 * trial
+    for trial in range(10):
+        vocab = 37 + 29 * trial
         x = torch.randn(vocab, generator=gen) * 2
-        key, temp = int(torch.randint(0, 2**62, (1,), generator=gen)), 0.8
-        scores = _race_scores(x, key, temp)
-        top = torch.topk(scores, 3)
-        if float(top.values[1] - top.values[2]) < 1e-3 or float(top.values[0] - top.values[1]) < 1e-3:
-            continue  # a near tie: libm rounding could swap the order
-        out = torch.zeros(2, dtype=torch.int32, device=DEV)
-        _race_pass_probe[(1,)](x.to(DEV), out, vocab, 1.4426950408889634 / temp, key, BLOCK=block)
-        assert out.tolist() == top.indices[:2].tolist(), (trial, out.tolist(), top.indices.tolist())
-        checked += 1
-    assert checked >= 8
+        x[torch.rand(vocab, generator=gen) < 0.2] = float("-inf")
+        x[3::block] = float("-inf")  # lane 3 has no finite logit
+        temp = 0.7
+        u = torch.cat([torch.rand(6, generator=gen), torch.tensor([2.0**-24, 1 - 2.0**-24])])
+        nj = triton.next_power_of_2(triton.cdiv(vocab, block))
+        out = torch.zeros(16, dtype=torch.int32, device=DEV)
+        _draws_probe[(1,)](x.to(DEV), u.to(DEV), out, vocab, 1.4426950408889634 / temp, BLOCK=block, NJ=nj, K=8)
+        toks, xs = out[:8].cpu().long(), out[8:].cpu().view(torch.float32)
+        order = _lane_major(vocab, block)
+        cum = torch.cumsum(torch.softmax(x.double() / temp, dim=0)[order], dim=0)
+        want = order[torch.searchsorted(cum, u.double(), right=True).clamp(max=vocab - 1)]
+        near = (cum[None, :] - u.double()[:, None]).abs().min(dim=1).values < 1e-5
+        assert torch.isfinite(x[toks]).all(), toks
+        assert torch.equal(xs, x[toks])
+        assert torch.equal(toks[~near], want[~near]), (trial, toks.tolist(), want.tolist())
+        checked += int((~near).sum())
+    assert checked >= 60
+    banned = torch.full((50,), float("-inf"))
+    out = torch.zeros(16, dtype=torch.int32, device=DEV)
+    _draws_probe[(1,)](banned.to(DEV), u.to(DEV), out, 50, 1.0, BLOCK=block, NJ=triton.next_power_of_2(
+        triton.cdiv(50, block)), K=8)
+    assert out[:8].cpu().tolist() == [50] * 8
