@@ -23,7 +23,7 @@ path = sys.argv[1]
 rows = [json.loads(l) for l in open(path)] if os.path.exists(path) else []
 print(f"{'benchmark':44s} {'batch x vocab':>14s} {'us':>9s} {'GB/s (1 read)':>14s}  extra")
 for r in rows:
-    extra = {k: round(r[k], 1) if isinstance(r[k], float) else r[k] for k in ("target_us", "gpu_us_host_ahead", "gpu_us_random_keys_median",
+    extra = {k: round(r[k], 1) if isinstance(r[k], float) else r[k] for k in ("target_us", "gpu_us_host_ahead", "do_bench_us", "gpu_us_random_keys_median",
              "host_us_per_call", "sweep_best_us", "sweep_best") if k in r}
     print(f"{r['name']:44s} {str(r['batch']) + 'x' + str(r['vocab']):>14s} {r['us']:9.1f} "
           f"{r['logits_read_once_GBps']:14.0f}  {extra}")
