@@ -1,6 +1,7 @@
-"""The rejection tail of the Triton sampler (``blocks.sample.triton_reject``): rows whose first top-p
-candidate is rejected finish in a second kernel, their rows cut into chunks. Small chunks here, so every row
-spans several programs (interpreter on CPU, fp32; compiled on CUDA)."""
+"""The Triton sampler's top-p rows: their inverse-CDF draws (``blocks.sample.triton_inverse_cdf``) and the
+rejection tail (``blocks.sample.triton_reject``), where rows whose draws are all rejected finish in a second
+kernel, their rows cut into chunks. Small chunks here, so every row spans several programs (interpreter on CPU,
+fp32; compiled on CUDA)."""
 
 import pytest
 import torch
