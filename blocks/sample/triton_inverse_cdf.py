@@ -12,7 +12,7 @@ turn. One pass (:func:`softmax_pass`) keeps each lane's running max and its sum 
 hundred bytes) to find the column inside it. So ``K`` draws from the unfiltered softmax cost one light pass.
 
 The top-p check of a draw ``s`` (kept iff the mass strictly above ``x_s`` is below ``top_p * Z``) needs one more
-pass (:func:`masses_above`), for all ``K`` draws at once. Draws are independent, so the first kept one is a draw
+pass (:func:`masses_above`), for all ``K`` draws at once (``Z`` comes from pass 1). Draws are independent, so the first kept one is a draw
 from the kept set (rejection sampling); each is kept with probability at least ``top_p``, so all ``K`` are
 rejected with probability at most ``(1 - top_p) ** K``.
 
@@ -25,6 +25,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from blocks.sample.triton_chunks import chunk_cols, tile_offsets
 from blocks.sample.triton_race import exp2, mix32
 
 __all__ = ["DRAWS", "NUM_DRAWS", "softmax_pass", "inverse_cdf_draws", "masses_above", "draw_uniforms", "pick"]
@@ -34,12 +35,16 @@ NUM_DRAWS = tl.constexpr(DRAWS)
 
 
 @triton.jit
-def softmax_pass(row_ptr, vocab, c, offs, BLOCK: tl.constexpr, FAST: tl.constexpr, STAGES: tl.constexpr):
+def softmax_pass(row_ptr, vocab, c, BLOCK: tl.constexpr, ROWS: tl.constexpr, FAST: tl.constexpr,
+                 STAGES: tl.constexpr):
     """One pass over a row: per lane ``(max, first column of it, sum of 2 ** ((x - max) * c))``, each ``[BLOCK]``
-    (``-inf``, 0 and 0 for a lane with no finite logit)."""
-    m_vec = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
-    i_vec = tl.zeros([BLOCK], dtype=tl.int32)
-    s_vec = tl.zeros([BLOCK], dtype=tl.float32)
+    (``-inf``, 0 and 0 for a lane with no finite logit). Tiles are loaded as ``[ROWS, BLOCK // ROWS]`` (the layout of
+    the sampling kernel's other pass-1 loop; :mod:`blocks.sample.triton_chunks`); lane ``l`` is element ``l`` of the
+    flattened tile."""
+    offs = tile_offsets(BLOCK, ROWS)
+    m_vec = tl.full([ROWS, BLOCK // ROWS], float("-inf"), dtype=tl.float32)
+    i_vec = tl.zeros([ROWS, BLOCK // ROWS], dtype=tl.int32)
+    s_vec = tl.zeros([ROWS, BLOCK // ROWS], dtype=tl.float32)
     for start in tl.range(0, vocab, BLOCK, num_stages=STAGES):
         cols = start + offs
         x = tl.load(row_ptr + cols, mask=cols < vocab, other=float("-inf"))
@@ -51,7 +56,7 @@ def softmax_pass(row_ptr, vocab, c, offs, BLOCK: tl.constexpr, FAST: tl.constexp
         s_vec = tl.where(upd, s_vec * f + 1.0, s_vec + f)
         m_vec = tl.where(upd, x, m_vec)
         i_vec = tl.where(upd, cols, i_vec)
-    return m_vec, i_vec, s_vec
+    return tl.reshape(m_vec, [BLOCK]), tl.reshape(i_vec, [BLOCK]), tl.reshape(s_vec, [BLOCK])
 
 
 @triton.jit
@@ -65,8 +70,8 @@ def draw_uniforms(k1, k2, K: tl.constexpr):
 def inverse_cdf_draws(row_ptr, vocab, m_vec, s_vec, m, c, u, offs, BLOCK: tl.constexpr, NJ: tl.constexpr,
                       FAST: tl.constexpr):
     """``K = u.numel`` draws from the softmax ``2 ** ((x - m) * c)`` of a row, one per uniform ``u`` ``[K]``, from
-    :func:`softmax_pass`'s lane state (``m`` = the row max): ``(tokens [K] int32, their logits [K])``. ``NJ`` is a
-    power of two ``>= ceil(vocab / BLOCK)``. A row with no finite logit gives token ``vocab`` and logit ``-inf``."""
+    :func:`softmax_pass`'s lane state (``m`` = the row max): ``(tokens [K] int32, their logits [K], Z)``. ``NJ`` is
+    a power of two ``>= ceil(vocab / BLOCK)``. A row with no finite logit gives token ``vocab`` and logit ``-inf``."""
     w = tl.where(m_vec > float("-inf"), s_vec * exp2((m_vec - m) * c, FAST), 0.0)
     cum = tl.cumsum(w, axis=0)
     z = tl.max(cum, axis=0)
@@ -85,25 +90,28 @@ def inverse_cdf_draws(row_ptr, vocab, m_vec, s_vec, m, c, u, offs, BLOCK: tl.con
     ok = (last >= 0) & (j >= 0)
     tok = tl.where(ok, lane + j * BLOCK, vocab)
     x_tok = tl.max(tl.where(jj[None, :] == j[:, None], x, float("-inf")), axis=1)
-    return tok, tl.where(ok, x_tok, float("-inf"))
+    return tok, tl.where(ok, x_tok, float("-inf")), z
 
 
 @triton.jit
-def masses_above(row_ptr, vocab, m, c, cut0, cut1, cut2, cut3, offs, BLOCK: tl.constexpr, K: tl.constexpr,
-                 FAST: tl.constexpr, STAGES: tl.constexpr):
-    """One pass: ``(Z, mass strictly above cut0, ..., above cut3)`` for the first ``K <= 4`` cuts (the others 0),
-    masses ``2 ** ((x - m) * c)``. One accumulator a cut (a ``[BLOCK, K]`` one spilled under the sampling kernel's
-    64-register cap)."""
-    z_vec = tl.zeros([BLOCK], dtype=tl.float32)
-    a0 = tl.zeros([BLOCK], dtype=tl.float32)
+def masses_above(row_ptr, vocab, m, c, cut0, cut1, cut2, cut3, BLOCK: tl.constexpr, ROWS: tl.constexpr,
+                 K: tl.constexpr, FAST: tl.constexpr, STAGES: tl.constexpr):
+    """One pass over the row: the mass strictly above each of cut0, ..., cut3 for the first ``K <= 4`` cuts (the
+    others 0), masses ``2 ** ((x - m) * c)``. One accumulator a cut (a ``[BLOCK, K]`` one spilled under the sampling
+    kernel's 64-register cap).
+
+    Not over pass 1's selected chunks (:mod:`blocks.sample.triton_chunks`), as top-k rows' second pass is: at the
+    benchmark's top-p rows about half the chunks hold a value above the lowest of four draws, and that route took
+    139 us a batch of 256 against 130 us for this one (H100, RESULTS.md session 10)."""
+    a0 = tl.zeros([ROWS, BLOCK // ROWS], dtype=tl.float32)
     a1 = a0
     a2 = a0
     a3 = a0
-    for start in tl.range(0, vocab, BLOCK, num_stages=STAGES):
-        cols = start + offs
-        x = tl.load(row_ptr + cols, mask=cols < vocab, other=float("-inf"))
+    n = tl.cdiv(vocab, BLOCK // ROWS)
+    for g in tl.range(0, n, ROWS, num_stages=STAGES):
+        cols, ok = chunk_cols(row_ptr, g, n, vocab, False, ROWS, BLOCK // ROWS)
+        x = tl.load(row_ptr + cols, mask=ok, other=float("-inf"))
         e = tl.where(x > float("-inf"), exp2((x - m) * c, FAST), 0.0)
-        z_vec += e
         a0 += tl.where(x > cut0, e, 0.0)
         if K > 1:
             a1 += tl.where(x > cut1, e, 0.0)
@@ -111,7 +119,8 @@ def masses_above(row_ptr, vocab, m, c, cut0, cut1, cut2, cut3, offs, BLOCK: tl.c
             a2 += tl.where(x > cut2, e, 0.0)
         if K > 3:
             a3 += tl.where(x > cut3, e, 0.0)
-    return tl.sum(z_vec, axis=0), tl.sum(a0, axis=0), tl.sum(a1, axis=0), tl.sum(a2, axis=0), tl.sum(a3, axis=0)
+    return tl.sum(tl.sum(a0, axis=1), axis=0), tl.sum(tl.sum(a1, axis=1), axis=0), \
+        tl.sum(tl.sum(a2, axis=1), axis=0), tl.sum(tl.sum(a3, axis=1), axis=0)
 
 
 @triton.jit

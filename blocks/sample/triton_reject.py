@@ -31,6 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
+from blocks.sample.triton_chunks import ROWS
 from blocks.sample.triton_inverse_cdf import NUM_DRAWS, masses_above
 from blocks.sample.triton_race import exp2, race, race_result, race_step, round_keys
 from blocks.sample.triton_search import max_programs, row_params, stream_key, threshold_search
@@ -52,9 +53,9 @@ def min_p_floor(m, temp, min_p, greedy):
 
 
 @triton.jit
-def mass_above(row_ptr, vocab, m, c, cut, offs, BLOCK: tl.constexpr, FAST: tl.constexpr, STAGES: tl.constexpr):
-    """One pass: the mass strictly above the logit ``cut`` (masses ``2 ** ((x - m) * c)``)."""
-    return masses_above(row_ptr, vocab, m, c, cut, cut, cut, cut, offs, BLOCK, 1, FAST, STAGES)[1]
+def mass_above(row_ptr, vocab, m, c, cut, BLOCK: tl.constexpr, FAST: tl.constexpr, STAGES: tl.constexpr):
+    """One pass over the whole row: the mass strictly above the logit ``cut`` (masses ``2 ** ((x - m) * c)``)."""
+    return masses_above(row_ptr, vocab, m, c, cut, cut, cut, cut, BLOCK, ROWS, 1, FAST, STAGES)[0]
 
 
 @triton.jit
@@ -70,7 +71,7 @@ def reject_rounds(row_ptr, ids, vocab, m, z, lo, r, max_rounds, key, temp, top_p
     while (accepted == 0) & (r < max_rounds):
         k1, k2 = round_keys(key, r)
         tok, x_tok = race(row_ptr, ids, vocab, False, lo, 1, thr_min, c, k1, k2, offs, vocab, BLOCK, FAST, STAGES)
-        above = mass_above(row_ptr, vocab, m, c, x_tok, offs, BLOCK, FAST, 1)
+        above = mass_above(row_ptr, vocab, m, c, x_tok, BLOCK, FAST, 1)
         if (x_tok >= thr_min) & (above < top_p * z):
             accepted = accepted + 1
         else:
@@ -111,7 +112,7 @@ def _kept(w, kept_lo, rejected_hi, row_ptr, vocab, m, c, top_p, z, BLOCK: tl.con
     or at or below a rejected one, else from one pass for its exact mass."""
     ok = (w >= kept_lo).to(tl.int32)
     if (w < kept_lo) & (w > rejected_hi):
-        w_above = mass_above(row_ptr, vocab, m, c, w, tl.arange(0, BLOCK), BLOCK, FAST, STAGES)
+        w_above = mass_above(row_ptr, vocab, m, c, w, BLOCK, FAST, STAGES)
         ok = (w_above < top_p * z).to(tl.int32)
     return ok
 

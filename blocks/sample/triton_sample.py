@@ -9,7 +9,8 @@ is reproducible whatever the batch). One program walks whole rows:
   unfiltered distribution follow (:mod:`blocks.sample.triton_inverse_cdf`; a row with no filter is done);
 * **top-k rows** (with or without top-p / min-p): a lower bound of the top-k threshold from the per-lane
   maxima of pass 1, one pass gathering the logits above it into the program's scratch (usually a few
-  more than ``k``; gathered by atomics, so in no particular order), then an in-register sort of those
+  more than ``k``; gathered by atomics, so in no particular order; it reads only the chunks whose max, kept by
+  pass 1, reaches the bound: :mod:`blocks.sample.triton_chunks`), then an in-register sort of those
   values gives the exact top-k and top-p thresholds, and an exponential race (``argmax(x / T - log(E))``, ``E``
   from a counter-based hash of the key, the round and the token id; :mod:`blocks.sample.triton_race`) runs over
   the scratch (a row with more than ``candidates`` searches and races over the whole row instead: same answer);
@@ -23,14 +24,15 @@ is reproducible whatever the batch). One program walks whole rows:
   ``defer_rejections``, in a second kernel spread over the GPU (:mod:`blocks.sample.triton_reject`); after
   ``max_rounds`` in all, the exact top-p search runs.
 
-So at vocabulary 128k a greedy row reads its logits once, a top-k, min-p or top-p row twice (the second pass only
-compares, and adds or rarely stores), and a row with no filter once.
+So at vocabulary 128k a greedy row or a row with no filter reads its logits once, a top-p row twice (the second
+pass only compares and adds), and a top-k or min-p row once plus the chunks that hold its candidates.
 
 The draws of a top-p row depend on ``block`` (the column order of the inverse CDF), not on the rows beside it.
 
 H100, batch 256 x 128256 (benchmarks/RESULTS.md, sessions 9 and 10; GPU time, random keys): with the race in pass
 1 (its winner and runner-up as the two draws; about 30 instructions a logit) the benchmark's mixed batch took 144 us
-and a batch of top-p rows 169 us; with inverse-CDF draws 139 and 126 us (134 and 121 without the tail's launch).
+and a batch of top-p rows 169 us; with inverse-CDF draws 139 and 126 us (134 and 121 without the tail's launch);
+with the chunk-selected second pass of top-k and min-p rows 121 and 130 us.
 
 Runs under ``TRITON_INTERPRET=1`` on CPU tensors (fp32) and compiled on CUDA.
 """
@@ -42,6 +44,16 @@ import torch
 import triton
 import triton.language as tl
 
+from blocks.sample.triton_chunks import (
+    CHUNK_ROWS,
+    ROWS,
+    chunk_cols,
+    chunk_max_init,
+    chunk_max_update,
+    select_chunks,
+    store_chunk_max,
+    tile_offsets,
+)
 from blocks.sample.triton_inverse_cdf import (
     DRAWS,
     NUM_DRAWS,
@@ -56,6 +68,7 @@ from blocks.sample.triton_race import race, round_keys
 from blocks.sample.triton_reject import (
     CHUNK,
     launch_reject_tail,
+    mass_above,
     min_p_floor,
     reject_rounds,
     reject_workspace,
@@ -66,23 +79,26 @@ from blocks.sample.triton_search import (
     launch_layout,
     row_params,
     threshold_search,
+    workspace,
 )
 
 __all__ = ["triton_sample", "should_defer"]
 
 
 @triton.jit
-def _gather(row_ptr, vocab, low, cval, cidx, counter, offs, BLOCK: tl.constexpr, CAP: tl.constexpr,
-            STAGES: tl.constexpr = 1):
+def _gather(row_ptr, vocab, low, cval, cidx, counter, cmax, clist, BLOCK: tl.constexpr, NCH: tl.constexpr,
+            CAP: tl.constexpr, STAGES: tl.constexpr):
     """Copy the logits ``>= low`` and their token ids into ``cval`` / ``cidx`` (at most ``CAP``, in no
-    particular order: slots come from an atomic counter); returns how many there are."""
+    particular order: slots come from an atomic counter), reading only the chunks whose max (pass 1's, at ``cmax``)
+    is ``>= low``; returns how many there are."""
+    n_sel = select_chunks(cmax, clist, tl.cdiv(vocab, BLOCK // ROWS), low, False, NCH)
     tl.atomic_xchg(counter, 0, sem="relaxed")
     tl.debug_barrier()
-    for start in tl.range(0, vocab, BLOCK, num_stages=STAGES):
-        cols = start + offs
-        x = tl.load(row_ptr + cols, mask=cols < vocab, other=float("-inf"))
-        sel = (cols < vocab) & (x >= low)
-        pos = tl.atomic_add(counter + offs * 0, 1, mask=sel, sem="relaxed")  # relaxed: no fence per tile
+    for g in tl.range(0, n_sel, ROWS, num_stages=STAGES):
+        cols, ok = chunk_cols(clist, g, n_sel, vocab, True, ROWS, BLOCK // ROWS)
+        x = tl.load(row_ptr + cols, mask=ok, other=float("-inf"))
+        sel = ok & (x >= low)
+        pos = tl.atomic_add(counter + cols * 0, 1, mask=sel, sem="relaxed")  # relaxed: no fence per tile
         fits = sel & (pos < CAP)
         tl.store(cval + pos, x, mask=fits)
         tl.store(cidx + pos, cols, mask=fits)
@@ -123,6 +139,8 @@ def _sample_kernel(
     cand_val_ptr,
     cand_idx_ptr,
     counter_ptr,
+    chunk_max_ptr,
+    chunk_list_ptr,
     pend_row_ptr,
     pend_val_ptr,
     pend_key_ptr,
@@ -142,6 +160,7 @@ def _sample_kernel(
     PEN_BLOCK: tl.constexpr,
     BLOCK: tl.constexpr,
     NJ: tl.constexpr,
+    NCH: tl.constexpr,
     NUM_PIVOTS: tl.constexpr,
     MAX_PASSES: tl.constexpr,
     CAP: tl.constexpr,
@@ -157,6 +176,9 @@ def _sample_kernel(
     cval = cand_val_ptr + pid * CAP
     cidx = cand_idx_ptr + pid * CAP
     counter = counter_ptr + pid
+    cmax = chunk_max_ptr + pid * NCH
+    clist = chunk_list_ptr + pid * NCH
+    offs2 = tile_offsets(BLOCK, ROWS)
     for row in range(pid, num_rows, nprog):
         row_ptr = logits_ptr + (tl.zeros([], dtype=tl.int64) + row) * stride_row
         # the key first: it may come from pinned host memory (PCIe latency, overlapped with the penalties)
@@ -176,31 +198,42 @@ def _sample_kernel(
         # also their draws; the others the smallest finite logit and the number of finite logits.
         m_vec = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
         i_vec = tl.zeros([BLOCK], dtype=tl.int32)
-        mn_vec = tl.full([BLOCK], float("inf"), dtype=tl.float32)
-        nfin_vec = tl.zeros([BLOCK], dtype=tl.int32)
+        mn = tl.full([], float("inf"), dtype=tl.float32)
+        nfin = tl.zeros([], dtype=tl.int32)
+        z = tl.zeros([], dtype=tl.float32)
         tok = vocab + tl.zeros([], dtype=tl.int32)
         toks = tl.full([NUM_DRAWS], vocab, dtype=tl.int32)
         xs = tl.full([NUM_DRAWS], float("-inf"), dtype=tl.float32)
-        if greedy | need_k | (need_min & (need_p == 0)):
+        if greedy | need_k | (need_min & (need_p == 0)):  # also the chunk maxima for the second pass
+            m2 = tl.full([ROWS, BLOCK // ROWS], float("-inf"), dtype=tl.float32)
+            i2 = tl.zeros([ROWS, BLOCK // ROWS], dtype=tl.int32)
+            mn2 = tl.full([ROWS, BLOCK // ROWS], float("inf"), dtype=tl.float32)
+            nfin2 = tl.zeros([ROWS, BLOCK // ROWS], dtype=tl.int32)
+            cm = chunk_max_init(ROWS, NCH // ROWS)
             for start in tl.range(0, vocab, BLOCK, num_stages=STAGES):
-                cols = start + offs
+                cols = start + offs2
                 x = tl.load(row_ptr + cols, mask=cols < vocab, other=float("-inf"))
                 fin = x > float("-inf")
-                upd = x > m_vec
-                m_vec = tl.where(upd, x, m_vec)
-                i_vec = tl.where(upd, cols, i_vec)
-                mn_vec = tl.minimum(mn_vec, tl.where(fin, x, float("inf")))
-                nfin_vec += fin.to(tl.int32)
+                upd = x > m2
+                m2 = tl.where(upd, x, m2)
+                i2 = tl.where(upd, cols, i2)
+                mn2 = tl.minimum(mn2, tl.where(fin, x, float("inf")))
+                nfin2 += fin.to(tl.int32)
+                cm = chunk_max_update(cm, start // BLOCK, x, NCH // ROWS)
+            store_chunk_max(cmax, cm, ROWS, NCH // ROWS)
+            m_vec = tl.reshape(m2, [BLOCK])
+            i_vec = tl.reshape(i2, [BLOCK])
+            mn = tl.min(tl.min(mn2, axis=1), axis=0)
+            nfin = tl.sum(tl.sum(nfin2, axis=1), axis=0)
         else:  # top-p rows without top-k, and rows with no filter: NUM_DRAWS draws by inverse CDF
-            m_vec, i_vec, s_vec = softmax_pass(row_ptr, vocab, c, offs, BLOCK, FAST, STAGES)
-            toks, xs = inverse_cdf_draws(row_ptr, vocab, m_vec, s_vec, tl.max(m_vec, axis=0), c,
-                                         draw_uniforms(k1, k2, NUM_DRAWS), offs, BLOCK, NJ, FAST)
+            m_vec, i_vec, s_vec = softmax_pass(row_ptr, vocab, c, BLOCK, ROWS, FAST, STAGES)
+            toks, xs, z = inverse_cdf_draws(row_ptr, vocab, m_vec, s_vec, tl.max(m_vec, axis=0), c,
+                                            draw_uniforms(k1, k2, NUM_DRAWS), offs, BLOCK, NJ, FAST)
             tok = pick(toks, draw_idx, 0)  # the answer of a row with no filter
         m = tl.max(m_vec, axis=0)
         amax = tl.min(tl.where(m_vec == m, i_vec, vocab), axis=0)
         thr_min = min_p_floor(m, temp, min_p, greedy)
         hi_top = m + tl.maximum(tl.abs(m) * 1e-6, 1e-6)
-        nfin = tl.sum(nfin_vec, axis=0)
         if need_k & (top_k >= nfin):  # top-k keeps every finite logit (the rest are banned)
             need_k = need_k & False
             # the draw over the whole row: the answer when no other filter is on, else the rejection route's
@@ -209,6 +242,8 @@ def _sample_kernel(
                                vocab, BLOCK, FAST)
             toks = tl.where(draw_idx == 0, tok, vocab)
             xs = tl.where(draw_idx == 0, x_tok, float("-inf"))
+            if need_p:  # that route needs Z, which only the draws' pass 1 computes
+                z = mass_above(row_ptr, vocab, m, c, float("-inf"), BLOCK, FAST, STAGES)
 
         if need_k | (need_min & (need_p == 0)):
             # Known threshold (min-p) or a lower bound of it (top-k, from the lane maxima): gather the logits
@@ -216,8 +251,8 @@ def _sample_kernel(
             thr = thr_min
             low = thr_min
             if need_k:
-                low = lane_bound(m_vec, tl.min(mn_vec, axis=0), hi_top, top_k, m, inv_t, piv_idx, False, NUM_PIVOTS)
-            n_cand = _gather(row_ptr, vocab, low, cval, cidx, counter, offs, BLOCK, CAP, STAGES)
+                low = lane_bound(m_vec, mn, hi_top, top_k, m, inv_t, piv_idx, False, NUM_PIVOTS)
+            n_cand = _gather(row_ptr, vocab, low, cval, cidx, counter, cmax, clist, BLOCK, NCH, CAP, STAGES)
             if n_cand <= CAP:
                 if need_k:
                     if n_cand <= SMALL:
@@ -236,20 +271,19 @@ def _sample_kernel(
         elif need_p:
             # Rejection route: the first of the draws in the kept set; if none is, more rounds above them all,
             # here or (DEFER) in the tail kernel (blocks.sample.triton_reject).
-            z = tl.zeros([], dtype=tl.float32)
             rejected = max_rounds <= 0  # no rounds at all: the exact search
             lo = tl.full([], float("-inf"), dtype=tl.float32)
-            if max_rounds > 0:  # one pass: Z and the masses above every draw
-                z, a0, a1, a2, a3 = masses_above(row_ptr, vocab, m, c, pick(xs, draw_idx, 0), pick(xs, draw_idx, 1),
-                                                 pick(xs, draw_idx, 2), pick(xs, draw_idx, 3), offs, BLOCK, NUM_DRAWS,
-                                                 FAST, STAGES)
+            if max_rounds > 0:  # one pass over the whole row: the masses above every draw
+                live = (draw_idx < max_rounds) & (toks < vocab)
+                a0, a1, a2, a3 = masses_above(row_ptr, vocab, m, c, pick(xs, draw_idx, 0), pick(xs, draw_idx, 1),
+                                              pick(xs, draw_idx, 2), pick(xs, draw_idx, 3), BLOCK, ROWS, NUM_DRAWS,
+                                              FAST, STAGES)
                 above = tl.where(draw_idx == 0, a0, tl.where(draw_idx == 1, a1, tl.where(draw_idx == 2, a2, a3)))
-                counted = draw_idx < max_rounds
-                ok = counted & (toks < vocab) & (xs >= thr_min) & (above < top_p * z)
+                ok = live & (xs >= thr_min) & (above < top_p * z)
                 first = tl.min(tl.where(ok, draw_idx, NUM_DRAWS), axis=0)
                 rejected = first >= NUM_DRAWS
                 tok = tl.where(rejected, vocab, pick(toks, draw_idx, first))
-                lo = tl.max(tl.where(counted, xs, float("-inf")), axis=0)  # every rejected draw is below the kept set
+                lo = tl.max(tl.where(draw_idx < max_rounds, xs, float("-inf")), axis=0)
             if rejected:
                 if (max_rounds > NUM_DRAWS) & DEFER:
                     slot = tl.atomic_add(count_ptr, 1, sem="relaxed")
@@ -341,6 +375,8 @@ def triton_sample(
         raise ValueError(f"tail_chunk must be a power of two >= 16, got {tail_chunk}.")
     block, num_programs, cap, cand_val, cand_idx, counters = launch_layout(logits, block, num_programs,
                                                                            max(candidates, 16))
+    nch = triton.next_power_of_2(triton.cdiv(vocab, block) * CHUNK_ROWS)  # every tile stores ROWS chunk maxima
+    _, chunk_max, chunk_list, _ = workspace(num_programs, nch, logits.device, tag="chunks")
     defer = defer_rejections and max_rounds > 1
     ws = reject_workspace(num_rows, vocab, logits.device, tail_chunk)
     fast = logits.is_cuda
@@ -351,8 +387,8 @@ def triton_sample(
         pen_args, pen_block = (keys, 0, counters, 0, temperature, temperature, temperature, cand_val, 0), 16
     _sample_kernel[(num_programs,)](
         logits, logits.stride(0), vocab, num_rows, temperature, top_k, top_p, min_p, keys, out, cand_val, cand_idx,
-        counters, ws["rows"], ws["values"], ws["keys"], ws["counters"], max_rounds, *pen_args, DEFER=defer,
-        PENALTY=use_penalties, PEN_BLOCK=pen_block, BLOCK=block, NJ=triton.next_power_of_2(triton.cdiv(vocab, block)),
+        counters, chunk_max, chunk_list, ws["rows"], ws["values"], ws["keys"], ws["counters"], max_rounds, *pen_args, DEFER=defer,
+        PENALTY=use_penalties, PEN_BLOCK=pen_block, BLOCK=block, NJ=triton.next_power_of_2(triton.cdiv(vocab, block)), NCH=nch,
         NUM_PIVOTS=num_pivots, MAX_PASSES=12, CAP=cap, SMALL=min(cap, 128), FAST=fast, STAGES=stages,
         num_warps=num_warps, **({"maxnreg": maxnreg} if maxnreg and fast else {}),
     )

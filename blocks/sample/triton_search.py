@@ -148,16 +148,16 @@ def launch_layout(logits: torch.Tensor, block: int, num_programs: int | None, ca
 _WORKSPACES: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
 
-def workspace(num_programs: int, candidates: int, device: torch.device
+def workspace(num_programs: int, candidates: int, device: torch.device, tag: str = "candidates"
               ) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(CAP, values, token ids, counters)``: ``candidates`` scratch slots (rounded up to a power of two) per
-    program and one int32 counter per program. Kept per (device, stream, CAP) and grown when a call needs
+    program and one int32 counter per program. Kept per (device, stream, tag, CAP) and grown when a call needs
     more programs, so a sampling step allocates nothing; calls on one stream run in order, so they may
-    share it."""
+    share it (buffers of another ``tag`` are never the same, whatever their size)."""
     if candidates < 0:
         raise ValueError(f"candidates must be non-negative, got {candidates}.")
     cap = triton.next_power_of_2(candidates) if candidates else 0
-    key = (device, stream_key(device), cap)
+    key = (device, stream_key(device), tag, cap)
     ws = _WORKSPACES.get(key)
     if ws is None or ws[2].numel() < num_programs:
         n = max(num_programs, 0 if ws is None else ws[2].numel())

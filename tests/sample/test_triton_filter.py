@@ -92,6 +92,29 @@ def test_candidate_compaction_changes_nothing_but_the_reads():
         assert torch.equal(t, tokens[0])
 
 
+def test_second_pass_reads_only_chunks_that_can_hold_candidates():
+    """Top-k and min-p rows gather their candidates from the chunks whose max passes the bound (pass 1's chunk
+    maxima). Their race depends on the token ids only, so every tile width (another chunking) and the whole-row
+    route (``candidates=1``) must pick the same tokens: a chunk skipped wrongly would drop a candidate."""
+    gen = torch.Generator().manual_seed(23)
+    rows, vocab = 12, 1000
+    x = torch.randn(rows, vocab, generator=gen) * 2
+    x[:, ::7] = float("-inf")  # banned tokens in every chunk
+    x[3, 500:] = float("-inf")  # a row whose second half is banned
+    x[4, 100:200] = x[4].max() + 1  # a run of ties at the top, in one chunk
+    temp = torch.full((rows,), 0.9)
+    top_k = torch.tensor([1, 5, 50, 200, 20, 7, 0, 0, 0, 3, 64, 10], dtype=torch.int32)
+    top_p = torch.tensor([1.0] * 6 + [1.0, 1.0, 1.0, 0.5, 0.9, 1.0])
+    min_p = torch.tensor([0.0] * 6 + [0.05, 0.2, 0.5, 0.0, 0.0, 0.1])
+    args = tuple(t.to(DEV) for t in (x, temp, top_k, top_p, min_p))
+    keys = torch.arange(rows, dtype=torch.int64, device=DEV) * 104729 + 5
+    whole = triton_sample(*args, keys, block=64, candidates=1).cpu()
+    for block in (16, 64, 256):
+        assert torch.equal(triton_sample(*args, keys, block=block).cpu(), whole), block
+    kept = x >= filter_threshold(x, temp, top_k, top_p, min_p)[:, None]
+    assert bool(kept.gather(1, whole[:, None]).all())
+
+
 def test_rejection_rounds_and_the_exact_fallback_draw_from_the_kept_set():
     """Top-p rows with a small ``top_p`` reject often; ``max_rounds=0`` and ``1`` force the exact fallback
     for every such row. Whatever the route, every token is in the reference's kept set, and a fixed key
@@ -197,5 +220,7 @@ def test_workspace_is_reused_per_size_and_grows_when_needed():
     assert again[1] is vals and again[3] is counters  # a smaller call allocates nothing
     grown = workspace(counters.numel() + 3, 100, torch.device("cpu"))
     assert grown[1].numel() >= (counters.numel() + 3) * 128 and grown[3].numel() >= counters.numel() + 3
+    other = workspace(4, 100, torch.device("cpu"), tag="chunks")  # same size, another use: other buffers
+    assert other[1] is not grown[1] and other[2] is not grown[2]
     with pytest.raises(ValueError, match="candidates"):
         workspace(1, -1, torch.device("cpu"))

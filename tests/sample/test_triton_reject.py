@@ -97,9 +97,9 @@ def test_bad_tail_chunk_is_refused():
 @triton.jit
 def _draws_probe(x_ptr, u_ptr, out_ptr, vocab, c, BLOCK: tl.constexpr, NJ: tl.constexpr, K: tl.constexpr):
     offs = tl.arange(0, BLOCK)
-    m_vec, _, s_vec = softmax_pass(x_ptr, vocab, c, offs, BLOCK, False, 1)
+    m_vec, _, s_vec = softmax_pass(x_ptr, vocab, c, BLOCK, 16, False, 1)
     u = tl.load(u_ptr + tl.arange(0, K))
-    toks, xs = inverse_cdf_draws(x_ptr, vocab, m_vec, s_vec, tl.max(m_vec, axis=0), c, u, offs, BLOCK, NJ, False)
+    toks, xs, _ = inverse_cdf_draws(x_ptr, vocab, m_vec, s_vec, tl.max(m_vec, axis=0), c, u, offs, BLOCK, NJ, False)
     tl.store(out_ptr + tl.arange(0, K), toks)
     tl.store(out_ptr + K + tl.arange(0, K), xs.to(tl.int32, bitcast=True))
 
