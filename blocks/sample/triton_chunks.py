@@ -54,18 +54,14 @@ def store_chunk_max(cmax_ptr, cm, ROWS: tl.constexpr, NT: tl.constexpr):
 
 
 @triton.jit
-def select_chunks(cmax_ptr, clist_ptr, n_chunks, bound, STRICT: tl.constexpr, NCH: tl.constexpr):
-    """Write the ids of the chunks whose max is ``> bound`` (STRICT) or ``>= bound`` to ``clist_ptr``, in order, and
-    return how many there are. ``NCH``: a power of two ``>= n_chunks``. Barriers on both sides: the maxima were
-    stored by other threads, and the list is read by others."""
+def select_chunks(cmax_ptr, clist_ptr, n_chunks, bound, NCH: tl.constexpr):
+    """Write the ids of the chunks whose max is ``>= bound`` to ``clist_ptr``, in order, and return how many there
+    are. ``NCH``: a power of two ``>= n_chunks``. Barriers on both sides: the maxima were stored by other threads,
+    and the list is read by others."""
     tl.debug_barrier()
     ch = tl.arange(0, NCH)
     valid = ch < n_chunks
-    cm = tl.load(cmax_ptr + ch, mask=valid, other=float("-inf"))
-    if STRICT:
-        sel = valid & (cm > bound)
-    else:
-        sel = valid & (cm >= bound)
+    sel = valid & (tl.load(cmax_ptr + ch, mask=valid, other=float("-inf")) >= bound)
     pos = tl.cumsum(sel.to(tl.int32), axis=0) - 1
     tl.store(clist_ptr + pos, ch, mask=sel)
     tl.debug_barrier()

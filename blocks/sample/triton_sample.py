@@ -91,7 +91,7 @@ def _gather(row_ptr, vocab, low, cval, cidx, counter, cmax, clist, BLOCK: tl.con
     """Copy the logits ``>= low`` and their token ids into ``cval`` / ``cidx`` (at most ``CAP``, in no
     particular order: slots come from an atomic counter), reading only the chunks whose max (pass 1's, at ``cmax``)
     is ``>= low``; returns how many there are."""
-    n_sel = select_chunks(cmax, clist, tl.cdiv(vocab, BLOCK // ROWS), low, False, NCH)
+    n_sel = select_chunks(cmax, clist, tl.cdiv(vocab, BLOCK // ROWS), low, NCH)
     tl.atomic_xchg(counter, 0, sem="relaxed")
     tl.debug_barrier()
     for g in tl.range(0, n_sel, ROWS, num_stages=STAGES):
