@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from blocks.sample.triton_search import stream_key
+from blocks.sample.triton_search import per_stream
 
 __all__ = ["triton_apply_penalties", "penalize_row", "penalty_launch_args"]
 
@@ -59,20 +59,6 @@ def _penalty_kernel(logits_ptr, stride_l, ids_ptr, stride_ids, counts_ptr, strid
                  pres_ptr, scratch_ptr, max_len, BLOCK)
 
 
-_SCRATCH: dict[tuple, torch.Tensor] = {}
-
-
-def _scratch(numel: int, device: torch.device) -> torch.Tensor:
-    """The penalised values' scratch, kept per (device, stream) and grown when needed: calls on one stream run
-    in order, so they may share it; a step allocates nothing."""
-    key = (device, stream_key(device))
-    buf = _SCRATCH.get(key)
-    if buf is None or buf.numel() < numel:
-        buf = torch.empty(max(numel, 1), dtype=torch.float32, device=device)
-        _SCRATCH[key] = buf
-    return buf
-
-
 def penalty_launch_args(logits, token_ids, output_counts, repetition_penalty, frequency_penalty, presence_penalty,
                         block: int = 1024) -> tuple[tuple, int]:
     """Checks, scratch and the kernel arguments shared by :func:`triton_apply_penalties` and the sampling kernel
@@ -80,7 +66,8 @@ def penalty_launch_args(logits, token_ids, output_counts, repetition_penalty, fr
     num_rows, max_len = token_ids.shape
     if logits.stride(1) != 1 or token_ids.stride(1) != 1 or output_counts.stride(1) != 1:
         raise ValueError("logits, token_ids and output_counts must have unit stride along their last dimension.")
-    scratch = _scratch(num_rows * max_len, logits.device)
+    scratch = per_stream("penalty scratch", logits.device, (num_rows * max_len,),
+                         lambda n: torch.empty(max(n, 1), dtype=torch.float32, device=logits.device))
     block = min(block, 256) if max_len <= 256 else block  # two tile sizes: one compiled variant each, not one per length
     return (token_ids, token_ids.stride(0), output_counts, output_counts.stride(0), repetition_penalty,
             frequency_penalty, presence_penalty, scratch, max_len), block

@@ -34,7 +34,7 @@ import triton.language as tl
 from blocks.sample.triton_chunks import ROWS
 from blocks.sample.triton_inverse_cdf import NUM_DRAWS, masses_above
 from blocks.sample.triton_race import exp2, race, race_result, race_step, round_keys
-from blocks.sample.triton_search import max_programs, row_params, stream_key, threshold_search
+from blocks.sample.triton_search import max_programs, per_stream, row_params, threshold_search
 
 __all__ = ["mass_above", "reject_rounds", "min_p_floor", "launch_reject_tail", "reject_workspace", "CHUNK",
            "NUM_CUTS"]
@@ -206,9 +206,6 @@ def _reject_tail_kernel(logits_ptr, stride_row, vocab, temp_ptr, topk_ptr, topp_
         tl.store(done_ptr, 0)
 
 
-_WORKSPACES: dict[tuple, dict[str, torch.Tensor]] = {}
-
-
 def reject_workspace(num_rows: int, vocab: int, device: torch.device, chunk: int = CHUNK) -> dict[str, torch.Tensor]:
     """The deferred-row list and the tail's partial results for up to ``num_rows`` rows:
 
@@ -218,14 +215,10 @@ def reject_workspace(num_rows: int, vocab: int, device: torch.device, chunk: int
     * ``parts`` float32 ``[num_rows, NCH, 4 + NUM_CUTS]`` and ``part_tokens`` int32 ``[num_rows, NCH, 2]``.
 
     Counters start at zero and the tail kernel leaves them at zero; kept per (device, stream) and grown when
-    a call needs more rows."""
-    nch = triton.next_power_of_2(triton.cdiv(vocab, chunk))
-    key = (device, stream_key(device))
-    ws = _WORKSPACES.get(key)
-    if ws is None or ws["rows"].numel() < num_rows or ws["nch"] < nch:
-        n = max(num_rows, 0 if ws is None else ws["rows"].numel())
-        nch = max(nch, 0 if ws is None else ws["nch"])
-        ws = {
+    a call needs more rows (:func:`blocks.sample.triton_search.per_stream`)."""
+
+    def make(n: int, nch: int) -> dict:
+        return {
             "nch": nch,
             "rows": torch.zeros(n, dtype=torch.int32, device=device),
             "values": torch.zeros(n, 4, dtype=torch.float32, device=device),
@@ -235,8 +228,8 @@ def reject_workspace(num_rows: int, vocab: int, device: torch.device, chunk: int
             "parts": torch.zeros(n, nch, 4 + NUM_CUTS, dtype=torch.float32, device=device),
             "part_tokens": torch.zeros(n, nch, 2, dtype=torch.int32, device=device),
         }
-        _WORKSPACES[key] = ws
-    return ws
+
+    return per_stream("reject tail", device, (num_rows, triton.next_power_of_2(triton.cdiv(vocab, chunk))), make)
 
 
 def launch_reject_tail(logits, temperature, top_k, top_p, min_p, out, ws, ids, max_rounds, *, block: int,

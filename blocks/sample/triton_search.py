@@ -145,24 +145,35 @@ def launch_layout(logits: torch.Tensor, block: int, num_programs: int | None, ca
     return (block, num_programs, *workspace(num_programs, candidates, logits.device))
 
 
-_WORKSPACES: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+_PER_STREAM: dict[tuple, tuple[tuple[int, ...], object]] = {}
+
+
+def per_stream(tag: str, device: torch.device, sizes: tuple[int, ...], make):
+    """Scratch kept per (``tag``, device, current stream) and rebuilt, never shrunk, when a call needs more:
+    ``make(*sizes)`` builds it for the element-wise largest ``sizes`` asked so far. Calls on one stream run in
+    order, so they may share it, and a sampling step allocates nothing; one dictionary lookup a call (the
+    sampler's host time is its step's other cost)."""
+    key = (tag, device, stream_key(device))
+    hit = _PER_STREAM.get(key)
+    if hit is None or any(n > have for n, have in zip(sizes, hit[0])):
+        sizes = sizes if hit is None else tuple(max(n, have) for n, have in zip(sizes, hit[0]))
+        hit = (sizes, make(*sizes))
+        _PER_STREAM[key] = hit
+    return hit[1]
 
 
 def workspace(num_programs: int, candidates: int, device: torch.device, tag: str = "candidates"
               ) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(CAP, values, token ids, counters)``: ``candidates`` scratch slots (rounded up to a power of two) per
-    program and one int32 counter per program. Kept per (device, stream, tag, CAP) and grown when a call needs
-    more programs, so a sampling step allocates nothing; calls on one stream run in order, so they may
-    share it (buffers of another ``tag`` are never the same, whatever their size)."""
+    program and one int32 counter per program, from :func:`per_stream` (buffers of another ``tag`` are never the
+    same, whatever their size)."""
     if candidates < 0:
         raise ValueError(f"candidates must be non-negative, got {candidates}.")
     cap = triton.next_power_of_2(candidates) if candidates else 0
-    key = (device, stream_key(device), tag, cap)
-    ws = _WORKSPACES.get(key)
-    if ws is None or ws[2].numel() < num_programs:
-        n = max(num_programs, 0 if ws is None else ws[2].numel())
-        ws = (torch.empty(n * max(cap, 1), dtype=torch.float32, device=device),
-              torch.empty(n * max(cap, 1), dtype=torch.int32, device=device),
-              torch.empty(n, dtype=torch.int32, device=device))
-        _WORKSPACES[key] = ws
-    return cap, *ws
+
+    def make(n: int, slots: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return (torch.empty(n * max(slots, 1), dtype=torch.float32, device=device),
+                torch.empty(n * max(slots, 1), dtype=torch.int32, device=device),
+                torch.empty(n, dtype=torch.int32, device=device))
+
+    return cap, *per_stream(tag, device, (num_programs, cap), make)
