@@ -15,7 +15,8 @@ Kernel choice (host integers only):
   (merged by log-sum-exp): as many as fill them twice without starting a third wave, and enough to keep
   each chunk at most ``SPLIT_TOKENS`` keys (8 x 32768 on an H100, once a decode program's start-up was
   cheap: 8 splits 361-363 us, 16 splits 363-365 us, 33 splits 367 us; RESULTS.md), never below 256 keys a
-  chunk; chunks of at most ``ONE_STAGE_MAX_KEYS`` keys run in one pipeline stage. With at most
+  chunk; chunks of at most ``ONE_STAGE_MAX_KEYS`` keys run in one pipeline stage. The grid puts the KV head
+  first, so the programs of one row's heads, which read the same cache blocks, start side by side. With at most
   ``WALK_MAX_SEQS`` rows and ``WALK_MIN_SEQ_LEN`` keys or more, the launch reads a *walk table*: each row's
   full blocks in ascending physical id, its last block kept last (:func:`physical_walk_table`, one small
   kernel a step, shared by the layers). A decode row's softmax does not depend on the order of its keys,
@@ -61,6 +62,7 @@ WALK_MIN_SEQ_LEN = 8192
 WALK_CHUNK = 16  # walk-table entries a program places (H100 sweep: 16 x 256 keys, 2 warps; RESULTS.md)
 WALK_MAX_SEQS = 16  # the walk is for few long rows (the split-KV regime); many rows fill the card without it
 SORTED_WALK = os.environ.get("BLOCKS_SORTED_WALK", "1") != "0"
+MAX_GRID_Y = 65535  # CUDA's limit on a grid's second axis
 
 
 @dataclass(frozen=True)
@@ -339,7 +341,9 @@ def paged_attention(
             grid_q = part_tokens // cfg.block_q + part.num_seqs + 1
         split = cfg.num_splits > 1
         part_out, part_lse = workspace if split else (out, out)
-        paged_attn_kernel[(grid_q, num_kv_heads, cfg.num_splits)](
+        heads_fastest = cfg.block_q == 1 and grid_q <= MAX_GRID_Y
+        grid = (num_kv_heads, grid_q, cfg.num_splits) if heads_fastest else (grid_q, num_kv_heads, cfg.num_splits)
+        paged_attn_kernel[grid](
             query, key_cache, value_cache, out, part_out, part_lse,
             metadata.query_start_loc, metadata.seq_lens, block_table,
             k_scale if fp8 else dummy, v_scale if fp8 else dummy,
@@ -356,6 +360,7 @@ def paged_attention(
             HEAD_DIM=head_dim, HEAD_DIM_PAD=triton.next_power_of_2(head_dim), BLOCK_SIZE=key_cache.shape[1],
             USE_SPLIT=split, USE_WINDOW=use_window, USE_SOFTCAP=use_softcap, KV_FP8=fp8,
             DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32", ALIGN=align, PDL=pdl,
+            HEADS_FASTEST=heads_fastest,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_launch_kwargs(pdl),
         )
         if split:
