@@ -14,7 +14,8 @@ decode layers, ``BLOCKS_DECODE_FUSION``), ``felems=N`` / ``fwarps=N`` (their wei
 program), ``walk=0|1`` (the sorted attention walk, ``BLOCKS_SORTED_WALK``), ``slab=0|1``,
 ``min=MB`` (smallest weight for the slab GEMV), ``selems=N`` (its weight elements a program), ``rows=N`` (most
 rows), ``maxk=K``, ``pgroup=0|1`` (the fused layers' L2 prefetches in one launch),
-``splits=N`` (force the decode attention's split count; 0: the plan's choice).
+``splits=N`` (force the decode attention's split count; 0: the plan's choice), ``owarps=N`` (warps of the decode
+attention's one-stage splits, ``ONE_STAGE_WARPS``).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from blocks.sample.params import SamplingParams
 DEFAULTS = {"prefetch": os.environ.get("BLOCKS_L2_PREFETCH", "1"), "fusion": int(fused.DECODE_FUSION),
             "slab": int(fused.SLAB_GEMV), "walk": int(triton_paged.SORTED_WALK), "felems": decode_fused.ELEMS,
             "fwarps": 0, "selems": triton_gemv.SLAB_ELEMS, "pgroup": int(l2_prefetch.GROUPED),
-            "splits": 0,
+            "splits": 0, "owarps": triton_paged.ONE_STAGE_WARPS,
             "min": fused.SLAB_MIN_WEIGHT_BYTES >> 20, "rows": fused.SLAB_ROWS, "maxk": fused.SLAB_MAX_K}
 
 
@@ -55,6 +56,7 @@ def _apply(variant: str, backend) -> None:
     decode_fused.WARPS = int(cfg["fwarps"]) or None
     triton_gemv.SLAB_ELEMS = int(cfg["selems"])
     l2_prefetch.GROUPED = str(cfg["pgroup"]) == "1"
+    triton_paged.ONE_STAGE_WARPS = int(cfg["owarps"])
     backend.overrides.pop("num_splits", None)
     if int(cfg["splits"]):
         backend.overrides["num_splits"] = int(cfg["splits"])

@@ -57,6 +57,9 @@ MIN_SPLIT_TOKENS = 256
 # Qwen2.5-0.5B 736 -> 724 us and Llama-3-8B 5277 -> 5240 us. Splits of about 1000 keys lost in one stage
 # (4 x 8192: 76.4 -> 81.7 us). BLOCKS_ONE_STAGE_MAX_KEYS=0 turns it off.
 ONE_STAGE_MAX_KEYS = int(os.environ.get("BLOCKS_ONE_STAGE_MAX_KEYS", "256"))
+# Warps of a one-stage split. 8 warps (H100, RESULTS.md): 1 x 4096 19.7 -> 18.9 us and 1 x 1024 14.4 -> 13.4 us,
+# but 1 x 2048 14.7 -> 15.5 us and the decode graphs planned for 2048 tokens 1-10 us a step slower.
+ONE_STAGE_WARPS = 4
 SPLIT_TOKENS = 4096
 WALK_MIN_SEQ_LEN = 8192
 WALK_CHUNK = 16  # walk-table entries a program places (H100 sweep: 16 x 256 keys, 2 warps; RESULTS.md)
@@ -110,7 +113,7 @@ def choose_config(
         block_n = 128 if big else 32 if wide else 64
         stages = 2 if big else 3
         programs = max(1, num_seqs * num_kv_heads)
-        num_splits = 1
+        num_splits, warps = 1, 4
         if programs < 2 * num_sms:
             # fill the SMs twice over but not past it (rounding up started a third, mostly idle wave: 4 x 8192 on
             # an H100 took 77.7 us with 9 splits, 64.2 us with 8; RESULTS.md), with programs of at most SPLIT_TOKENS
@@ -118,9 +121,9 @@ def choose_config(
             num_splits = max((2 * num_sms) // programs, triton.cdiv(max_seq_len, SPLIT_TOKENS), 1)
             num_splits = max(1, min(num_splits, max_seq_len // MIN_SPLIT_TOKENS, MAX_SPLITS))
             if big and num_splits > 1 and triton.cdiv(max_seq_len, num_splits) <= ONE_STAGE_MAX_KEYS:
-                stages = 1
+                stages, warps = 1, ONE_STAGE_WARPS
         return LaunchConfig(block_q=1, block_m=block_m, block_n=block_n, num_splits=num_splits,
-                            num_warps=4, num_stages=stages,
+                            num_warps=warps, num_stages=stages,
                             sorted_walk=SORTED_WALK and max_seq_len >= WALK_MIN_SEQ_LEN and num_seqs <= WALK_MAX_SEQS)
     block_m = max(64 if wide else 128, group_pad)
     block_q = max(1, block_m // group)
