@@ -123,7 +123,7 @@ def test_decode(benchmark, batch, ctx):
     benchmark.pedantic(fn, rounds=5)
 
 
-@pytest.mark.parametrize("kernel", ["scalar", "vector"])
+@pytest.mark.parametrize("kernel", ["scalar", "tiled"])
 @pytest.mark.parametrize("batch,ctx", DECODE_SHAPES, ids=[f"cupy-decode-{b}x{c}" for b, c in DECODE_SHAPES])
 def test_decode_cupy(benchmark, batch, ctx, kernel):
     pytest.importorskip("cupy")

@@ -1,8 +1,10 @@
 """The CuPy attention backend: a CUDA C paged decode kernel (``cupy.RawModule``) on NVIDIA GPUs.
 
-Decode batches (``max_query_len <= 1``) run the CUDA kernel of :mod:`blocks.attention.cupy_kernels`;
-batches with prefill chunks, and group/head_dim combinations too wide for its registers, go to the
-Triton kernel (same contract). The KV write is the Triton ``reshape_and_cache``. This module
+Decode batches (``max_query_len <= 1``) run a CUDA kernel: the tiled split-KV kernel of
+:mod:`blocks.attention.cupy_kernels_tiled` by default, or the simpler scalar kernel of
+:mod:`blocks.attention.cupy_kernels` (also where the tiled one does not take the layer shape); batches with prefill
+chunks, and group/head_dim combinations too wide for either kernel's registers, go to the Triton kernel (same
+contract). The KV write is the Triton ``reshape_and_cache``. This module
 imports ``cupy`` (an ImportError without it, which ``get_attention_backend("cupy")`` turns into a
 ValueError); nothing else in ``blocks.attention`` imports this module, so the package works without cupy.
 
@@ -57,22 +59,24 @@ def dtype_kinds(query: torch.Tensor, key_cache: torch.Tensor) -> tuple[int, int]
 
 
 def kernel_args(query, key_cache, value_cache, out, metadata: AttentionMetadata, *, fp8: bool, k_scale, v_scale,
-                scale: float, soft_cap: float | None, sliding_window: int | None) -> tuple[tuple, tuple]:
+                scale: float, soft_cap: float | None, sliding_window: int | None,
+                block_table: torch.Tensor | None = None) -> tuple[tuple, tuple]:
     """The arguments both CUDA kernels share, as ``(head, tail)``: ``head`` = query, caches and output
     pointers; ``tail`` = metadata pointers, the FP8 table and scales, the scalars and every stride (a kernel
-    may take its own arguments between the two)."""
+    may take its own arguments between the two). ``block_table`` replaces the metadata's (the sorted walk)."""
+    block_table = metadata.block_table if block_table is None else block_table
     lut = _fp8_lut(query.device) if fp8 else metadata.seq_lens  # unread without FP8: any valid pointer
     ks = k_scale if fp8 else metadata.seq_lens
     vs = v_scale if fp8 else metadata.seq_lens
     i64 = np.int64
     head = (_ptr(query), _ptr(key_cache), _ptr(value_cache), _ptr(out))
     tail = (
-        _ptr(metadata.query_start_loc), _ptr(metadata.seq_lens), _ptr(metadata.block_table), _ptr(lut), _ptr(ks),
+        _ptr(metadata.query_start_loc), _ptr(metadata.seq_lens), _ptr(block_table), _ptr(lut), _ptr(ks),
         _ptr(vs), np.float32(scale), np.float32(soft_cap if soft_cap else 0.0), np.int32(sliding_window or 0),
         np.int32(metadata.num_seqs), np.int32(query.shape[0]), np.int32(key_cache.shape[1]), i64(query.stride(0)),
         i64(query.stride(1)), i64(out.stride(0)), i64(out.stride(1)), i64(key_cache.stride(0)),
         i64(key_cache.stride(1)), i64(key_cache.stride(2)), i64(value_cache.stride(0)), i64(value_cache.stride(1)),
-        i64(value_cache.stride(2)), i64(metadata.block_table.stride(0)),
+        i64(value_cache.stride(2)), i64(block_table.stride(0)),
     )
     return head, tail
 
@@ -135,19 +139,19 @@ class CupyAttentionBackend(AttentionBackend):
 
     Args:
         prefill_backend: ``"triton"`` (default) or ``"cupy"`` (force the CUDA kernel for every batch).
-        kernel: ``"scalar"`` (default; verified on an H100) or ``"vector"`` (16-byte loads and split-KV,
-            :mod:`cupy_split_launch`; correct on an H100, where it beats the scalar kernel at 8 x 32768 and at
-            batch 1 but not at 64 x 4096 or 256 x 1024, and both stay well below the Triton kernel;
-            RESULTS.md).
+        kernel: ``"tiled"`` (default: K/V tiles staged in shared memory by ``cp.async``, split-KV;
+            :mod:`cupy_tiled_launch`; on an H100 at SDPA's speed or faster at 64 x 4096, 256 x 1024 and 1 x 4096,
+            0.88-0.90x SDPA at 8 x 32768 and 1 x 32768, about 0.9x the Triton kernel; RESULTS.md) or ``"scalar"``
+            (one block per token and KV head, 2-byte loads; 0.01-0.44x SDPA).
     """
 
     name = "cupy"
 
-    def __init__(self, *, prefill_backend: str = "triton", kernel: str = "scalar") -> None:
+    def __init__(self, *, prefill_backend: str = "triton", kernel: str = "tiled") -> None:
         if prefill_backend not in ("triton", "cupy"):
             raise ValueError(f"prefill_backend must be 'triton' or 'cupy', got {prefill_backend!r}")
-        if kernel not in ("scalar", "vector"):
-            raise ValueError(f"kernel must be 'scalar' or 'vector', got {kernel!r}")
+        if kernel not in ("tiled", "scalar"):
+            raise ValueError(f"kernel must be 'tiled' or 'scalar', got {kernel!r}")
         self.prefill_backend = prefill_backend
         self.kernel = kernel
         self.workspace = WorkspacePool()  # split-KV buffers; outlive every plan (CUDA graphs keep pointers)
@@ -161,12 +165,12 @@ class CupyAttentionBackend(AttentionBackend):
 
     def attend(self, query, key_cache, value_cache, metadata, **kwargs):
         if metadata.max_query_len <= 1 or self.prefill_backend == "cupy":
-            if self.kernel == "vector":
-                from blocks.attention.cupy_split_launch import cupy_split_decode_attention, vector_kernel_supports
+            if self.kernel == "tiled":
+                from blocks.attention.cupy_tiled_launch import cupy_tiled_decode_attention, tiled_kernel_supports
 
-                if vector_kernel_supports(query, key_cache, value_cache):
-                    return cupy_split_decode_attention(query, key_cache, value_cache, metadata, **kwargs)
-            elif kernel_supports(query, key_cache):
+                if tiled_kernel_supports(query, key_cache, value_cache):
+                    return cupy_tiled_decode_attention(query, key_cache, value_cache, metadata, **kwargs)
+            if kernel_supports(query, key_cache):
                 return cupy_paged_decode_attention(query, key_cache, value_cache, metadata, **kwargs)
         if not isinstance(metadata.plan, TritonPlan):
             self.plan(metadata)

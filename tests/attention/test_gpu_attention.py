@@ -1,7 +1,6 @@
 """GPU-only attention tests: bf16, FP8 KV with bf16 queries, CUDA-graph capture, the CuPy kernels.
 
-The ``vector`` CuPy kernel (cupy_kernels_split.py) is tested here beside the scalar one (both passed on an
-H100 on 2026-11-25).
+The ``tiled`` CuPy kernel (cupy_kernels_tiled.py) is tested here beside the scalar one.
 
 Skipped without CUDA (``gpu`` marker); run on the device machine with
 ``python3 -m pytest -q tests/attention``. The fp32/fp16 tests of test_triton_attention.py run
@@ -50,14 +49,14 @@ def test_fp8_kv_matches_reference(pairs, head_dim, block_size, heads, num_splits
     run_and_check(batch, BF16, backend=TritonAttentionBackend(**over), sliding_window=None)
 
 
-@pytest.mark.parametrize("backend_name", ["triton", "triton-walk", "cupy", "cupy-vector"])
+@pytest.mark.parametrize("backend_name", ["triton", "triton-walk", "cupy", "cupy-tiled"])
 def test_cuda_graph_capture_and_replay(backend_name):
     """Plan once, capture write_kv + attend, then replay on new data with the same shapes (the second replay
     with a changed block table: the sorted walk is rebuilt inside the graph)."""
     if backend_name.startswith("cupy"):
         pytest.importorskip("cupy")
         from blocks.attention.cupy_backend import CupyAttentionBackend
-        backend = CupyAttentionBackend(kernel="vector" if backend_name == "cupy-vector" else "scalar")
+        backend = CupyAttentionBackend(kernel="tiled" if backend_name == "cupy-tiled" else "scalar")
     else:
         backend = TritonAttentionBackend(sorted_walk=backend_name == "triton-walk")
     pairs = [(1, 300), (1, 17), (1, 1), (1, 2048)]
@@ -106,7 +105,7 @@ CUPY_CASES = [  # (dtype, cache_dtype, head_dim, (num_heads, num_kv_heads), wind
 
 @pytest.mark.parametrize("dtype,cache_dtype,head_dim,heads,window,soft_cap", CUPY_CASES)
 @pytest.mark.parametrize("pairs", [DECODE_PAIRS, MIXED_PAIRS, [(1, 3000), (1, 700)]], ids=["decode", "mixed", "split"])
-@pytest.mark.parametrize("kernel", ["scalar", "vector"])
+@pytest.mark.parametrize("kernel", ["scalar", "tiled"])
 def test_cupy_kernel_matches_reference(kernel, pairs, dtype, cache_dtype, head_dim, heads, window, soft_cap):
     pytest.importorskip("cupy")
     from blocks.attention.cupy_backend import CupyAttentionBackend
@@ -119,16 +118,32 @@ def test_cupy_kernel_matches_reference(kernel, pairs, dtype, cache_dtype, head_d
     assert (out[-1] == 0).all()
 
 
+@pytest.mark.parametrize("block_size", [16, 64])
+def test_cupy_tiled_kernel_reads_the_sorted_walk(block_size):
+    """Few long decode rows read their blocks in physical order (the plan's walk table, as for Triton), split
+    over several blocks of the grid: the result must not change, padding rows included."""
+    pytest.importorskip("cupy")
+    from blocks.attention.cupy_backend import CupyAttentionBackend
+
+    backend = CupyAttentionBackend()
+    batch = make_batch([(1, 9000), (1, 8193), (1, 12)], num_heads=32, num_kv_heads=8, head_dim=128,
+                       block_size=block_size, dtype=BF16, device="cuda", pad_rows=1, pad_tokens=1)
+    cfg = backend.plan(batch.metadata).plan.launches_for(batch.query, 8, split_mixed=False)[0].config
+    assert cfg.sorted_walk and cfg.num_splits > 1
+    out = run_and_check(batch, BF16, backend=backend)
+    assert (out[-1] == 0).all()
+
+
 def test_cupy_backend_routes_prefill_to_triton_and_rejects_cpu_tensors():
     pytest.importorskip("cupy")
     from blocks.attention.cupy_backend import CupyAttentionBackend, cupy_paged_decode_attention
-    from blocks.attention.cupy_split_launch import cupy_split_decode_attention
+    from blocks.attention.cupy_tiled_launch import cupy_tiled_decode_attention
 
     batch = make_batch(MIXED_PAIRS, num_heads=8, num_kv_heads=2, head_dim=128, block_size=32, dtype=BF16,
                        device="cuda")
     run_and_check(batch, BF16, backend=CupyAttentionBackend())
     cpu = make_batch([(1, 5)], num_heads=2, num_kv_heads=1, head_dim=64, block_size=16, dtype=torch.float32)
-    for fn in (cupy_paged_decode_attention, cupy_split_decode_attention):
+    for fn in (cupy_paged_decode_attention, cupy_tiled_decode_attention):
         with pytest.raises(ValueError, match="CUDA"):
             fn(cpu.query, cpu.key_cache, cpu.value_cache, cpu.metadata, scale=1.0)
 
