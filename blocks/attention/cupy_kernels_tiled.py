@@ -91,7 +91,16 @@ struct alignas(DPL * sizeof(kv_t)) lane_vec_t { kv_t v[DPL]; };
 #endif
 
 __device__ __forceinline__ void load_row(float (&f)[DPL], const kv_t* row, int lane, const float* lut) {
-#if CONSEC
+#if CONSEC && KV_KIND == 2 && DPL % 2 == 0
+    // bf16 pairs: the low half is a shift, the high half a mask (one instruction an element)
+    const lane_vec_t x = *reinterpret_cast<const lane_vec_t*>(row + lane * DPL);
+    const unsigned int* w = reinterpret_cast<const unsigned int*>(&x);
+#pragma unroll
+    for (int i = 0; i < DPL / 2; ++i) {
+        f[2 * i] = __uint_as_float(w[i] << 16);
+        f[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
+    }
+#elif CONSEC
     const lane_vec_t x = *reinterpret_cast<const lane_vec_t*>(row + lane * DPL);
 #pragma unroll
     for (int i = 0; i < DPL; ++i) f[i] = kv_to_float(x.v[i], lut);
@@ -100,6 +109,8 @@ __device__ __forceinline__ void load_row(float (&f)[DPL], const kv_t* row, int l
     for (int i = 0; i < DPL; ++i) f[i] = DIM(i) < HEAD_DIM ? kv_to_float(row[DIM(i)], lut) : 0.0f;
 #endif
 }
+
+struct alignas(GP * 4 <= 16 ? GP * 4 : 16) p_vec_t { float v[GP]; };
 
 #if MIN_BLOCKS > 0
 #define LAUNCH_BOUNDS __launch_bounds__(NWARPS * 32, MIN_BLOCKS)
@@ -119,6 +130,9 @@ extern "C" __global__ void LAUNCH_BOUNDS paged_decode_attention(
 {
     extern __shared__ __align__(16) unsigned char smem_raw[];
     kv_t* stages = reinterpret_cast<kv_t*>(smem_raw);
+    // each warp's probabilities of a tile, [ROWS][GP] (a row's heads side by side: one vector load), past the stages
+    float* p_sh = reinterpret_cast<float*>(smem_raw + NSTAGE * STAGE_ELEMS * sizeof(kv_t))
+                  + (threadIdx.x / 32) * ROWS * GP;
 #if KV_KIND == 3
     __shared__ float lut[256];
 #else
@@ -258,17 +272,20 @@ extern "C" __global__ void LAUNCH_BOUNDS paged_decode_attention(
 #pragma unroll
             for (int i = 0; i < DPL; ++i) acc[h][i] *= ah;
         }
+        if ((lane & ((1 << SHIFT) - 1)) == 0) p_sh[my_r * GP + my_h] = pr;
+        __syncwarp();
 #pragma unroll
         for (int r = 0; r < ROWS; ++r) {
             float vf[DPL];
             load_row(vf, vs + r * HEAD_DIM, lane, lut);
+            const p_vec_t pv = *reinterpret_cast<const p_vec_t*>(p_sh + r * GP);
 #pragma unroll
             for (int h = 0; h < GROUP; ++h) {
-                const float ph = __shfl_sync(FULL_MASK, pr, (h * ROWS + r) << SHIFT);
 #pragma unroll
-                for (int i = 0; i < DPL; ++i) acc[h][i] += ph * vf[i];
+                for (int i = 0; i < DPL; ++i) acc[h][i] += pv.v[h] * vf[i];
             }
         }
+        __syncwarp();  // p_sh is rewritten by the next tile
         __syncthreads();  // the next iteration refills this stage
     }
 
@@ -345,7 +362,7 @@ extern "C" __global__ void merge_splits(
 NUM_WARPS = 4
 MAX_GROUP_DIMS = 32  # GP * ceil(head_dim / 32): the q and acc registers a lane holds, each
 STAGE_BYTES = 16 * 1024  # a tile's K and V rows, at most (where a warp keeps at least one row)
-SMEM_BYTES = 48 * 1024  # the default dynamic shared-memory limit, so no opt-in attribute is needed
+SMEM_BYTES = 48 * 1024  # the stages' budget (the launcher raises the kernel's dynamic shared-memory limit past it)
 FP8_LUT_BYTES = 1024
 MIN_BLOCKS = 4  # __launch_bounds__ minimum blocks an SM (0: none); 4 fit the 48 KB of shared memory
 
@@ -368,7 +385,8 @@ def tile_config(head_dim: int, group: int, element_size: int) -> tuple[int, int,
     budget = SMEM_BYTES - (FP8_LUT_BYTES if element_size == 1 else 0)  # static shared memory: the FP8 table
     stages = max(2, min(4, budget // stage))
     merge = 4 * NUM_WARPS * (2 * gp + group * head_dim)
-    return rows, stages, max(stages * stage, merge)
+    probs = 4 * NUM_WARPS * rows * gp  # each warp's probabilities of a tile, after the stages
+    return rows, stages, max(stages * stage + probs, merge)
 
 
 def consecutive_dims(head_dim: int, element_size: int) -> bool:
