@@ -40,8 +40,7 @@ TILED_SOURCE = COMMON_SOURCE + r"""
 #define EPC (16 / (int)sizeof(kv_t))
 #define RC (HEAD_DIM / EPC)
 #define STAGE_ELEMS (2 * TILE * HEAD_DIM)
-#define CHUNKS (2 * TILE * RC)
-#define CPT ((CHUNKS + NWARPS * 32 - 1) / (NWARPS * 32))
+#define CPT ((TILE * RC + NWARPS * 32 - 1) / (NWARPS * 32))
 
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool ok) {
     unsigned long long s;
@@ -191,34 +190,37 @@ extern "C" __global__ void LAUNCH_BOUNDS paged_decode_attention(
     const kv_t* kbase = key_cache + (long long)kvh * sk_h;
     const kv_t* vbase = value_cache + (long long)kvh * sv_h;
 
-    // chunk c = tid + k * 32 NWARPS of a stage: K rows first, then V rows; RC 16-byte chunks a row
+    // chunk c = tid + k * 32 NWARPS of a tile's K rows (RC 16-byte chunks a row); the V chunk at the same place
+    // shares its block id and offsets
     auto issue = [&](int tile) {
         const int start = p_lo + tile * TILE;
         kv_t* dst_stage = stages + (tile % NSTAGE) * STAGE_ELEMS;
-        long long off[CPT];
+        long long koff[CPT], voff[CPT];
 #pragma unroll
         for (int k = 0; k < CPT; ++k) {  // every block id first, so their loads overlap
             const int c = tid + k * NWARPS * 32;
-            const bool is_v = c >= TILE * RC;
-            const int p = start + (is_v ? c - TILE * RC : c) / RC;
-            off[k] = 0;
-            if ((CHUNKS % (NWARPS * 32) == 0 || c < CHUNKS) && p < p_hi) {
-                const long long blk = bt_row[p / BLOCK_SIZE];
-                const long long slot = p % BLOCK_SIZE;
-                off[k] = is_v ? blk * sv_b + slot * sv_s : blk * sk_b + slot * sk_s;
+            const int p = start + c / RC;
+            koff[k] = 0;
+            voff[k] = 0;
+            if ((TILE * RC) % (NWARPS * 32) == 0 || c < TILE * RC) {
+                if (p < p_hi) {
+                    const long long blk = bt_row[p / BLOCK_SIZE];
+                    const long long slot = p % BLOCK_SIZE;
+                    koff[k] = blk * sk_b + slot * sk_s;
+                    voff[k] = blk * sv_b + slot * sv_s;
+                }
             }
         }
 #pragma unroll
         for (int k = 0; k < CPT; ++k) {
             const int c = tid + k * NWARPS * 32;
-            if (CHUNKS % (NWARPS * 32) == 0 || c < CHUNKS) {
-                const bool is_v = c >= TILE * RC;
-                const int cc = is_v ? c - TILE * RC : c;
-                const int row = cc / RC;
-                const int col = cc - row * RC;
-                const kv_t* src = (is_v ? vbase : kbase) + off[k] + col * EPC;
-                cp_async16(dst_stage + (is_v ? TILE * HEAD_DIM : 0) + row * HEAD_DIM + col * EPC, src,
-                           start + row < p_hi);
+            if ((TILE * RC) % (NWARPS * 32) == 0 || c < TILE * RC) {
+                const int row = c / RC;
+                const int col = c - row * RC;
+                const bool ok = start + row < p_hi;
+                kv_t* dst = dst_stage + row * HEAD_DIM + col * EPC;
+                cp_async16(dst, kbase + koff[k] + col * EPC, ok);
+                cp_async16(dst + TILE * HEAD_DIM, vbase + voff[k] + col * EPC, ok);
             }
         }
     };
