@@ -6,7 +6,8 @@ Run on the device machine::
         --section MemoryWorkloadAnalysis --section Occupancy --section WarpStateStats \\
         python3 benchmarks/attention_profile.py decode 64 4096
 
-Modes: ``decode B CTX [SPLITS]`` (Triton paged decode), ``stream`` (the read-ceiling kernel).
+Modes: ``decode B CTX [SPLITS]`` (Triton paged decode), ``cupy B CTX`` (the CuPy backend's tiled kernel,
+``-k regex:paged_decode_attention``), ``stream`` (the read-ceiling kernel).
 """
 
 from __future__ import annotations
@@ -26,7 +27,12 @@ def main(argv: list[str]) -> None:
     batch, ctx = int(argv[1]), int(argv[2])
     over = {"num_splits": int(argv[3])} if len(argv) > 3 else {}
     inputs = decode_inputs(batch, ctx)
-    backend = TritonAttentionBackend(**over)
+    if argv[0] == "cupy":
+        from blocks.attention.cupy_backend import CupyAttentionBackend
+
+        backend = CupyAttentionBackend()
+    else:
+        backend = TritonAttentionBackend(**over)
     md = backend.plan(inputs.metadata)
     for _ in range(4):
         backend.attend(inputs.query, inputs.key_cache, inputs.value_cache, md, scale=128**-0.5)

@@ -4,21 +4,24 @@ The sequence lookup and the FP8 table/scales come from :data:`cupy_kernels.COMMO
 ``KV_SCALES``), shared with the scalar kernel.
 
 One thread block of ``NWARPS`` warps per (query token, KV head, split); it finds its sequence by a binary search
-over ``query_start_loc`` (so the grid is fixed by ``num_tokens``, graph-capturable). The block walks its
-causal (optionally windowed) KV range in tiles of ``TILE`` keys. Each tile's K and V rows are copied into shared
-memory by 16-byte ``cp.async`` copies, ``NSTAGE - 1`` tiles ahead of the one being computed, so a block keeps
-tens of KB in flight without holding them in registers (an earlier version that loaded rows into registers reached
-~1 TB/s on an H100; this one 2.6 TB/s). Rows past the range are zero-filled by the copy itself.
+over ``query_start_loc`` (so the grid is fixed by ``num_tokens``, graph-capturable). The block walks its causal
+(optionally windowed) KV range in tiles of ``TILE`` keys. Each tile's K and V rows are copied into shared memory by
+16-byte ``cp.async`` copies, ``NSTAGE - 1`` tiles ahead of the one being computed, so a block keeps tens of KB in
+flight without holding them in registers; a thread reads all its block ids before it issues a copy, and a K chunk
+and the V chunk at the same place share one offset computation. Rows past the range are zero-filled by the copy.
+On an H100 (RESULTS.md) an earlier version that loaded rows into registers read ~1 TB/s; this one 2.8 TB/s, 91% of
+the read ceiling.
 
-Compute: warp ``w`` owns rows ``[w ROWS, (w + 1) ROWS)`` of a tile, and lane ``l`` owns dims ``l + 32 i`` of the
-``GROUP`` query heads that share the KV head (heads padded to ``GP``, a power of two). A lane forms its partial
-dot products for all ``GP x ROWS`` (head, row) pairs, then one *transpose reduction* over the warp (``log2 V``
-halving steps of ``shfl_xor``, V = GP x ROWS <= 32) leaves lane ``l`` holding the full score of pair
-``l >> (5 - log2 V)``: 31 shuffles for 32 scores instead of 160. Softmax is online per warp (base e, as the
-merge expects); the probabilities are broadcast back by ``shfl`` for P V. At the end the warps' states are merged
-in shared memory. With ``SPLIT`` (flash-decoding) each block covers one chunk of the range and writes a float32
-partial output with its log-sum-exp; ``merge_splits`` combines them. Offsets are 64-bit; like the scalar kernel
-it is correct for any query length but meant for decode rows.
+Compute: warp ``w`` owns rows ``[w ROWS, (w + 1) ROWS)`` of a tile, and lane ``l`` owns ``DPL`` dims of the
+``GROUP`` query heads that share the KV head (consecutive where that is one vector load from shared memory, else
+32 apart; heads padded to ``GP``, a power of two). A lane forms its partial dot products for all ``GP x ROWS``
+(head, row) pairs, then one *transpose reduction* over the warp (``log2 V`` halving steps of ``shfl_xor``,
+V = GP x ROWS <= 32) leaves lane ``l`` holding the full score of pair ``l >> (5 - log2 V)``: 31 shuffles for 32
+scores instead of 160. Softmax is online per warp (base e, as the merge expects); the probabilities go through
+shared memory, one vector load of a row's heads, for P V. At the end the warps' states are merged in shared memory.
+With ``SPLIT`` (flash-decoding) each block covers one chunk of the range and writes a float32 partial output with
+its log-sum-exp; ``merge_splits`` combines them. Offsets are 64-bit; like the scalar kernel it is correct for any
+query length but meant for decode rows.
 
 ``cupy`` is imported inside :func:`get_tiled_kernels` only, so this module imports without it.
 """
@@ -366,6 +369,7 @@ MAX_GROUP_DIMS = 32  # GP * ceil(head_dim / 32): the q and acc registers a lane 
 STAGE_BYTES = 16 * 1024  # a tile's K and V rows, at most (where a warp keeps at least one row)
 SMEM_BYTES = 48 * 1024  # the stages' budget (the launcher raises the kernel's dynamic shared-memory limit past it)
 FP8_LUT_BYTES = 1024
+MAX_STAGES = 4  # H100 at 64 x 4096: 2 stages 379 us, 3 (the bf16 d=128 choice) 382 us, 6 stages 391 us
 MIN_BLOCKS = 4  # __launch_bounds__ minimum blocks an SM (0: none); 4 fit the 48 KB of shared memory
 
 
@@ -385,7 +389,7 @@ def tile_config(head_dim: int, group: int, element_size: int) -> tuple[int, int,
         rows //= 2
     stage = NUM_WARPS * rows * row_bytes
     budget = SMEM_BYTES - (FP8_LUT_BYTES if element_size == 1 else 0)  # static shared memory: the FP8 table
-    stages = max(2, min(4, budget // stage))
+    stages = max(2, min(MAX_STAGES, budget // stage))
     merge = 4 * NUM_WARPS * (2 * gp + group * head_dim)
     probs = 4 * NUM_WARPS * rows * gp  # each warp's probabilities of a tile, after the stages
     return rows, stages, max(stages * stage + probs, merge)
@@ -402,9 +406,9 @@ def consecutive_dims(head_dim: int, element_size: int) -> bool:
 
 @functools.lru_cache(maxsize=64)
 def get_tiled_kernels(q_kind: int, kv_kind: int, head_dim: int, group: int, element_size: int, block_size: int,
-                       split: bool):
-    """Compile (once per configuration) and return ``(paged_decode_attention, merge_splits, shared-memory
-    bytes)``."""
+                      split: bool, device: int):
+    """Compile (once per configuration and device) and return ``(paged_decode_attention, merge_splits,
+    shared-memory bytes)``; past 48 KB the kernel's dynamic shared-memory limit is raised for ``device``."""
     import cupy
 
     rows, stages, smem = tile_config(head_dim, group, element_size)
@@ -417,4 +421,8 @@ def get_tiled_kernels(q_kind: int, kv_kind: int, head_dim: int, group: int, elem
         f"#define CONSEC {int(consecutive_dims(head_dim, element_size))}\n"
     )
     module = cupy.RawModule(code=defines + TILED_SOURCE, options=("-std=c++14",))
-    return module.get_function("paged_decode_attention"), module.get_function("merge_splits"), smem
+    attn = module.get_function("paged_decode_attention")
+    if smem > 48 * 1024:
+        with cupy.cuda.Device(device):
+            attn.max_dynamic_shared_size_bytes = smem
+    return attn, module.get_function("merge_splits"), smem

@@ -20,16 +20,6 @@ from blocks.attention.validation import check_attention
 __all__ = ["cupy_tiled_decode_attention", "tiled_kernel_supports"]
 
 
-_SMEM_SET: set[tuple[int, int]] = set()
-
-
-def _allow_shared_memory(kernel, smem: int, device: int) -> None:
-    """Past 48 KB a kernel's dynamic shared memory needs an opt-in, once per kernel and device."""
-    if smem > 48 * 1024 and (id(kernel), device) not in _SMEM_SET:
-        kernel.max_dynamic_shared_size_bytes = smem
-        _SMEM_SET.add((id(kernel), device))
-
-
 def tiled_kernel_supports(
     query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor | None = None
 ) -> bool:
@@ -96,7 +86,7 @@ def cupy_tiled_decode_attention(
     cfg, workspace = whole.config, whole.workspace
     split = cfg.num_splits > 1
     attn, merge, smem = get_tiled_kernels(*dtype_kinds(query, key_cache), head_dim, num_heads // num_kv_heads,
-                                           key_cache.element_size(), key_cache.shape[1], split)
+                                          key_cache.element_size(), key_cache.shape[1], split, query.device.index or 0)
     part_out, part_lse = workspace if split else (out, out)
     i64 = np.int64
     pstr = (i64(part_out.stride(0)), i64(part_out.stride(1)), i64(part_out.stride(2)), i64(part_lse.stride(0)),
@@ -108,7 +98,6 @@ def cupy_tiled_decode_attention(
                              scale=scale, soft_cap=soft_cap, sliding_window=sliding_window, block_table=block_table)
     parts = (np.uint64(part_out.data_ptr()), np.uint64(part_lse.data_ptr()))
     with cupy.cuda.Device(query.device.index or 0):
-        _allow_shared_memory(attn, smem, query.device.index or 0)
         stream = cupy_stream(query.device)
         attn((num_tokens, num_kv_heads, cfg.num_splits), (NUM_WARPS * 32,), head + parts + tail + pstr,
              shared_mem=smem, stream=stream)
