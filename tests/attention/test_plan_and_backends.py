@@ -92,6 +92,33 @@ def test_backend_selection_and_cupy_is_optional():
             get_attention_backend("cupy")
 
 
+@pytest.mark.parametrize("head_dim", [64, 80, 96, 128, 256])
+@pytest.mark.parametrize("group", [1, 2, 4, 7, 8, 16])
+@pytest.mark.parametrize("element_size", [1, 2, 4])
+def test_tiled_cupy_kernel_tiles_fit_its_reduction_and_shared_memory(head_dim, group, element_size):
+    """Host-side plan of the tiled CUDA kernel (no cupy needed): the warp's (head, row) scores fill at most the 32
+    lanes of its transpose reduction, in powers of two; the stages and the merge scratch fit the kernel's shared
+    memory; MIN_BLOCKS blocks fit an H100 SM; consecutive dims only where a lane's share is one vector load."""
+    import blocks.attention.cupy_kernels_tiled as tiled
+
+    gp = 1 << (group - 1).bit_length()
+    if gp * -(-head_dim // 32) > tiled.MAX_GROUP_DIMS or (head_dim * element_size) % 16:
+        pytest.skip("a layer the tiled kernel leaves to the scalar kernel or Triton")
+    rows, stages, smem = tiled.tile_config(head_dim, group, element_size)
+    assert rows & (rows - 1) == 0 and gp * rows <= 32
+    stage = tiled.NUM_WARPS * rows * 2 * head_dim * element_size
+    assert stage <= tiled.STAGE_BYTES or rows == 1
+    assert 2 <= stages <= tiled.MAX_STAGES
+    fp8_table = tiled.FP8_LUT_BYTES if element_size == 1 else 0
+    assert stages == 2 or stages * stage + fp8_table <= tiled.SMEM_BYTES
+    assert smem >= stages * stage + 4 * tiled.NUM_WARPS * rows * gp  # the stages, then each warp's probabilities
+    assert smem >= 4 * tiled.NUM_WARPS * (2 * gp + group * head_dim)  # the warps' states, merged at the end
+    assert tiled.MIN_BLOCKS * (smem + fp8_table + 1024) <= 228 * 1024  # 1 KB reserved a block on Hopper
+    lane_bytes = head_dim // 32 * element_size
+    assert tiled.consecutive_dims(head_dim, element_size) == (head_dim % 32 == 0 and lane_bytes & (lane_bytes - 1) == 0)
+    assert "paged_decode_attention" in tiled.TILED_SOURCE and "merge_splits" in tiled.TILED_SOURCE
+
+
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_random_batches_match_reference(seed):
     rng = random.Random(seed)
