@@ -140,8 +140,8 @@ class CupyAttentionBackend(AttentionBackend):
     Args:
         prefill_backend: ``"triton"`` (default) or ``"cupy"`` (force the CUDA kernel for every batch).
         kernel: ``"tiled"`` (default: K/V tiles staged in shared memory by ``cp.async``, split-KV;
-            :mod:`cupy_tiled_launch`; on an H100 1.04-1.22x SDPA at four of the suite's five decode shapes and
-            0.97x at 8 x 32768, 91% of the read ceiling, about 0.97x the Triton kernel; RESULTS.md) or
+            :mod:`cupy_tiled_launch`; on an H100 1.02-1.21x SDPA at four of the suite's five decode shapes and
+            0.97x at 8 x 32768, 90-91% of the read ceiling, 0.93-0.97x the Triton kernel's speed; RESULTS.md) or
             ``"scalar"`` (one block per token and KV head, 2-byte loads; 0.01-0.44x SDPA).
     """
 

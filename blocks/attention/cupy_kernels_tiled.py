@@ -370,7 +370,10 @@ STAGE_BYTES = 16 * 1024  # a tile's K and V rows, at most (where a warp keeps at
 SMEM_BYTES = 48 * 1024  # the stages' budget (the launcher raises the kernel's dynamic shared-memory limit past it)
 FP8_LUT_BYTES = 1024
 MAX_STAGES = 4  # H100 at 64 x 4096: 2 stages 379 us, 3 (the bf16 d=128 choice) 382 us, 6 stages 391 us
-MIN_BLOCKS = 4  # __launch_bounds__ minimum blocks an SM (0: none); 4 fit the 48 KB of shared memory
+# __launch_bounds__ minimum blocks an SM where a lane's q and acc registers are few (GP * DPL <= 16; bf16, head_dim
+# 128, group 4: 121 registers, 4 blocks, whose shared memory fits); wider layers keep the compiler's choice rather
+# than risk spills under a 128-register cap
+MIN_BLOCKS = 4
 
 
 def _log2(x: int) -> int:
@@ -417,7 +420,8 @@ def get_tiled_kernels(q_kind: int, kv_kind: int, head_dim: int, group: int, elem
         f"#define Q_KIND {q_kind}\n#define KV_KIND {kv_kind}\n#define HEAD_DIM {head_dim}\n"
         f"#define GROUP {group}\n#define GP {gp}\n#define LOGGP {_log2(gp)}\n#define NWARPS {NUM_WARPS}\n"
         f"#define TILE {NUM_WARPS * rows}\n#define LOGROWS {_log2(rows)}\n#define NSTAGE {stages}\n"
-        f"#define SPLIT {int(split)}\n#define BLOCK_SIZE {block_size}\n#define MIN_BLOCKS {MIN_BLOCKS}\n"
+        f"#define SPLIT {int(split)}\n#define BLOCK_SIZE {block_size}\n"
+        f"#define MIN_BLOCKS {MIN_BLOCKS if gp * -(-head_dim // 32) <= 16 else 0}\n"
         f"#define CONSEC {int(consecutive_dims(head_dim, element_size))}\n"
     )
     module = cupy.RawModule(code=defines + TILED_SOURCE, options=("-std=c++14",))
