@@ -77,9 +77,9 @@ from blocks.sample.triton_search import (
     check_rows,
     lane_bound,
     launch_layout,
+    per_stream,
     row_params,
     threshold_search,
-    workspace,
 )
 
 __all__ = ["triton_sample", "should_defer"]
@@ -376,7 +376,10 @@ def triton_sample(
     block, num_programs, cap, cand_val, cand_idx, counters = launch_layout(logits, block, num_programs,
                                                                            max(candidates, 16))
     nch = triton.next_power_of_2(triton.cdiv(vocab, block) * CHUNK_ROWS)  # every tile stores ROWS chunk maxima
-    _, chunk_max, chunk_list, _ = workspace(num_programs, nch, logits.device, tag="chunks")
+    chunk_max, chunk_list = per_stream(
+        "chunks", logits.device, (num_programs * nch,),
+        lambda n: (torch.empty(n, dtype=torch.float32, device=logits.device),
+                   torch.empty(n, dtype=torch.int32, device=logits.device)))
     defer = defer_rejections and max_rounds > 1
     ws = reject_workspace(num_rows, vocab, logits.device, tail_chunk)
     fast = logits.is_cuda

@@ -162,11 +162,10 @@ def per_stream(tag: str, device: torch.device, sizes: tuple[int, ...], make):
     return hit[1]
 
 
-def workspace(num_programs: int, candidates: int, device: torch.device, tag: str = "candidates"
+def workspace(num_programs: int, candidates: int, device: torch.device
               ) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(CAP, values, token ids, counters)``: ``candidates`` scratch slots (rounded up to a power of two) per
-    program and one int32 counter per program, from :func:`per_stream` (buffers of another ``tag`` are never the
-    same, whatever their size)."""
+    program and one int32 counter per program, from :func:`per_stream` (tag ``"candidates"``)."""
     if candidates < 0:
         raise ValueError(f"candidates must be non-negative, got {candidates}.")
     cap = triton.next_power_of_2(candidates) if candidates else 0
@@ -176,4 +175,4 @@ def workspace(num_programs: int, candidates: int, device: torch.device, tag: str
                 torch.empty(n * max(slots, 1), dtype=torch.int32, device=device),
                 torch.empty(n, dtype=torch.int32, device=device))
 
-    return cap, *per_stream(tag, device, (num_programs, cap), make)
+    return cap, *per_stream("candidates", device, (num_programs, cap), make)

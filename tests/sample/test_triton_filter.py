@@ -212,7 +212,7 @@ def test_top_k_above_the_finite_count_and_all_banned_rows_sample_in_range():
 
 
 def test_workspace_is_reused_per_size_and_grows_when_needed():
-    from blocks.sample.triton_search import workspace
+    from blocks.sample.triton_search import per_stream, workspace
 
     cap, vals, ids, counters = workspace(4, 100, torch.device("cpu"))
     assert cap == 128 and vals.numel() >= 4 * 128 and counters.numel() >= 4
@@ -220,7 +220,8 @@ def test_workspace_is_reused_per_size_and_grows_when_needed():
     assert again[1] is vals and again[3] is counters  # a smaller call allocates nothing
     grown = workspace(counters.numel() + 3, 100, torch.device("cpu"))
     assert grown[1].numel() >= (counters.numel() + 3) * 128 and grown[3].numel() >= counters.numel() + 3
-    other = workspace(4, 100, torch.device("cpu"), tag="chunks")  # same size, another use: other buffers
-    assert other[1] is not grown[1] and other[2] is not grown[2]
+    # same sizes, another tag (another use, as the chunk maxima are): other buffers
+    other = per_stream("test: another use", torch.device("cpu"), (4, 128), lambda n, slots: torch.empty(n * slots))
+    assert other is not grown[1] and other.data_ptr() != grown[1].data_ptr()
     with pytest.raises(ValueError, match="candidates"):
         workspace(1, -1, torch.device("cpu"))
