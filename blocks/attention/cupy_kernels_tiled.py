@@ -32,7 +32,7 @@ import functools
 
 from blocks.attention.cupy_kernels import COMMON_SOURCE
 
-__all__ = ["TILED_SOURCE", "get_tiled_kernels", "tile_config", "NUM_WARPS", "MAX_GROUP_DIMS"]
+__all__ = ["TILED_SOURCE", "get_tiled_kernels", "tile_config", "group_pad", "NUM_WARPS", "MAX_GROUP_DIMS"]
 
 TILED_SOURCE = COMMON_SOURCE + r"""
 #define FULL_MASK 0xffffffffu
@@ -380,12 +380,17 @@ def _log2(x: int) -> int:
     return x.bit_length() - 1
 
 
+def group_pad(group: int) -> int:
+    """``GP``: the query heads of a KV head rounded up to a power of two (the kernel's score layout)."""
+    return 1 << (group - 1).bit_length()
+
+
 def tile_config(head_dim: int, group: int, element_size: int) -> tuple[int, int, int]:
     """``(rows a warp owns in a tile, pipeline stages, dynamic shared-memory bytes)`` for this layer shape.
 
     Rows a warp: ``32 / GP`` up to 8 (the transpose reduction's 32 lanes), halved while a tile's K and V rows pass
     ``STAGE_BYTES``; stages: as many as fit in 48 KB, at most 4, at least 2."""
-    gp = 1 << (group - 1).bit_length()
+    gp = group_pad(group)
     rows = max(1, min(8, 32 // gp))
     row_bytes = 2 * head_dim * element_size
     while rows > 1 and NUM_WARPS * rows * row_bytes > STAGE_BYTES:
@@ -415,7 +420,7 @@ def get_tiled_kernels(q_kind: int, kv_kind: int, head_dim: int, group: int, elem
     import cupy
 
     rows, stages, smem = tile_config(head_dim, group, element_size)
-    gp = 1 << (group - 1).bit_length()
+    gp = group_pad(group)
     defines = (
         f"#define Q_KIND {q_kind}\n#define KV_KIND {kv_kind}\n#define HEAD_DIM {head_dim}\n"
         f"#define GROUP {group}\n#define GP {gp}\n#define LOGGP {_log2(gp)}\n#define NWARPS {NUM_WARPS}\n"

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from blocks.attention.cupy_backend import cupy_stream, dtype_kinds, kernel_args
-from blocks.attention.cupy_kernels_tiled import MAX_GROUP_DIMS, NUM_WARPS, get_tiled_kernels
+from blocks.attention.cupy_kernels_tiled import MAX_GROUP_DIMS, NUM_WARPS, get_tiled_kernels, group_pad
 from blocks.attention.metadata import AttentionMetadata
 from blocks.attention.triton_paged import TritonPlan
 from blocks.attention.validation import check_attention
@@ -28,7 +28,7 @@ def tiled_kernel_supports(
     16-byte copies long."""
     group = query.shape[1] // key_cache.shape[2]
     head_dim = query.shape[2]
-    gp = 1 << (group - 1).bit_length()
+    gp = group_pad(group)
     size = key_cache.element_size()
     if gp * -(-head_dim // 32) > MAX_GROUP_DIMS or (head_dim * size) % 16:
         return False

@@ -101,7 +101,8 @@ def test_tiled_cupy_kernel_tiles_fit_its_reduction_and_shared_memory(head_dim, g
     memory; MIN_BLOCKS blocks fit an H100 SM; consecutive dims only where a lane's share is one vector load."""
     import blocks.attention.cupy_kernels_tiled as tiled
 
-    gp = 1 << (group - 1).bit_length()
+    gp = tiled.group_pad(group)
+    assert gp >= group and gp & (gp - 1) == 0 and gp < 2 * group
     if gp * -(-head_dim // 32) > tiled.MAX_GROUP_DIMS or (head_dim * element_size) % 16:
         pytest.skip("a layer the tiled kernel leaves to the scalar kernel or Triton")
     rows, stages, smem = tiled.tile_config(head_dim, group, element_size)
