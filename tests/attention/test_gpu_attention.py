@@ -132,6 +132,7 @@ def test_cupy_tiled_kernel_reads_the_sorted_walk(block_size):
     assert cfg.sorted_walk and cfg.num_splits > 1
     out = run_and_check(batch, BF16, backend=backend)
     assert (out[-1] == 0).all()
+    assert batch.metadata.plan.walk_table is not None  # the launch did read the walk, not the block table
 
 
 def test_cupy_backend_routes_prefill_to_triton_and_rejects_cpu_tensors():
